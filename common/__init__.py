@@ -1,0 +1,1 @@
+"""Shared library of fedembed: encoders, embedding cache, data, heads, losses, training, metrics."""

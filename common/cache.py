@@ -1,0 +1,287 @@
+"""Site-local embedding cache: each input is encoded once per encoder, stored in memory-mappable shards.
+
+Layout under the cache root::
+
+    <root>/<encoder-fingerprint>/encoder.json        the encoder's identity (what the key hashes)
+    <root>/<encoder-fingerprint>/shards/<id>.npy     float32 [m, dim] embeddings of m inputs
+    <root>/<encoder-fingerprint>/shards/<id>.json    {"keys": [...], "sha256": ..., "dim": ..., "count": ...}
+
+An entry is keyed by the encoder's identity (model, weights fingerprint, pooling, preprocessing) and
+the content hash of the input, so a changed file or a changed encoder is never served a stale vector.
+New embeddings are computed in chunks; each chunk is written as a shard (the ``.npy`` first, then its
+``.json`` index, both atomically), so an interrupted run keeps every finished chunk and resumes from
+there. Each shard's SHA-256 is checked the first time it is read; a corrupt shard is moved aside
+(``*.corrupt``), reported, and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from common.atomic import atomic_open, atomic_write_json, sha256_file
+from common.errors import CacheError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 512
+_STALE_TMP_SECONDS = 3600.0
+
+
+class SupportsEmbed(Protocol):
+    """What the cache needs from an encoder (see common.encoders.Encoder)."""
+
+    dim: int
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def embed(
+        self, items: Sequence[Any], *, batch_size: int | None = None, progress: bool = False
+    ) -> np.ndarray: ...
+
+
+@dataclass
+class CacheStats:
+    """What one cache lookup did: hits served from disk, misses encoded now, shards repaired."""
+
+    hits: int = 0
+    misses: int = 0
+    shards_written: int = 0
+    corrupt_shards: list[str] = field(default_factory=list)
+
+
+def encoder_fingerprint(identity: dict[str, Any]) -> str:
+    """Stable short hash of an encoder identity (JSON with sorted keys)."""
+    payload = json.dumps(
+        {"identity": identity, "cache_format": CACHE_FORMAT_VERSION}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+class EmbeddingCache:
+    """Embeddings of one site's inputs for any number of encoders, under one directory."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, shard_size: int = DEFAULT_SHARD_SIZE
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        self.root = Path(root)
+        self.shard_size = shard_size
+        self._verified: set[Path] = set()
+
+    # ------------------------------------------------------------------ public API
+    def embed(
+        self,
+        encoder: SupportsEmbed,
+        keys: Sequence[str],
+        load_items: Callable[[list[int]], Sequence[Any]],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        desc: str = "embedding",
+    ) -> tuple[np.ndarray, CacheStats]:
+        """Return float32 embeddings [len(keys), dim] for ``keys``, encoding only the missing ones.
+
+        ``load_items(indices)`` returns the raw inputs (texts or image arrays) at those positions of
+        ``keys``; it is called only for inputs that are not cached yet, one chunk at a time.
+        """
+        stats = CacheStats()
+        directory = self._encoder_dir(encoder)
+        index = self._load_index(directory, stats)
+        missing = _unique_missing(keys, index)
+        missing_keys = {keys[i] for i in missing}
+        stats.misses = len(missing)
+        stats.hits = sum(1 for key in keys if key not in missing_keys)
+        if missing:
+            self._compute_missing(
+                encoder, keys, missing, load_items, directory, index, stats,
+                batch_size=batch_size, progress=progress, desc=desc,
+            )  # fmt: skip
+        return self._gather(directory, keys, index, encoder.dim), stats
+
+    def contains(self, encoder: SupportsEmbed, keys: Sequence[str]) -> bool:
+        """True if every key is cached for this encoder (no shard is read)."""
+        index = self._load_index(self._encoder_dir(encoder), CacheStats(), verify=False)
+        return all(k in index for k in keys)
+
+    # ------------------------------------------------------------------ internals
+    def _encoder_dir(self, encoder: SupportsEmbed) -> Path:
+        identity = encoder.identity()
+        directory = self.root / encoder_fingerprint(identity)
+        meta = directory / "encoder.json"
+        if not meta.exists():
+            atomic_write_json(meta, {"identity": identity, "dim": encoder.dim})
+        (directory / "shards").mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(directory / "shards")
+        return directory
+
+    def _load_index(
+        self, directory: Path, stats: CacheStats, *, verify: bool = True
+    ) -> dict[str, tuple[Path, int]]:
+        """Map key -> (shard .npy, row) over every committed shard (one with its .json written)."""
+        index: dict[str, tuple[Path, int]] = {}
+        shards = directory / "shards"
+        if not shards.exists():
+            return index
+        for meta_path in sorted(shards.glob("*.json")):
+            npy_path = meta_path.with_suffix(".npy")
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                keys = meta["keys"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._quarantine(meta_path, npy_path, f"unreadable index ({exc})", stats)
+                continue
+            if verify and not self._shard_ok(npy_path, meta):
+                self._quarantine(meta_path, npy_path, "checksum mismatch or missing data", stats)
+                continue
+            for row, key in enumerate(keys):
+                index.setdefault(key, (npy_path, row))
+        return index
+
+    def _shard_ok(self, npy_path: Path, meta: dict[str, Any]) -> bool:
+        if npy_path in self._verified:
+            return True
+        if not npy_path.exists() or sha256_file(npy_path) != meta.get("sha256"):
+            return False
+        try:
+            array = np.load(npy_path, mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        if array.dtype != np.float32 or array.shape != (len(meta["keys"]), meta.get("dim")):
+            return False
+        self._verified.add(npy_path)
+        return True
+
+    def _quarantine(self, meta_path: Path, npy_path: Path, reason: str, stats: CacheStats) -> None:
+        log.warning(
+            "embedding cache: shard %s is corrupt (%s); it will be recomputed",
+            meta_path.stem,
+            reason,
+        )
+        stats.corrupt_shards.append(meta_path.stem)
+        for path in (meta_path, npy_path):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+
+    def _compute_missing(
+        self,
+        encoder: SupportsEmbed,
+        keys: Sequence[str],
+        missing: list[int],
+        load_items: Callable[[list[int]], Sequence[Any]],
+        directory: Path,
+        index: dict[str, tuple[Path, int]],
+        stats: CacheStats,
+        *,
+        batch_size: int | None,
+        progress: bool,
+        desc: str,
+    ) -> None:
+        bar = _progress_bar(len(missing), desc) if progress else None
+        try:
+            for start in range(0, len(missing), self.shard_size):
+                chunk = missing[start : start + self.shard_size]
+                items = load_items(chunk)
+                if len(items) != len(chunk):
+                    raise CacheError(
+                        f"load_items returned {len(items)} items for {len(chunk)} indices"
+                    )
+                vectors = np.ascontiguousarray(
+                    encoder.embed(items, batch_size=batch_size), dtype=np.float32
+                )
+                _check_vectors(vectors, len(chunk), encoder.dim)
+                chunk_keys = [keys[i] for i in chunk]
+                npy_path = self._write_shard(directory, chunk_keys, vectors)
+                for row, key in enumerate(chunk_keys):
+                    index[key] = (npy_path, row)
+                stats.shards_written += 1
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _write_shard(self, directory: Path, keys: list[str], vectors: np.ndarray) -> Path:
+        shard_id = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()[:20]
+        npy_path = directory / "shards" / f"{shard_id}.npy"
+        with atomic_open(npy_path, "wb") as handle:
+            np.save(handle, vectors, allow_pickle=False)
+        meta = {
+            "keys": keys,
+            "sha256": sha256_file(npy_path),
+            "dim": int(vectors.shape[1]),
+            "count": len(keys),
+            "created": time.time(),
+        }
+        atomic_write_json(npy_path.with_suffix(".json"), meta)  # the commit marker, written last
+        self._verified.add(npy_path)
+        return npy_path
+
+    def _gather(
+        self, directory: Path, keys: Sequence[str], index: dict[str, tuple[Path, int]], dim: int
+    ) -> np.ndarray:
+        out = np.empty((len(keys), dim), dtype=np.float32)
+        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        for position, key in enumerate(keys):
+            if key not in index:
+                raise CacheError(
+                    f"embedding cache {directory}: key {key[:12]}... missing after encoding"
+                )
+            npy_path, row = index[key]
+            by_shard.setdefault(npy_path, []).append((position, row))
+        for npy_path, pairs in by_shard.items():
+            shard = np.load(npy_path, mmap_mode="r")
+            if shard.shape[1] != dim:
+                raise CacheError(
+                    f"embedding cache shard {npy_path} has dim {shard.shape[1]}, encoder dim {dim}"
+                )
+            positions = np.fromiter((p for p, _ in pairs), dtype=np.int64, count=len(pairs))
+            rows = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
+            out[positions] = shard[rows]
+        return out
+
+
+def _unique_missing(keys: Sequence[str], index: dict[str, tuple[Path, int]]) -> list[int]:
+    """Positions of the first occurrence of each key that is not cached."""
+    seen: set[str] = set()
+    missing: list[int] = []
+    for position, key in enumerate(keys):
+        if key not in index and key not in seen:
+            seen.add(key)
+            missing.append(position)
+    return missing
+
+
+def _check_vectors(vectors: np.ndarray, count: int, dim: int) -> None:
+    if vectors.shape != (count, dim):
+        raise CacheError(f"encoder returned shape {vectors.shape}, expected ({count}, {dim})")
+    if not np.isfinite(vectors).all():
+        raise CacheError("encoder returned non-finite embeddings (NaN or inf); nothing was cached")
+
+
+def _remove_stale_tmp(directory: Path) -> None:
+    """Delete temporary files left by a killed writer (old enough not to belong to a live one)."""
+    now = time.time()
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                tmp.unlink()
+        except OSError:
+            continue
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", leave=False)

@@ -1,0 +1,1 @@
+"""Loaders for site data: manifests, images and built-in datasets."""

@@ -1,0 +1,169 @@
+"""Read PNG/JPEG (Pillow) and DICOM (pydicom) files into float32 arrays in [0, 1]."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import DataError
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_DICOM_MAGIC_OFFSET = 128
+_HASH_CHUNK = 1 << 20
+
+
+def read_image(path: str | os.PathLike[str], *, context: str | None = None) -> np.ndarray:
+    """Return the pixels of an image file as float32 in [0, 1], shape (H, W) or (H, W, 3).
+
+    PNG/JPEG/other Pillow formats: 8-bit data is divided by 255 and 16-bit grayscale by 65535
+    (absolute intensities are kept); palette, alpha, CMYK etc. are converted to RGB or gray and
+    the EXIF orientation is applied. DICOM (suffix .dcm/.dicom or the "DICM" preamble): the
+    modality LUT (rescale slope/intercept) and the VOI LUT or window (first one) are applied when
+    present, MONOCHROME1 is inverted so that bright means dense, colour data becomes RGB, and the
+    result is min-max scaled to [0, 1]. A multi-frame DICOM (a volume or cine) yields its middle
+    frame (index ``frames // 2``).
+
+    Raises DataError naming ``path`` (prefixed by ``context``, e.g. the manifest row) when the
+    file is missing, unreadable, truncated or not an image.
+    """
+    file = Path(path)
+    if not file.is_file():
+        reason = "is a directory, not an image file" if file.is_dir() else "image file not found"
+        raise DataError(_message(context, f"{reason}: {file}"))
+    if is_dicom(file):
+        return _read_dicom(file, context)
+    return _read_pillow(file, context)
+
+
+def is_dicom(path: str | os.PathLike[str]) -> bool:
+    """True for a .dcm/.dicom suffix or a file with the DICOM preamble ("DICM" at byte 128)."""
+    file = Path(path)
+    if file.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with file.open("rb") as handle:
+            handle.seek(_DICOM_MAGIC_OFFSET)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def file_key(path: str | os.PathLike[str], *, context: str | None = None) -> str:
+    """SHA-256 of a file's bytes: the ImageRef key of an image on disk."""
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(
+            _message(context, f"cannot read image file {path}: {_first_line(exc)}")
+        ) from exc
+    return digest.hexdigest()
+
+
+def _message(context: str | None, detail: str) -> str:
+    return f"{context}: {detail}" if context else detail
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_pillow(file: Path, context: str | None) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(file) as opened:
+            opened.load()
+            return _pillow_to_unit(ImageOps.exif_transpose(opened))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            _message(
+                context, f"cannot decode image {file} (PNG/JPEG/DICOM expected): {_first_line(exc)}"
+            )
+        ) from exc
+
+
+def _pillow_to_unit(image: Any) -> np.ndarray:
+    mode = image.mode
+    if mode == "1":
+        return np.asarray(image, dtype=np.float32)
+    if mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        in_16bit = mode == "I" and values.min() >= 0 and values.max() <= 65535
+        return values / 65535.0 if in_16bit else _min_max(values)
+    if mode in ("L", "LA"):
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _read_dicom(file: Path, context: str | None) -> np.ndarray:
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(file)
+        pixels = _dicom_pixels(dataset)
+    # pydicom signals bad files and missing decoders with many exception types
+    except Exception as exc:
+        raise DataError(
+            _message(context, f"cannot decode DICOM {file}: {_first_line(exc)}")
+        ) from exc
+    return pixels
+
+
+def _dicom_pixels(dataset: Any) -> np.ndarray:
+    modality_lut, voi_lut, color_lut, convert_color = _pydicom_luts()
+    array = dataset.pixel_array
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        array = array[frames // 2]
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        return _min_max(np.asarray(color_lut(array, dataset), dtype=np.float32))
+    if array.ndim == 3:
+        if photometric.startswith("YBR") and _pydicom_major() < 3:
+            array = convert_color(array, photometric, "RGB")
+        return _min_max(array.astype(np.float32))
+    values = np.asarray(modality_lut(array, dataset), dtype=np.float64)
+    values = np.asarray(voi_lut(values, dataset), dtype=np.float64)
+    scaled = _min_max(values.astype(np.float32))
+    return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
+
+
+def _pydicom_luts() -> tuple[Any, Any, Any, Any]:
+    try:
+        module = importlib.import_module("pydicom.pixels")
+    except ImportError:  # pydicom 2.x
+        module = importlib.import_module("pydicom.pixel_data_handlers.util")
+    return (
+        module.apply_modality_lut,
+        module.apply_voi_lut,
+        module.apply_color_lut,
+        module.convert_color_space,
+    )
+
+
+def _pydicom_major() -> int:
+    import pydicom
+
+    return int(str(pydicom.__version__).split(".")[0])
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1]; a constant image becomes all zeros."""
+    values = values.astype(np.float32, copy=False)
+    low, high = float(np.min(values)), float(np.max(values))
+    if not np.isfinite(low) or not np.isfinite(high):
+        raise ValueError("image contains NaN or infinite values")
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)

@@ -1,0 +1,152 @@
+"""Turn a site's dataset into frozen embeddings (through the cache): the only input heads ever see."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.cache import CacheStats, EmbeddingCache, SupportsEmbed
+from common.data.dataset import SiteDataset, text_key
+from common.errors import DataError
+
+
+@dataclass
+class EmbeddedDataset:
+    """Frozen embeddings of one dataset, aligned row by row with its ids.
+
+    Attributes:
+        image / text: float32 [n, d] per modality, or None when absent.
+        labels: int class index per example (-1 = unlabelled), or None.
+        class_names / prompts: the classes and the frozen text embedding [C, d_text] of each class's
+            zero-shot prompt (None without a text encoder or prompts).
+        text_groups: int id per example, equal for identical texts (retrieval counts them as ties).
+    """
+
+    ids: list[str]
+    image: np.ndarray | None = None
+    text: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    prompts: np.ndarray | None = None
+    text_groups: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Input dimension per modality present."""
+        dims: dict[str, int] = {}
+        if self.image is not None:
+            dims["image"] = int(self.image.shape[1])
+        if self.text is not None:
+            dims["text"] = int(self.text.shape[1])
+        return dims
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> EmbeddedDataset:
+        """Rows at ``indices`` (prompts and classes are shared)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return EmbeddedDataset(
+            ids=[self.ids[i] for i in idx],
+            image=None if self.image is None else self.image[idx],
+            text=None if self.text is None else self.text[idx],
+            labels=None if self.labels is None else self.labels[idx],
+            class_names=list(self.class_names),
+            prompts=self.prompts,
+            text_groups=None if self.text_groups is None else self.text_groups[idx],
+        )
+
+    def validate(self, *, source: str = "embeddings") -> None:
+        """Raise DataError if shapes disagree or values are not finite."""
+        n = len(self.ids)
+        for name in ("image", "text"):
+            array = getattr(self, name)
+            if array is None:
+                continue
+            if array.ndim != 2 or array.shape[0] != n:
+                raise DataError(
+                    f"{source}: {name} embeddings have shape {array.shape}, expected ({n}, d)"
+                )
+            if not np.isfinite(array).all():
+                raise DataError(f"{source}: {name} embeddings contain NaN or inf")
+        if self.labels is not None and self.labels.shape != (n,):
+            raise DataError(f"{source}: labels have shape {self.labels.shape}, expected ({n},)")
+
+
+@dataclass
+class EmbedReport:
+    """Cache statistics of one embed_dataset call, per modality."""
+
+    stats: dict[str, CacheStats] = field(default_factory=dict)
+
+    @property
+    def encoded(self) -> int:
+        """How many inputs went through an encoder (0 on a fully cached re-run)."""
+        return sum(s.misses for s in self.stats.values())
+
+
+def embed_dataset(
+    dataset: SiteDataset,
+    *,
+    cache_dir: str | os.PathLike[str],
+    image_encoder: SupportsEmbed | None = None,
+    text_encoder: SupportsEmbed | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> tuple[EmbeddedDataset, EmbedReport]:
+    """Embed every modality of ``dataset`` that has an encoder, reusing and filling the cache."""
+    cache = EmbeddingCache(cache_dir)
+    report = EmbedReport()
+    out = EmbeddedDataset(
+        ids=list(dataset.ids),
+        labels=None if dataset.labels is None else np.asarray(dataset.labels, dtype=np.int64),
+        class_names=list(dataset.class_names),
+    )
+    if dataset.images is not None and image_encoder is not None:
+        images = dataset.images
+        out.image, report.stats["image"] = cache.embed(
+            image_encoder,
+            [ref.key for ref in images],
+            lambda idx: [images[i].load() for i in idx],
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"{dataset.name}: images",
+        )
+    if dataset.texts is not None and text_encoder is not None:
+        texts = dataset.texts
+        keys = [text_key(t) for t in texts]
+        out.text, report.stats["text"] = cache.embed(
+            text_encoder,
+            keys,
+            lambda idx: [texts[i] for i in idx],
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"{dataset.name}: texts",
+        )
+        out.text_groups = _group_ids(keys)
+    if dataset.prompts and text_encoder is not None:
+        prompts = dataset.prompts
+        out.prompts, report.stats["prompts"] = cache.embed(
+            text_encoder, [text_key(p) for p in prompts], lambda idx: [prompts[i] for i in idx]
+        )
+    if out.image is None and out.text is None:
+        raise DataError(
+            f"{dataset.name}: nothing to embed (modalities present: {dataset.modalities or 'none'}; "
+            "give an image encoder for images and a text encoder for texts)"
+        )
+    out.validate(source=dataset.name)
+    return out, report
+
+
+def _group_ids(keys: Sequence[Any]) -> np.ndarray:
+    """Dense int id per distinct key, in order of first appearance."""
+    ids: dict[Any, int] = {}
+    return np.fromiter((ids.setdefault(k, len(ids)) for k in keys), dtype=np.int64, count=len(keys))

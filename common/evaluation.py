@@ -1,0 +1,184 @@
+"""Held-out evaluation of frozen vs projected embeddings, side by side, with the cheap baselines."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.embedding import EmbeddedDataset
+from common.metrics import (
+    chance_recall_at_k,
+    classifier_suite,
+    cross_modal_retrieval,
+    format_table,
+    linear_alignment,
+    linear_probe,
+    zero_shot,
+)
+from common.training import HeadModel
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class EvaluationReport:
+    """One row per embedding variant ("chance", "frozen+lstsq", "frozen+cca", "frozen", "projected")."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    num_train: int = 0
+    num_test: int = 0
+
+    def row(self, name: str) -> dict[str, Any]:
+        for row in self.rows:
+            if row["embeddings"] == name:
+                return row
+        raise KeyError(name)
+
+    @property
+    def columns(self) -> list[str]:
+        seen: list[str] = []
+        for row in self.rows:
+            seen.extend(k for k in row if k not in seen)
+        return seen
+
+    def table(self) -> str:
+        """GitHub markdown table of every row and metric."""
+        return format_table(self.rows, self.columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "num_train": self.num_train, "num_test": self.num_test}
+
+
+def evaluate_head(
+    model: HeadModel | None,
+    train: EmbeddedDataset,
+    test: EmbeddedDataset,
+    *,
+    classifiers: Sequence[str] | None = None,
+    seed: int = 0,
+) -> EvaluationReport:
+    """Evaluate on ``test`` (probes and alignments are fitted on ``train``).
+
+    Paired image-text data gets cross-modal retrieval (image->text, text->image recall@1/5/10) and
+    zero-shot classification from the class prompts; labelled data gets a linear probe (and the
+    optional classifier suite) on the primary modality (image if present, else text).
+    """
+    report = EvaluationReport(num_train=len(train), num_test=len(test))
+    paired = train.image is not None and train.text is not None
+    if paired:
+        report.rows.append(_chance_row(test))
+        for method in ("lstsq", "cca"):
+            report.rows.append(_aligned_frozen_row(train, test, method=method))
+    frozen = {
+        "embeddings": "frozen",
+        **_label_metrics(_primary(train), _primary(test), train, test, classifiers, seed),
+    }
+    report.rows.append(frozen)
+    if model is not None:
+        report.rows.append(_projected_row(model, train, test, classifiers=classifiers, seed=seed))
+    return report
+
+
+def _primary(data: EmbeddedDataset) -> np.ndarray:
+    """The frozen features a classifier sees: image if present, else text."""
+    array = data.image if data.image is not None else data.text
+    assert array is not None  # validated upstream: at least one modality
+    return array
+
+
+def _label_metrics(
+    train_x: np.ndarray,
+    test_x: np.ndarray,
+    train: EmbeddedDataset,
+    test: EmbeddedDataset,
+    classifiers: Sequence[str] | None,
+    seed: int,
+) -> dict[str, float]:
+    if train.labels is None or test.labels is None:
+        return {}
+    tr, te = train.labels >= 0, test.labels >= 0
+    if len(np.unique(train.labels[tr])) < 2 or not te.any():
+        return {}
+    metrics = dict(
+        linear_probe(train_x[tr], train.labels[tr], test_x[te], test.labels[te], seed=seed)
+    )
+    if classifiers:
+        suite = classifier_suite(
+            train_x[tr],
+            train.labels[tr],
+            test_x[te],
+            test.labels[te],
+            seed=seed,
+            classifiers=list(classifiers),
+        )
+        metrics.update({f"f1_{name}": value for name, value in suite.items()})
+    return metrics
+
+
+def _chance_row(test: EmbeddedDataset) -> dict[str, Any]:
+    row: dict[str, Any] = {"embeddings": "chance"}
+    chance = chance_recall_at_k(len(test), ks=KS, groups=test.text_groups)
+    for k in KS:
+        row[f"i2t_R@{k}"] = row[f"t2i_R@{k}"] = row[f"mean_R@{k}"] = chance[f"R@{k}"]
+    if test.num_classes and test.labels is not None:
+        row["zs_acc"] = 1.0 / test.num_classes
+        row["zs_auroc"] = 0.5
+    return row
+
+
+def _aligned_frozen_row(
+    train: EmbeddedDataset, test: EmbeddedDataset, *, method: str
+) -> dict[str, Any]:
+    """Frozen embeddings put in one space by a closed-form linear map fitted on ``train``."""
+    assert train.image is not None and train.text is not None
+    assert test.image is not None and test.text is not None
+    alignment = linear_alignment(train.image, train.text, method=method)
+    image_z = alignment.transform_a(test.image)
+    text_z = alignment.transform_b(test.text)
+    row: dict[str, Any] = {"embeddings": f"frozen+{method}"}
+    row.update(_retrieval(image_z, text_z, test))
+    if test.prompts is not None and test.labels is not None:
+        row.update(zero_shot(image_z, alignment.transform_b(test.prompts), test.labels))
+    return row
+
+
+def _retrieval(image_z: np.ndarray, text_z: np.ndarray, test: EmbeddedDataset) -> dict[str, float]:
+    return dict(cross_modal_retrieval(image_z, text_z, groups_text=test.text_groups, ks=KS))
+
+
+def _projected_row(
+    model: HeadModel,
+    train: EmbeddedDataset,
+    test: EmbeddedDataset,
+    *,
+    classifiers: Sequence[str] | None,
+    seed: int,
+) -> dict[str, Any]:
+    train_z, test_z = model.project(train), model.project(test)
+    row: dict[str, Any] = {"embeddings": "projected"}
+    if "image" in test_z and "text" in test_z:
+        row.update(_retrieval(test_z["image"], test_z["text"], test))
+        if "prompts" in test_z and test.labels is not None:
+            row.update(zero_shot(test_z["image"], test_z["prompts"], test.labels))
+    key = "joint" if "joint" in train_z else ("image" if "image" in train_z else "text")
+    row.update(_label_metrics(train_z[key], test_z[key], train, test, classifiers, seed))
+    return row
+
+
+def headline(report: EvaluationReport) -> dict[str, float]:
+    """A few numbers for logs: the projected row's recall@5 (mean of both directions), AUROC, F1."""
+    try:
+        row = report.row("projected")
+    except KeyError:
+        return {}
+    out: dict[str, float] = {}
+    if "mean_R@5" in row:
+        out["R@5"] = row["mean_R@5"]
+    for key in ("zs_auroc", "zs_acc", "probe_f1_macro"):
+        if key in row and not math.isnan(row[key]):
+            out[key] = row[key]
+    return out

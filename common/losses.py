@@ -1,0 +1,329 @@
+"""Contrastive and label-aware losses on projection-head outputs (image and/or text rows)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.errors import ConfigError
+
+# Conventions shared by all losses:
+# - inputs are the head's outputs, [B, d] each, expected L2-normalised (similarities are plain dot
+#   products, not re-normalised); when both image and text are given, row i of each is one example.
+# - labels: integer tensor [B]; a negative label (-1) means "no label".
+# - "stacked rows": z = [image; text] (2B rows) with labels repeated, so the image and text rows of
+#   one example, and cross-modal pairs in general, take part; with one modality z is that modality.
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Stacked embedding rows with their labels (or None) and the example each row belongs to."""
+
+    z: Tensor
+    labels: Tensor | None
+    example: Tensor
+
+
+def _check_embeddings(loss: str, name: str, x: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{loss}: {name} embeddings must be [batch, dim], got {list(x.shape)}")
+
+
+def _check_labels(loss: str, labels: Tensor, batch: int) -> None:
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"{loss}: labels must have shape [{batch}], got {list(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{loss}: labels must be an integer tensor, got {labels.dtype}")
+
+
+def _stack_rows(
+    loss: str, image: Tensor | None, text: Tensor | None, labels: Tensor | None
+) -> _Rows:
+    """Validate the inputs and stack the available modalities as rows [image; text]."""
+    parts = [(name, x) for name, x in (("image", image), ("text", text)) if x is not None]
+    if not parts:
+        raise ValueError(f"{loss}: needs image and/or text embeddings, got neither")
+    for name, x in parts:
+        _check_embeddings(loss, name, x)
+    if image is not None and text is not None and image.shape != text.shape:
+        raise ValueError(
+            f"{loss}: image and text must be paired rows of equal shape, "
+            f"got {list(image.shape)} and {list(text.shape)}"
+        )
+    batch = parts[0][1].shape[0]
+    if batch < 1:
+        raise ValueError(f"{loss}: needs a non-empty batch")
+    if labels is not None:
+        _check_labels(loss, labels, batch)
+    repeat = len(parts)
+    example = torch.arange(batch, device=parts[0][1].device).repeat(repeat)
+    return _Rows(
+        z=torch.cat([x for _, x in parts], dim=0),
+        labels=None if labels is None else labels.repeat(repeat),
+        example=example,
+    )
+
+
+def _positive_mask(rows: _Rows) -> Tensor:
+    """[N, N] bool: j != i and (same example, or both labelled with the same label)."""
+    same = rows.example[:, None] == rows.example[None, :]
+    if rows.labels is not None:
+        known = rows.labels >= 0
+        same = same | (
+            (rows.labels[:, None] == rows.labels[None, :]) & known[:, None] & known[None, :]
+        )
+    eye = torch.eye(same.shape[0], dtype=torch.bool, device=same.device)
+    return same & ~eye
+
+
+def _zero(z: Tensor) -> Tensor:
+    """A zero loss that still belongs to the graph (so ``backward()`` works and gives zeros)."""
+    return z.sum() * 0.0
+
+
+class InfoNCELoss(nn.Module):
+    """CLIP's symmetric InfoNCE over paired rows: mean of image->text and text->image CE.
+
+    ``logits = exp(logit_scale) * image @ text.T`` with target the diagonal; the parameter
+    ``logit_scale = log(1 / T)`` is clamped to at most ``log(max_logit_scale)`` in ``forward``.
+    ``labels`` are ignored. In-batch negatives: NOT per-example decomposable (no DP-SGD).
+    """
+
+    def __init__(
+        self,
+        *,
+        init_temperature: float = 0.07,
+        learnable: bool = True,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if init_temperature <= 0:
+            raise ValueError(f"InfoNCELoss: init_temperature must be > 0, got {init_temperature}")
+        if max_logit_scale <= 0:
+            raise ValueError(f"InfoNCELoss: max_logit_scale must be > 0, got {max_logit_scale}")
+        self.max_log_scale = math.log(max_logit_scale)
+        self.logit_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learnable
+        )
+
+    def scale(self) -> Tensor:
+        """The clamped multiplier ``1 / T`` applied to the similarities."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    @property
+    def temperature(self) -> float:
+        """Current effective temperature (after clamping)."""
+        return float(1.0 / self.scale().item())
+
+    def forward(
+        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        if image is None or text is None:
+            missing = "image" if image is None else "text"
+            raise ValueError(
+                f"InfoNCELoss: needs paired image and text embeddings; {missing} is missing"
+            )
+        _stack_rows("InfoNCELoss", image, text, None)
+        logits = self.scale() * image @ text.T
+        target = torch.arange(image.shape[0], device=image.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+class PairwiseLabelLoss(nn.Module):
+    """The paper's label-aware pairwise loss (arXiv 2502.02048) on stacked rows.
+
+    With ``z`` the stacked rows (``[image; text]`` when both are given, labels repeated):
+    ``s_ij = z_i . z_j / T``, ``y_ij = 1`` if the labels are equal else 0, and the loss is
+    ``BCEWithLogits(s_ij, y_ij)`` averaged over all pairs ``i < j``. Unlabelled rows (label < 0) only
+    enter through the pair (image_k, text_k) of their own example, with ``y = 1``; every other pair
+    that involves an unlabelled row is left out. No usable pair gives a zero loss. ``labels`` are
+    required. In-batch pairs: NOT per-example decomposable (no DP-SGD).
+    """
+
+    def __init__(self, *, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = _check_temperature("PairwiseLabelLoss", temperature)
+
+    def forward(
+        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        if labels is None:
+            raise ValueError("PairwiseLabelLoss: needs labels")
+        rows = _stack_rows("PairwiseLabelLoss", image, text, labels)
+        assert rows.labels is not None
+        known = rows.labels >= 0
+        same_example = rows.example[:, None] == rows.example[None, :]
+        usable = (known[:, None] & known[None, :]) | same_example
+        n = rows.z.shape[0]
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=rows.z.device), diagonal=1)
+        pairs = usable & upper
+        if not bool(pairs.any()):
+            return _zero(rows.z)
+        logits = (rows.z @ rows.z.T / self.temperature)[pairs]
+        targets = _positive_mask(rows)[pairs].to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) on stacked rows.
+
+    ``L_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip) / sum_{a != i} exp(s_ia) )`` with
+    ``s = z z^T / T``; the loss is the mean of ``L_i`` over anchors with ``|P(i)| > 0``. Positives
+    ``P(i)``: rows ``j != i`` with the same (non-negative) label, plus the other-modality row of the
+    same example. Without labels, positives are the paired rows only (SimCLR/NT-Xent-like), which
+    needs both modalities. Unlabelled rows still act as negatives. No anchor with a positive gives a
+    zero loss. In-batch negatives: NOT per-example decomposable (no DP-SGD).
+    """
+
+    def __init__(self, *, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = _check_temperature("SupConLoss", temperature)
+
+    def forward(
+        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        if labels is None and (image is None or text is None):
+            raise ValueError("SupConLoss: needs labels, or both image and text (paired positives)")
+        rows = _stack_rows("SupConLoss", image, text, labels)
+        positives = _positive_mask(rows)
+        counts = positives.sum(dim=1)
+        anchors = counts > 0
+        if not bool(anchors.any()):
+            return _zero(rows.z)
+        eye = torch.eye(rows.z.shape[0], dtype=torch.bool, device=rows.z.device)
+        logits = (rows.z @ rows.z.T / self.temperature).masked_fill(eye, float("-inf"))
+        log_prob = F.log_softmax(logits, dim=1)
+        pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+        per_anchor = -pos_log_prob[anchors] / counts[anchors].to(log_prob.dtype)
+        return per_anchor.mean()
+
+
+class ProxyClassifier(nn.Module):
+    """Cosine-style class logits ``z @ normalize(proxies).T / T``: [N, dim] -> [N, C].
+
+    A module of its own so that Opacus can hook it: put it in the private model beside the head
+    (its per-sample gradients come from Opacus' functorch fallback) to train the proxies with DP-SGD.
+    """
+
+    def __init__(self, *, num_classes: int, dim: int, temperature: float = 0.1) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"ProxyClassifier: num_classes must be >= 2, got {num_classes}")
+        if dim < 1:
+            raise ValueError(f"ProxyClassifier: dim must be >= 1, got {dim}")
+        self.num_classes = num_classes
+        self.temperature = _check_temperature("ProxyClassifier", temperature)
+        self.proxies = nn.Parameter(torch.randn(num_classes, dim))
+
+    def forward(self, z: Tensor) -> Tensor:
+        proxies = F.normalize(self.proxies, p=2.0, dim=-1, eps=1e-8)
+        return z @ proxies.T / self.temperature
+
+
+class ClassProxyLoss(nn.Module):
+    """Cross-entropy against learnable class proxies: per-example decomposable (DP-SGD safe).
+
+    The proxies [C, dim] live in ``self.classifier`` (parameter name ``classifier.proxies``) and are
+    normalised in the forward pass; for example i and each modality m present,
+    ``logits_c = z_i^m . p_c / T`` (p_c unit norm) and the term is ``CE(logits, y_i)``; the image and
+    text terms are summed. Example i's term depends only on example i and the proxies. Labels are
+    required and must be in ``[0, C)``.
+    """
+
+    def __init__(self, *, num_classes: int, dim: int, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.classifier = ProxyClassifier(num_classes=num_classes, dim=dim, temperature=temperature)
+
+    @property
+    def proxies(self) -> nn.Parameter:
+        """The raw (unnormalised) class proxies [C, dim]."""
+        return self.classifier.proxies
+
+    def per_example(
+        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        """Unreduced loss [B]: image term + text term of each example (for DP / Opacus)."""
+        if labels is None:
+            raise ValueError("ClassProxyLoss: needs labels")
+        _stack_rows("ClassProxyLoss", image, text, labels)
+        num_classes = self.classifier.num_classes
+        if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
+            raise ValueError(
+                f"ClassProxyLoss: labels must be in [0, {num_classes}), "
+                f"got min {int(labels.min())} max {int(labels.max())}"
+            )
+        # One classifier call per modality (not on the stacked rows): under Opacus each call's
+        # batch dimension must be the example dimension for per-sample gradients.
+        terms = [
+            F.cross_entropy(self.classifier(x), labels, reduction="none")
+            for x in (image, text)
+            if x is not None
+        ]
+        return torch.stack(terms).sum(dim=0)
+
+    def forward(
+        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        return self.per_example(image, text, labels).mean()
+
+
+def _check_temperature(loss: str, temperature: float) -> float:
+    if temperature <= 0:
+        raise ValueError(f"{loss}: temperature must be > 0, got {temperature}")
+    return float(temperature)
+
+
+LOSSES: dict[str, str] = {
+    "infonce": "CLIP symmetric InfoNCE over image-text pairs, learnable temperature (no labels)",
+    "pairwise": "label-aware pairwise BCE on in-batch similarities (arXiv 2502.02048)",
+    "supcon": "supervised contrastive (Khosla et al.), image and text rows of a class are positives",
+    "proxy": "cross-entropy to learnable class proxies; per-example decomposable (DP-SGD safe)",
+}
+_NEEDS_LABELS = ("pairwise", "supcon", "proxy")
+
+
+def _check_name(name: str) -> None:
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
+
+
+def loss_is_per_example_decomposable(name: str) -> bool:
+    """True when each example's loss depends on that example alone (required for DP-SGD)."""
+    _check_name(name)
+    return name == "proxy"
+
+
+def build_loss(
+    name: str, *, num_classes: int | None, dim: int, temperature: float | None = None
+) -> nn.Module:
+    """Build a loss by name; ``temperature=None`` keeps the loss's default (initial) value.
+
+    ``num_classes`` is None for unlabelled data, which only "infonce" accepts; ``dim`` is the head's
+    output dimension (used by "proxy").
+    """
+    _check_name(name)
+    if temperature is not None and temperature <= 0:
+        raise ConfigError(f"loss temperature must be > 0, got {temperature}")
+    if name in _NEEDS_LABELS and num_classes is None:
+        raise ConfigError(
+            f"loss {name!r} needs labelled data (num_classes); use 'infonce' without labels"
+        )
+    if num_classes is not None and num_classes < (2 if name == "proxy" else 1):
+        raise ConfigError(
+            f"loss {name!r}: num_classes must be >= {2 if name == 'proxy' else 1}, got {num_classes}"
+        )
+    if name == "infonce":
+        return InfoNCELoss() if temperature is None else InfoNCELoss(init_temperature=temperature)
+    kwargs = {} if temperature is None else {"temperature": temperature}
+    if name == "pairwise":
+        return PairwiseLabelLoss(**kwargs)
+    if name == "supcon":
+        return SupConLoss(**kwargs)
+    assert num_classes is not None
+    if dim < 1:
+        raise ConfigError(f"loss 'proxy': dim must be >= 1, got {dim}")
+    return ClassProxyLoss(num_classes=num_classes, dim=dim, **kwargs)

@@ -1,0 +1,244 @@
+"""Local training of a projection head on frozen embeddings with a contrastive loss (one site)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.embedding import EmbeddedDataset
+from common.errors import ConfigError, DataError
+from common.heads import HeadConfig, MultimodalHead
+from common.losses import build_loss
+
+LABEL_LOSSES = ("pairwise", "supcon", "proxy")
+
+
+@dataclass
+class TrainConfig:
+    """How a head is trained locally (one round of federated training uses the same settings).
+
+    ``proximal_mu`` > 0 adds FedProx's term mu/2 * ||w - w_global||^2 against the round's global head.
+    """
+
+    loss: str = "infonce"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    temperature: float | None = None
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
+            raise ConfigError(f"invalid training config: {self}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a dict of known keys (kebab-case accepted); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(clean) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class HeadModel(nn.Module):
+    """The trainable (and federated) state: the projection head plus the loss's own parameters."""
+
+    def __init__(self, head: MultimodalHead, loss: nn.Module, *, loss_spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.head = head
+        self.loss = loss
+        self.loss_spec = dict(loss_spec)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description from which ``from_description`` rebuilds an identical module."""
+        return {"head": self.head.describe(), "loss": dict(self.loss_spec)}
+
+    @classmethod
+    def from_description(cls, description: Mapping[str, Any]) -> HeadModel:
+        head = MultimodalHead.from_description(description["head"])
+        spec = dict(description["loss"])
+        loss = build_loss(
+            spec["name"],
+            num_classes=spec.get("num_classes"),
+            dim=int(spec["dim"]),
+            temperature=spec.get("temperature"),
+        )
+        return cls(head, loss, loss_spec=spec)
+
+    def compute_loss(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Project the frozen inputs and apply the loss (the concat layout's output is one view)."""
+        out = self.head(image=image, text=text)
+        if "joint" in out:
+            return self.loss(image=out["joint"], labels=labels)
+        return self.loss(image=out.get("image"), text=out.get("text"), labels=labels)
+
+    @torch.inference_mode()
+    def project(self, data: EmbeddedDataset, *, batch_size: int = 4096) -> dict[str, np.ndarray]:
+        """Projected embeddings of ``data`` per output ("image"/"text"/"joint"), plus "prompts"."""
+        self.eval()
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(data), batch_size):
+            sl = slice(start, start + batch_size)
+            out = self.head(image=_tensor(data.image, sl), text=_tensor(data.text, sl))
+            for key, value in out.items():
+                parts.setdefault(key, []).append(value.numpy())
+        result = {k: np.concatenate(v) for k, v in parts.items()}
+        if data.prompts is not None and "text" in self.head.describe()["dims"]:
+            prompts = self.head(text=torch.from_numpy(np.asarray(data.prompts, dtype=np.float32)))
+            if "text" in prompts:
+                result["prompts"] = prompts["text"].numpy()
+        return result
+
+
+def build_head_model(
+    *,
+    dims: Mapping[str, int],
+    head_config: HeadConfig,
+    layout: str = "two-tower",
+    loss: str = "infonce",
+    num_classes: int | None = None,
+    temperature: float | None = None,
+    seed: int = 0,
+) -> HeadModel:
+    """A freshly initialised head + loss for inputs of the given per-modality dimensions."""
+    if loss == "infonce" and (layout != "two-tower" or set(dims) != {"image", "text"}):
+        raise ConfigError("loss 'infonce' needs paired images and texts with the two-tower layout")
+    if loss in LABEL_LOSSES and not num_classes:
+        raise ConfigError(f"loss '{loss}' needs class labels, but the dataset has none")
+    torch.manual_seed(seed)
+    head = MultimodalHead(dims=dict(dims), config=head_config, layout=layout)
+    spec = {
+        "name": loss,
+        "num_classes": num_classes,
+        "dim": head_config.out_dim,
+        "temperature": temperature,
+    }
+    module = build_loss(
+        loss, num_classes=num_classes, dim=head_config.out_dim, temperature=temperature
+    )
+    return HeadModel(head, module, loss_spec=spec)
+
+
+@dataclass
+class TrainResult:
+    """Summary of one local training call."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    samples_seen: int
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return 0.0 if self.seconds <= 0 else self.samples_seen / self.seconds
+
+
+def training_rows(model: HeadModel, data: EmbeddedDataset) -> np.ndarray:
+    """Indices of the rows the model's loss can use (label losses skip unlabelled rows)."""
+    rows = np.arange(len(data))
+    if model.loss_spec["name"] in LABEL_LOSSES:
+        if data.labels is None:
+            raise DataError(f"loss '{model.loss_spec['name']}' needs labels, but the data has none")
+        rows = rows[data.labels >= 0]
+    if rows.size == 0:
+        raise DataError("no usable training examples (all rows unlabelled?)")
+    return rows
+
+
+def train_head(
+    model: HeadModel,
+    data: EmbeddedDataset,
+    config: TrainConfig,
+    *,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` for ``config.epochs`` epochs (AdamW, shuffled batches).
+
+    ``reference`` is the round's global state (FedProx anchor when ``config.proximal_mu`` > 0).
+    """
+    data.validate()
+    rows = training_rows(model, data)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    anchor = _proximal_anchor(model, reference) if config.proximal_mu > 0 else None
+    image = None if data.image is None else torch.from_numpy(np.ascontiguousarray(data.image[rows]))
+    text = None if data.text is None else torch.from_numpy(np.ascontiguousarray(data.text[rows]))
+    labels = None if data.labels is None else torch.from_numpy(data.labels[rows])
+    batch_size = min(config.batch_size, len(rows))
+    steps_per_epoch = max(1, len(rows) // batch_size)  # drop the ragged last batch: in-batch losses
+    model.train()
+    started = time.perf_counter()
+    losses: list[float] = []
+    epochs = range(config.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="training", unit="epoch", leave=False)
+    for _ in epochs:
+        order = torch.randperm(len(rows), generator=generator)
+        for step in range(steps_per_epoch):
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            loss = model.compute_loss(
+                None if image is None else image[batch],
+                None if text is None else text[batch],
+                None if labels is None else labels[batch],
+            )
+            if anchor is not None:
+                loss = loss + 0.5 * config.proximal_mu * _proximal_term(model, anchor)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - started
+    model.eval()
+    final = float(np.mean(losses[-steps_per_epoch:])) if losses else math.nan
+    if not math.isfinite(final) and losses:
+        raise DataError("training diverged: the loss became NaN/inf (lower the learning rate?)")
+    return TrainResult(
+        loss=final,
+        num_examples=len(rows),
+        steps=len(losses),
+        samples_seen=len(losses) * batch_size,
+        seconds=seconds,
+    )
+
+
+def _proximal_anchor(
+    model: HeadModel, reference: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    source = reference if reference is not None else model.state_dict()
+    return {name: source[name].detach().clone() for name, _ in model.named_parameters()}
+
+
+def _proximal_term(model: HeadModel, anchor: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    terms = [((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters()]
+    return torch.stack(terms).sum()
+
+
+def _tensor(array: np.ndarray | None, sl: slice) -> torch.Tensor | None:
+    if array is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(array[sl], dtype=np.float32))

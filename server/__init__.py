@@ -1,0 +1,1 @@
+"""Coordinator side of fedembed: the Flower ServerApp, strategies and checkpoints."""

@@ -1,0 +1,1 @@
+"""Experiments, benchmarks and the fedembed command line that drives them."""

@@ -1,0 +1,1 @@
+"""Test suite of fedembed, mirroring the package layout."""

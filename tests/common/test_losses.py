@@ -1,0 +1,389 @@
+"""Tests for common.losses: each loss against a longhand formula, edge cases, DP decomposability."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.errors import ConfigError
+from common.heads import HeadConfig, MultimodalHead
+from common.losses import (
+    LOSSES,
+    ClassProxyLoss,
+    InfoNCELoss,
+    PairwiseLabelLoss,
+    SupConLoss,
+    build_loss,
+    loss_is_per_example_decomposable,
+)
+
+B, D = 5, 4
+LABEL_CASES = {
+    "mixed": [0, 1, 0, 2, 1],
+    "all_same": [3, 3, 3, 3, 3],
+    "all_different": [0, 1, 2, 3, 4],
+    "with_unlabelled": [0, -1, 0, -1, 1],
+}
+MODALITY_CASES = ["image", "text", "both"]
+
+
+def unit(*shape: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+
+
+def inputs(modalities: str, seed: int = 0) -> dict[str, Tensor]:
+    image, text = unit(B, D, seed=seed), unit(B, D, seed=seed + 100)
+    if modalities == "image":
+        return {"image": image}
+    if modalities == "text":
+        return {"text": text}
+    return {"image": image, "text": text}
+
+
+def stacked_rows(batch: dict[str, Tensor], labels: list[int]) -> tuple[list[list[float]], list]:
+    """Rows [image; text] as Python lists, each with (label, example index)."""
+    rows: list[list[float]] = []
+    meta: list[tuple[int, int]] = []
+    for name in ("image", "text"):
+        if name in batch:
+            for i in range(B):
+                rows.append(batch[name][i].tolist())
+                meta.append((labels[i], i))
+    return rows, meta
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def is_positive(mi: tuple[int, int], mj: tuple[int, int]) -> bool:
+    (li, ei), (lj, ej) = mi, mj
+    return ei == ej or (li >= 0 and lj >= 0 and li == lj)
+
+
+# ------------------------------------------------------------------------------------ InfoNCE
+
+
+def infonce_longhand(image: Tensor, text: Tensor, temperature: float) -> float:
+    n = image.shape[0]
+    logits = [
+        [dot(image[i].tolist(), text[j].tolist()) / temperature for j in range(n)] for i in range(n)
+    ]
+    i2t = sum(-logits[i][i] + math.log(sum(math.exp(v) for v in logits[i])) for i in range(n)) / n
+    t2i = 0.0
+    for j in range(n):
+        column = [logits[i][j] for i in range(n)]
+        t2i += -logits[j][j] + math.log(sum(math.exp(v) for v in column))
+    return 0.5 * (i2t + t2i / n)
+
+
+def test_infonce_matches_longhand_and_is_symmetric() -> None:
+    batch = inputs("both")
+    loss = InfoNCELoss(init_temperature=0.2).double()
+    value = loss(**batch)
+    assert value.item() == pytest.approx(infonce_longhand(batch["image"], batch["text"], 0.2))
+    swapped = loss(image=batch["text"], text=batch["image"])
+    assert swapped.item() == pytest.approx(value.item())
+    assert loss.temperature == pytest.approx(0.2)
+
+
+def test_infonce_ignores_labels_and_needs_both_modalities() -> None:
+    batch = inputs("both")
+    loss = InfoNCELoss().double()
+    with_labels = loss(**batch, labels=torch.tensor(LABEL_CASES["mixed"]))
+    assert with_labels.item() == pytest.approx(loss(**batch).item())
+    with pytest.raises(ValueError, match="text is missing"):
+        loss(image=batch["image"])
+    with pytest.raises(ValueError, match="image is missing"):
+        loss(text=batch["text"])
+    with pytest.raises(ValueError, match="paired rows"):
+        loss(image=batch["image"], text=batch["text"][:3])
+
+
+def test_infonce_temperature_gets_a_gradient_and_is_clamped() -> None:
+    batch = inputs("both")
+    loss = InfoNCELoss().double()
+    loss(**batch).backward()
+    assert loss.logit_scale.grad is not None and loss.logit_scale.grad.abs().item() > 0
+    fixed = InfoNCELoss(learnable=False)
+    assert not fixed.logit_scale.requires_grad
+    clamped = InfoNCELoss(init_temperature=1e-4, max_logit_scale=100).double()
+    assert clamped.temperature == pytest.approx(0.01)
+    expected = infonce_longhand(batch["image"], batch["text"], 0.01)
+    assert clamped(**batch).item() == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------- Pairwise
+
+
+def pairwise_longhand(batch: dict[str, Tensor], labels: list[int], temperature: float) -> float:
+    rows, meta = stacked_rows(batch, labels)
+    total, count = 0.0, 0
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            both_known = meta[i][0] >= 0 and meta[j][0] >= 0
+            if not both_known and meta[i][1] != meta[j][1]:
+                continue
+            s = dot(rows[i], rows[j]) / temperature
+            y = 1.0 if is_positive(meta[i], meta[j]) else 0.0
+            p = 1.0 / (1.0 + math.exp(-s))
+            total += -(y * math.log(p) + (1.0 - y) * math.log(1.0 - p))
+            count += 1
+    return total / count if count else 0.0
+
+
+@pytest.mark.parametrize("modalities", MODALITY_CASES)
+@pytest.mark.parametrize("case", sorted(LABEL_CASES))
+def test_pairwise_matches_longhand(modalities: str, case: str) -> None:
+    batch, labels = inputs(modalities, seed=1), LABEL_CASES[case]
+    value = PairwiseLabelLoss(temperature=0.1)(**batch, labels=torch.tensor(labels))
+    assert value.item() == pytest.approx(pairwise_longhand(batch, labels, 0.1), rel=1e-9)
+
+
+def test_pairwise_no_usable_pair_gives_a_differentiable_zero() -> None:
+    image = unit(B, D, seed=2).requires_grad_(True)
+    value = PairwiseLabelLoss()(image=image, labels=torch.full((B,), -1))
+    assert value.item() == 0.0
+    value.backward()
+    assert image.grad is not None and torch.all(image.grad == 0)
+
+
+def test_pairwise_needs_labels() -> None:
+    with pytest.raises(ValueError, match="needs labels"):
+        PairwiseLabelLoss()(**inputs("both"))
+
+
+# ------------------------------------------------------------------------------------- SupCon
+
+
+def supcon_longhand(batch: dict[str, Tensor], labels: list[int], temperature: float) -> float:
+    rows, meta = stacked_rows(batch, labels)
+    n = len(rows)
+    losses = []
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and is_positive(meta[i], meta[p])]
+        if not positives:
+            continue
+        denominator = sum(math.exp(dot(rows[i], rows[a]) / temperature) for a in range(n) if a != i)
+        terms = [
+            math.log(math.exp(dot(rows[i], rows[p]) / temperature) / denominator) for p in positives
+        ]
+        losses.append(-sum(terms) / len(positives))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+@pytest.mark.parametrize("modalities", MODALITY_CASES)
+@pytest.mark.parametrize("case", sorted(LABEL_CASES))
+def test_supcon_matches_longhand(modalities: str, case: str) -> None:
+    batch, labels = inputs(modalities, seed=3), LABEL_CASES[case]
+    value = SupConLoss(temperature=0.1)(**batch, labels=torch.tensor(labels))
+    assert value.item() == pytest.approx(supcon_longhand(batch, labels, 0.1), rel=1e-9)
+
+
+def test_supcon_without_labels_uses_paired_rows_only() -> None:
+    batch = inputs("both", seed=4)
+    value = SupConLoss(temperature=0.5)(**batch)
+    no_labels = [-1] * B  # "unlabelled" positives are exactly the paired rows
+    assert value.item() == pytest.approx(supcon_longhand(batch, no_labels, 0.5), rel=1e-9)
+    with pytest.raises(ValueError, match="needs labels, or both image and text"):
+        SupConLoss()(image=batch["image"])
+
+
+def test_supcon_all_different_single_modality_is_a_zero_with_gradient() -> None:
+    image = unit(B, D, seed=5).requires_grad_(True)
+    value = SupConLoss()(image=image, labels=torch.tensor(LABEL_CASES["all_different"]))
+    assert value.item() == 0.0
+    value.backward()
+    assert image.grad is not None and not torch.isnan(image.grad).any()
+
+
+def test_supcon_gradients_are_finite_with_excluded_anchors() -> None:
+    image = unit(B, D, seed=6).requires_grad_(True)
+    value = SupConLoss()(image=image, labels=torch.tensor([0, 0, 1, 2, -1]))
+    value.backward()
+    assert image.grad is not None and torch.isfinite(image.grad).all()
+    assert image.grad[:2].abs().sum() > 0
+
+
+# -------------------------------------------------------------------------------- Class proxy
+
+
+def proxy_longhand(
+    batch: dict[str, Tensor], labels: list[int], proxies: Tensor, temperature: float
+) -> list[float]:
+    unit_proxies = [[v / math.sqrt(dot(p, p)) for v in p] for p in proxies.tolist()]
+    terms = [0.0] * B
+    for name in ("image", "text"):
+        if name not in batch:
+            continue
+        for i in range(B):
+            z = batch[name][i].tolist()
+            logits = [dot(z, p) / temperature for p in unit_proxies]
+            terms[i] += -logits[labels[i]] + math.log(sum(math.exp(v) for v in logits))
+    return terms
+
+
+@pytest.mark.parametrize("modalities", MODALITY_CASES)
+@pytest.mark.parametrize("case", ["mixed", "all_same", "all_different"])
+def test_proxy_matches_longhand(modalities: str, case: str) -> None:
+    torch.manual_seed(0)
+    loss = ClassProxyLoss(num_classes=5, dim=D, temperature=0.1).double()
+    batch, labels = inputs(modalities, seed=7), LABEL_CASES[case]
+    expected = proxy_longhand(batch, labels, loss.proxies.detach(), 0.1)
+    per_example = loss.per_example(**batch, labels=torch.tensor(labels))
+    assert per_example.shape == (B,)
+    assert per_example.tolist() == pytest.approx(expected, rel=1e-9)
+    assert loss(**batch, labels=torch.tensor(labels)).item() == pytest.approx(sum(expected) / B)
+
+
+def test_proxy_terms_are_per_example_decomposable() -> None:
+    torch.manual_seed(0)
+    loss = ClassProxyLoss(num_classes=3, dim=D).double()
+    batch, labels = inputs("both", seed=8), torch.tensor([0, 1, 2, 0, 1])
+    before = loss.per_example(**batch, labels=labels)
+    for j in range(B):
+        changed = {name: x.clone() for name, x in batch.items()}
+        changed["image"][j] = unit(1, D, seed=50 + j)[0]
+        changed["text"][j] = unit(1, D, seed=60 + j)[0]
+        changed_labels = labels.clone()
+        changed_labels[j] = (labels[j] + 1) % 3
+        after = loss.per_example(**changed, labels=changed_labels)
+        others = [i for i in range(B) if i != j]
+        assert torch.equal(after[others], before[others])
+        assert not torch.isclose(after[j], before[j])
+
+
+def test_proxy_label_validation_and_gradients() -> None:
+    loss = ClassProxyLoss(num_classes=3, dim=D).double()
+    batch = inputs("text", seed=9)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        loss(**batch, labels=torch.tensor([0, -1, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        loss(**batch, labels=torch.tensor([0, 3, 1, 2, 0]))
+    with pytest.raises(ValueError, match="needs labels"):
+        loss(**batch)
+    with pytest.raises(ValueError, match="integer tensor"):
+        loss(**batch, labels=torch.zeros(B))
+    with pytest.raises(ValueError, match=r"labels must have shape \[5\]"):
+        loss(**batch, labels=torch.zeros(3, dtype=torch.long))
+    loss(**batch, labels=torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert loss.proxies.grad is not None and loss.proxies.grad.abs().sum() > 0
+    assert [name for name, _ in loss.named_parameters()] == ["classifier.proxies"]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_opacus_per_sample_gradients_of_head_and_proxies_are_exact() -> None:
+    """Head + ClassProxyLoss in one GradSampleModule: per-sample grads equal single-example grads."""
+    import copy
+
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    config = HeadConfig(out_dim=6, hidden_dim=8, depth=3, residual=True)
+    head = MultimodalHead(dims={"image": 12, "text": 10}, config=config)
+    loss = ClassProxyLoss(num_classes=3, dim=6)
+    model = torch.nn.ModuleDict({"head": head, "loss": loss})
+    reference = copy.deepcopy(model)
+    image, text, labels = torch.randn(B, 12), torch.randn(B, 10), torch.tensor([0, 1, 2, 0, 1])
+
+    private = GradSampleModule(model, loss_reduction="sum")
+    assert private._module is model  # the hooks live on the layers of head and loss
+    loss.per_example(**head(image=image, text=text), labels=labels).sum().backward()
+    for i in (0, 3):
+        reference.zero_grad()
+        out = reference["head"](image=image[i : i + 1], text=text[i : i + 1])
+        reference["loss"](**out, labels=labels[i : i + 1]).backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            grad_sample = getattr(p, "grad_sample", None)
+            assert grad_sample is not None, name
+            torch.testing.assert_close(grad_sample[i], q.grad, msg=name)
+
+
+# ------------------------------------------------------------------------------- build & misc
+
+
+@pytest.mark.parametrize("loss", [InfoNCELoss(), PairwiseLabelLoss(), SupConLoss()])
+def test_missing_embeddings_raise(loss: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="needs"):
+        loss(labels=torch.zeros(B, dtype=torch.long))
+
+
+def test_build_loss_builds_each_and_passes_temperature() -> None:
+    expected = {
+        "infonce": InfoNCELoss,
+        "pairwise": PairwiseLabelLoss,
+        "supcon": SupConLoss,
+        "proxy": ClassProxyLoss,
+    }
+    assert set(LOSSES) == set(expected)
+    for name, cls in expected.items():
+        loss = build_loss(name, num_classes=4, dim=8, temperature=0.3)
+        assert type(loss) is cls
+        if isinstance(loss, ClassProxyLoss):
+            assert loss.proxies.shape == (4, 8)
+            assert loss.classifier.temperature == pytest.approx(0.3)
+        else:
+            assert loss.temperature == pytest.approx(0.3)
+    assert build_loss("infonce", num_classes=None, dim=8).temperature == pytest.approx(0.07)
+    assert build_loss("pairwise", num_classes=2, dim=8).temperature == pytest.approx(0.1)
+
+
+def test_build_loss_errors() -> None:
+    with pytest.raises(ConfigError, match=r"unknown loss 'clip'.*infonce, pairwise, supcon, proxy"):
+        build_loss("clip", num_classes=3, dim=8)
+    for name in ("pairwise", "supcon", "proxy"):
+        with pytest.raises(ConfigError, match=f"loss '{name}' needs labelled data"):
+            build_loss(name, num_classes=None, dim=8)
+    with pytest.raises(ConfigError, match="num_classes must be >= 2"):
+        build_loss("proxy", num_classes=1, dim=8)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        build_loss("supcon", num_classes=3, dim=8, temperature=0.0)
+
+
+def test_only_proxy_is_per_example_decomposable() -> None:
+    assert {name: loss_is_per_example_decomposable(name) for name in LOSSES} == {
+        "infonce": False,
+        "pairwise": False,
+        "supcon": False,
+        "proxy": True,
+    }
+    with pytest.raises(ConfigError, match="unknown loss"):
+        loss_is_per_example_decomposable("nope")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny ops on a busy 2-core machine: 2 intra-op threads made 100 steps take 5-11 s, 1 takes <0.5 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_infonce_training_on_toy_pairs_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    n, image_dim, text_dim = 64, 16, 12
+    image = torch.randn(n, image_dim)
+    text = image @ torch.randn(image_dim, text_dim) + 0.1 * torch.randn(n, text_dim)
+    head = MultimodalHead(
+        dims={"image": image_dim, "text": text_dim}, config=HeadConfig(out_dim=16, hidden_dim=32)
+    )
+    loss_fn = InfoNCELoss()
+    optimizer = torch.optim.Adam([*head.parameters(), *loss_fn.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(100):
+        out = head(image=image, text=text)
+        loss = loss_fn(out["image"], out["text"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+    assert losses[0] > math.log(n) * 0.8  # chance level at init

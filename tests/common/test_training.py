@@ -1,0 +1,179 @@
+"""Local head training, FedProx term, saving/loading heads and the embedded-data pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.artifacts import load_head, load_state_arrays, save_head, state_arrays
+from common.embedding import EmbeddedDataset, embed_dataset
+from common.errors import ConfigError, DataError
+from common.evaluation import evaluate_head
+from common.heads import HEAD_PRESETS, HeadConfig
+from common.pipeline import DataSpec, prepare_site_data, split_indices
+from common.training import TrainConfig, build_head_model, train_head
+
+
+def _paired(n: int = 240, *, seed: int = 0, classes: int = 4) -> EmbeddedDataset:
+    """Image/text embeddings that share a latent class-and-instance signal through random maps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    latent = np.eye(classes)[labels] * 3 + rng.normal(size=(n, classes))
+    latent = np.concatenate([latent, rng.normal(size=(n, 6))], axis=1)
+    to_image, to_text = (
+        rng.normal(size=(latent.shape[1], 20)),
+        rng.normal(size=(latent.shape[1], 12)),
+    )
+    image = latent @ to_image + 0.1 * rng.normal(size=(n, 20))
+    text = latent @ to_text + 0.1 * rng.normal(size=(n, 12))
+    prompts = (np.eye(classes, latent.shape[1]) * 3) @ to_text
+    return EmbeddedDataset(
+        ids=[str(i) for i in range(n)],
+        image=image.astype(np.float32),
+        text=text.astype(np.float32),
+        labels=labels,
+        class_names=[f"c{i}" for i in range(classes)],
+        prompts=prompts.astype(np.float32),
+        text_groups=np.arange(n),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "pairwise", "supcon", "proxy"])
+def test_training_lowers_each_loss(loss: str) -> None:
+    data = _paired()
+    model = build_head_model(
+        dims=data.dims, head_config=HeadConfig(out_dim=16, hidden_dim=32), loss=loss, num_classes=4
+    )
+    before = train_head(model, data, TrainConfig(loss=loss, epochs=1, batch_size=64, lr=1e-9)).loss
+    after = train_head(model, data, TrainConfig(loss=loss, epochs=15, batch_size=64)).loss
+    assert after < before * 0.9
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    data = _paired()
+    states = []
+    for _ in range(2):
+        model = build_head_model(dims=data.dims, head_config=HEAD_PRESETS["small"], seed=3)
+        train_head(model, data, TrainConfig(epochs=2, seed=5))
+        states.append(state_arrays(model))
+    for key in states[0]:
+        np.testing.assert_array_equal(states[0][key], states[1][key])
+
+
+def test_trained_head_beats_chance_on_retrieval_and_zero_shot() -> None:
+    data = _paired(600, seed=1)
+    train, test = data.subset(np.arange(400)), data.subset(np.arange(400, 600))
+    model = build_head_model(dims=train.dims, head_config=HeadConfig(out_dim=16, hidden_dim=64))
+    train_head(model, train, TrainConfig(epochs=30, batch_size=64))
+    report = evaluate_head(model, train, test)
+    projected, chance = report.row("projected"), report.row("chance")
+    assert projected["mean_R@5"] > 3 * chance["mean_R@5"]
+    assert projected["zs_auroc"] > 0.8
+    assert {"frozen+lstsq", "frozen+cca", "frozen"} <= {r["embeddings"] for r in report.rows}
+
+
+def test_proximal_term_keeps_the_head_closer_to_the_global_one() -> None:
+    data = _paired()
+    distances = []
+    for mu in (0.0, 10.0):
+        model = build_head_model(dims=data.dims, head_config=HEAD_PRESETS["small"], seed=0)
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+        train_head(model, data, TrainConfig(epochs=5, proximal_mu=mu), reference=reference)
+        distances.append(
+            sum(float(((model.state_dict()[k] - reference[k]) ** 2).sum()) for k in reference)
+        )
+    assert distances[1] < 0.5 * distances[0]
+
+
+def test_label_losses_need_labels_and_infonce_needs_pairs() -> None:
+    data = _paired()
+    with pytest.raises(ConfigError, match="needs class labels"):
+        build_head_model(dims=data.dims, head_config=HeadConfig(), loss="supcon", num_classes=None)
+    with pytest.raises(ConfigError, match="paired images and texts"):
+        build_head_model(dims={"text": 12}, head_config=HeadConfig(), loss="infonce")
+    model = build_head_model(dims=data.dims, head_config=HeadConfig(), loss="proxy", num_classes=4)
+    data.labels = None
+    with pytest.raises(DataError, match="needs labels"):
+        train_head(model, data, TrainConfig(loss="proxy", epochs=1))
+
+
+def test_nan_embeddings_are_a_clear_error() -> None:
+    data = _paired()
+    assert data.image is not None
+    data.image[3, 2] = np.nan
+    model = build_head_model(dims=data.dims, head_config=HeadConfig())
+    with pytest.raises(DataError, match="image embeddings contain NaN"):
+        train_head(model, data, TrainConfig(epochs=1))
+
+
+def test_saved_head_round_trips_with_config(tmp_path: Path) -> None:
+    data = _paired()
+    model = build_head_model(
+        dims=data.dims, head_config=HeadConfig.paper(), loss="proxy", num_classes=4
+    )
+    train_head(model, data, TrainConfig(loss="proxy", epochs=1))
+    save_head(tmp_path / "head", model, metadata={"note": "x"})
+    loaded, config = load_head(tmp_path / "head")
+    assert config["note"] == "x" and (tmp_path / "head" / "head.json").exists()
+    a, b = model.project(data), loaded.project(data)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not list((tmp_path / "head").glob("*.tmp"))
+
+
+def test_loading_wrong_arrays_names_the_key(tmp_path: Path) -> None:
+    data = _paired()
+    model = build_head_model(dims=data.dims, head_config=HeadConfig())
+    arrays = state_arrays(model)
+    key = next(iter(arrays))
+    arrays[key] = arrays[key][:1]
+    with pytest.raises(ConfigError, match=key):
+        load_state_arrays(model, arrays)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="not a valid fedembed head"):
+        load_head(tmp_path / "bad")
+
+
+def test_split_is_deterministic_stratified_and_disjoint() -> None:
+    labels = np.repeat(np.arange(3), [10, 20, 30])
+    train, test = split_indices(60, labels, test_fraction=0.2, seed=0)
+    again = split_indices(60, labels, test_fraction=0.2, seed=0)
+    np.testing.assert_array_equal(train, again[0])
+    assert not set(train) & set(test) and len(train) + len(test) == 60
+    assert [int((labels[test] == c).sum()) for c in range(3)] == [2, 4, 6]
+
+
+def test_pipeline_embeds_synthetic_data_through_the_cache(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> None:
+    spec = DataSpec(
+        dataset="synthetic-radiology",
+        n=60,
+        image_encoder=str(tiny_model_dirs["image"]),
+        text_encoder=str(tiny_model_dirs["text"]),
+    )
+    first = prepare_site_data(spec, cache_dir=tmp_path)
+    assert first.report.encoded > 0
+    second = prepare_site_data(spec, cache_dir=tmp_path)
+    assert second.report.encoded == 0
+    assert len(first.train) + len(first.test) == 60
+    assert first.train.dims == {"image": 24, "text": 32}
+    assert first.train.prompts is not None and first.train.prompts.shape == (5, 32)
+    np.testing.assert_array_equal(first.test.image, second.test.image)
+
+
+def test_embed_dataset_refuses_when_nothing_can_be_embedded(tmp_path: Path) -> None:
+    from common.data.registry import load_dataset
+
+    dataset = load_dataset("digits", n=20)
+    with pytest.raises(DataError, match="nothing to embed"):
+        embed_dataset(dataset, cache_dir=tmp_path)

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random Hugging Face encoders saved to disk, loaded like a user's model dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_WORDS = (
+    "chest radiograph frontal there is a no the in of with nodule opacity cardiomegaly effusion "
+    "normal heart lung left right upper lower lobe pleural tube line mm size small large"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny BERT (text, 32-d) and a tiny ViT (image, 24-d) saved with save_pretrained."""
+    root = tmp_path_factory.mktemp("tiny-encoders")
+    torch.manual_seed(0)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS])}
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=160,
+        )
+    )
+    bert.save_pretrained(root / "bert")
+    BertTokenizer(vocab=vocab).save_pretrained(root / "bert")
+    vit = ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+        )
+    )
+    vit.save_pretrained(root / "vit")
+    return {"text": root / "bert", "image": root / "vit"}
