@@ -182,3 +182,37 @@ def headline(report: EvaluationReport) -> dict[str, float]:
         if key in row and not math.isnan(row[key]):
             out[key] = row[key]
     return out
+
+
+def quick_metrics(
+    model: HeadModel, data: EmbeddedDataset, *, prefix: str = "eval-"
+) -> dict[str, float]:
+    """Cheap held-out scores of a head (per round, at sites and the server): recall and zero-shot.
+
+    Paired data: mean image<->text recall@1/@5; with labels and prompts: zero-shot accuracy and
+    macro AUROC. Label-only data: nearest-class-centroid accuracy of the projected embeddings
+    (centroids from the same data; a cheap stand-in for the probe, not a held-out classifier).
+    """
+    if len(data) == 0:
+        return {}
+    projected = model.project(data)
+    metrics: dict[str, float] = {}
+    labelled = data.labels is not None and bool((data.labels >= 0).all())
+    if "image" in projected and "text" in projected:
+        retrieval = cross_modal_retrieval(
+            projected["image"], projected["text"], groups_text=data.text_groups, ks=(1, 5)
+        )
+        metrics["R@1"] = retrieval["mean_R@1"]
+        metrics["R@5"] = retrieval["mean_R@5"]
+        if "prompts" in projected and labelled:
+            assert data.labels is not None
+            metrics.update(zero_shot(projected["image"], projected["prompts"], data.labels))
+    elif labelled:
+        assert data.labels is not None
+        key = next(iter(projected))
+        z = projected[key]
+        classes = np.unique(data.labels)
+        centroids = np.stack([z[data.labels == c].mean(axis=0) for c in classes])
+        predicted = classes[np.argmax(z @ centroids.T, axis=1)]
+        metrics["centroid_acc"] = float((predicted == data.labels).mean())
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from common.data.dataset import SiteDataset
+from common.data.partition import PARTITION_SCHEMES
 from common.data.registry import load_dataset
 from common.embedding import EmbeddedDataset, EmbedReport, embed_dataset
 from common.encoders import Encoder, load_encoder
@@ -39,10 +40,26 @@ class DataSpec:
     max_length: int = 128
     test_fraction: float = 0.2
     split_seed: int = 0
+    partition: str = "none"
+    num_partitions: int = 1
+    partition_id: int = 0
+    alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.partition != "none" and self.partition not in PARTITION_SCHEMES:
+            raise ConfigError(
+                f"unknown partition {self.partition!r}; choose none or {sorted(PARTITION_SCHEMES)}"
+            )
+        if self.num_partitions < 1 or not 0 <= self.partition_id < self.num_partitions:
+            raise ConfigError(
+                f"partition-id {self.partition_id} is outside 0..{self.num_partitions - 1}"
+            )
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partition != "none" and self.num_partitions > 1
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DataSpec:

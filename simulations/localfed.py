@@ -869,13 +869,15 @@ def wait_for_run(
     timeout: float,
     poll_interval: float = 2.0,
     stream: _LogStream | None = None,
+    started: float | None = None,
 ) -> RunStatus:
     """Poll ``flwr ls`` until the run is finished:*; stop it and raise FlowerError on timeout.
 
-    While a log stream is open (it ends when the run ends) ``flwr ls`` is only asked every
-    10 s, and at once when the stream ends: each ``flwr`` call costs about a second of CPU.
+    ``timeout`` counts from ``started`` (a time.monotonic() value; default now). While a log
+    stream is open (it ends when the run ends) ``flwr ls`` is only asked every 10 s, and at once
+    when the stream ends: each ``flwr`` call costs about a second of CPU.
     """
-    deadline = time.monotonic() + timeout
+    deadline = (time.monotonic() if started is None else started) + timeout
     next_poll = time.monotonic() + min(poll_interval, 1.0)
     was_streaming = stream is not None and stream.running
     while True:
@@ -935,9 +937,13 @@ def run_app(
         target = log_path or Path(connection.home) / "logs" / f"run-{run_id}.log"
         streamer = _LogStream(connection, run_id, target, echo)
     try:
-        remaining = timeout - (time.monotonic() - started)
         status = wait_for_run(
-            connection, run_id, timeout=remaining, poll_interval=poll_interval, stream=streamer
+            connection,
+            run_id,
+            timeout=timeout,
+            poll_interval=poll_interval,
+            stream=streamer,
+            started=started,
         )
         elapsed = time.monotonic() - started
     finally:

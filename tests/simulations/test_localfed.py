@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,6 @@ from simulations.localfed import (
     pid_alive,
     run_app,
     run_status,
-    submit_run,
     wait_for_run,
 )
 
@@ -280,26 +280,36 @@ def test_simulation_run_with_three_virtual_nodes(toy_app: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_no_process_outlives_the_context_managers(toy_app: Path, tmp_path: Path) -> None:
+def test_timeout_stops_run_and_no_process_outlives_the_federation(
+    toy_app: Path, tmp_path: Path
+) -> None:
     pids: set[int] = set()
     roots: list[int] = []
+    sampling_done = threading.Event()
+
+    def sample() -> None:  # every process of the federation, ServerApp and ClientApps included
+        while not sampling_done.is_set():
+            for root in roots:
+                pids.update([root, *(pid for pid, _ in descendants(root))])
+            time.sleep(0.3)
+
     with (
         pytest.raises(RuntimeError, match="boom"),
         local_federation(tmp_path, [{"value": 1.0}, {"value": 2.0}]) as (link, nodes),
     ):
-        run_id = submit_run(
-            toy_app, link.connection, run_config={"num-server-rounds": 50, "result-path": "x"}
-        )
-        deadline = time.monotonic() + 60
         roots += [p.pid for p in (link.process, *(n.process for n in nodes)) if p is not None]
-        while time.monotonic() < deadline:
-            pids.update(roots)
-            for root in roots:
-                pids.update(pid for pid, _ in descendants(root))
-            if len(pids) >= 3 + 3 + 1 and run_status(link.connection, run_id).status == "running":
-                break  # superlink, 2 supernodes, 3 superexecs and a ServerApp
-            time.sleep(0.5)
-        assert len(pids) >= 7
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            with pytest.raises(FlowerError, match="did not finish within 15 s") as raised:
+                run_app(toy_app, link.connection, run_config={"num-server-rounds": 50}, timeout=15)
+        finally:
+            sampling_done.set()
+            sampler.join()
+        found = re.search(r"Flower run (\d+)", str(raised.value))
+        assert found is not None
+        assert run_status(link.connection, int(found.group(1))).status == "finished:stopped"
+        assert len(pids) >= 7  # SuperLink, 2 SuperNodes, 3 SuperExecs, ServerApp (+ ClientApps)
         raise RuntimeError("boom")
     survivors = [pid for pid in pids if pid_alive(pid)]
     assert not survivors, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in survivors]

@@ -1,0 +1,97 @@
+"""One federated round at a site: global head in, locally trained head and scalar metrics out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from client.site import Site, load_site
+from common.artifacts import load_state_arrays, state_arrays
+from common.config import RunSettings, SiteSettings
+from common.embedding import EmbeddedDataset
+from common.errors import ConfigError
+from common.evaluation import quick_metrics
+from common.heads import HEAD_PRESETS
+from common.training import HeadModel, build_head_model, train_head
+
+
+@dataclass
+class RoundOutcome:
+    """What a site sends back: the head's arrays and finite scalar metrics, nothing else."""
+
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float | int] = field(default_factory=dict)
+
+
+def build_site_model(run: RunSettings, data: EmbeddedDataset) -> HeadModel:
+    """The head every site and the server share: shapes fixed by the run's encoders, head and loss."""
+    if run.head not in HEAD_PRESETS:
+        raise ConfigError(f"run-config: head '{run.head}' is not one of {sorted(HEAD_PRESETS)}")
+    return build_head_model(
+        dims=data.dims,
+        head_config=HEAD_PRESETS[run.head],
+        layout=run.layout,
+        loss=run.loss,
+        num_classes=data.num_classes or None,
+        seed=run.seed,
+    )
+
+
+def _load_global(run: RunSettings, site: Site, arrays: Mapping[str, np.ndarray]) -> HeadModel:
+    model = build_site_model(run, site.train)
+    load_state_arrays(model, arrays, source=f"global head received by {site.name}")
+    return model
+
+
+def run_local_round(
+    incoming: Mapping[str, np.ndarray],
+    *,
+    run: RunSettings,
+    site_settings: SiteSettings,
+    config: Mapping[str, Any],
+) -> RoundOutcome:
+    """Train the received global head on this site's data for the run's local epochs."""
+    import torch
+
+    torch.set_num_threads(1)
+    site = load_site(site_settings, run)
+    model = _load_global(run, site, incoming)
+    metrics: dict[str, float | int] = {}
+    if run.report_eval:
+        metrics.update(quick_metrics(model, site.test))
+    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
+    mu = float(config.get("proximal-mu", 0.0))
+    reference = {k: v.clone() for k, v in model.state_dict().items()} if mu > 0 else None
+    result = train_head(
+        model,
+        site.train,
+        run.train_config(proximal_mu=mu, seed=run.seed * 100_003 + server_round),
+        reference=reference,
+    )
+    metrics.update(
+        {
+            "num-examples": int(result.num_examples),
+            "train-loss": float(result.loss),
+            "train-seconds": float(result.seconds),
+        }
+    )
+    return RoundOutcome(arrays=state_arrays(model), metrics=_finite(metrics))
+
+
+def evaluate_locally(
+    incoming: Mapping[str, np.ndarray], *, run: RunSettings, site_settings: SiteSettings
+) -> dict[str, float | int]:
+    """Held-out metrics of the received head at this site (evaluate messages)."""
+    site = load_site(site_settings, run)
+    model = _load_global(run, site, incoming)
+    metrics: dict[str, float | int] = {"num-examples": len(site.test)}
+    metrics.update(quick_metrics(model, site.test, prefix=""))
+    return _finite(metrics)
+
+
+def _finite(metrics: Mapping[str, float | int]) -> dict[str, float | int]:
+    return {k: v for k, v in metrics.items() if math.isfinite(float(v))}

@@ -1,0 +1,181 @@
+"""Federation settings shared by the ServerApp and ClientApp: run-config (consortium) and node-config (site)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from common.errors import ConfigError
+from common.pipeline import DataSpec
+from common.training import TrainConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+
+T = TypeVar("T")
+
+
+def _coerce(cls: type[T], values: Mapping[str, Any], *, source: str) -> T:
+    """Build dataclass ``cls`` from kebab- or snake-case keys, converting simple types."""
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key '{raw_key}'; valid keys: {', '.join(sorted(k.replace('_', '-') for k in known))}"
+            )
+        default = known[key].default
+        kwargs[key] = _convert(value, default, key=raw_key, source=source)
+    return cls(**kwargs)
+
+
+def _convert(value: Any, default: Any, *, key: str, source: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                return value.lower() in {"true", "1", "yes"}
+            return bool(value)
+        if isinstance(default, int) and not isinstance(default, bool):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{source}: '{key}' = {value!r} is not a valid {type(default).__name__}"
+        ) from exc
+    return value
+
+
+@dataclass
+class RunSettings:
+    """The consortium's run-config (``[tool.flwr.app.config]``, overridable with ``--run-config``).
+
+    Encoders, head and loss must be identical at every site (they fix the head's shapes); data
+    defaults here apply to simulated sites, while a real site's ``--node-config`` names its own data.
+    """
+
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    server_lr: float = 0.05
+    min_sites: int = 2
+    fraction_train: float = 1.0
+    local_epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.002
+    loss: str = "infonce"
+    head: str = "default"
+    layout: str = "two-tower"
+    dataset: str = "synthetic-radiology"
+    dataset_n: int = 2000
+    task: str = ""
+    partition: str = "iid"
+    alpha: float = 0.5
+    image_encoder: str = "mobilenetv2"
+    text_encoder: str = "minilm"
+    encoder_image_size: int = 128
+    max_length: int = 128
+    eval_every: int = 0
+    report_eval: bool = True
+    server_eval: str = ""
+    server_eval_n: int = 400
+    run_dir: str = "runs/federated"
+    resume: bool = False
+    max_update_norm: float = 100.0
+    round_timeout: float = 600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"run-config: strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}"
+            )
+        if self.num_server_rounds < 1 or self.min_sites < 1:
+            raise ConfigError("run-config: num-server-rounds and min-sites must be >= 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError("run-config: fraction-train must be in (0, 1]")
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any]) -> RunSettings:
+        return _coerce(cls, values, source="run-config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def train_config(self, *, proximal_mu: float = 0.0, seed: int | None = None) -> TrainConfig:
+        """Local training settings for one round."""
+        return TrainConfig(
+            loss=self.loss,
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            proximal_mu=proximal_mu,
+            seed=self.seed if seed is None else seed,
+        )
+
+
+@dataclass
+class SiteSettings:
+    """A site's own ``--node-config``: where its data, cache and state live, and who it is.
+
+    ``data`` is a manifest path (or a built-in name for demos). Simulated sites get
+    ``partition-id`` / ``num-partitions`` from Flower and take that share of the run's dataset.
+    """
+
+    data: str = ""
+    n: int = 0
+    seed: int = -1
+    site: int = -1
+    task: str = ""
+    partition: str = ""
+    partition_id: int = -1
+    num_partitions: int = 0
+    alpha: float = -1.0
+    cache_dir: str = ".fedembed/cache"
+    state_dir: str = ".fedembed/site"
+    site_name: str = ""
+
+    @classmethod
+    def from_node_config(cls, values: Mapping[str, Any]) -> SiteSettings:
+        return _coerce(cls, values, source="node-config")
+
+    @property
+    def name(self) -> str:
+        if self.site_name:
+            return self.site_name
+        if self.partition_id >= 0:
+            return f"site-{self.partition_id}"
+        return "site"
+
+    def data_spec(self, run: RunSettings) -> DataSpec:
+        """The site's DataSpec: the node's own settings win over the run's defaults."""
+        dataset = self.data or run.dataset
+        partitioned = self.num_partitions > 1 and self.partition_id >= 0
+        partition = (self.partition or run.partition) if partitioned else "none"
+        builtin_synthetic = dataset == "synthetic-radiology"
+        site = self.site if self.site >= 0 else 0
+        return DataSpec(
+            dataset=dataset,
+            n=(self.n or (run.dataset_n if not _is_manifest(dataset) else 0)) or None,
+            seed=self.seed if self.seed >= 0 else run.seed,
+            site=site if builtin_synthetic else 0,
+            task=(self.task or run.task) or None,
+            image_encoder=run.image_encoder,
+            text_encoder=run.text_encoder,
+            encoder_image_size=run.encoder_image_size or None,
+            max_length=run.max_length,
+            partition=partition,
+            num_partitions=self.num_partitions if partitioned else 1,
+            partition_id=self.partition_id if partitioned else 0,
+            alpha=self.alpha if self.alpha > 0 else run.alpha,
+        )
+
+
+def _is_manifest(dataset: str) -> bool:
+    return dataset.lower().endswith((".csv", ".jsonl"))

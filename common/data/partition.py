@@ -1,0 +1,100 @@
+"""Split one pooled dataset across simulated sites with flwr-datasets' partitioners."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from common.data.dataset import SiteDataset
+from common.errors import ConfigError
+
+PARTITION_SCHEMES: dict[str, str] = {
+    "iid": "uniformly at random (IidPartitioner)",
+    "dirichlet": "label skew: class proportions per site ~ Dirichlet(alpha) (DirichletPartitioner)",
+    "quantity": "quantity skew: site sizes grow linearly with the site index (LinearPartitioner)",
+    "site": "natural: one partition per value of the dataset's site column (NaturalIdPartitioner)",
+}
+
+
+def concat_datasets(parts: Sequence[SiteDataset], *, name: str | None = None) -> SiteDataset:
+    """One dataset holding every example of ``parts`` (same classes required)."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    first = parts[0]
+    for part in parts[1:]:
+        if part.class_names != first.class_names:
+            raise ConfigError(f"cannot pool {part.name}: its classes differ from {first.name}'s")
+
+    def joined(attr: str) -> list[Any] | None:
+        values = [getattr(p, attr) for p in parts]
+        return None if any(v is None for v in values) else [x for v in values for x in v]
+
+    labels = None
+    if all(p.labels is not None for p in parts):
+        labels = np.concatenate([np.asarray(p.labels) for p in parts])
+    return SiteDataset(
+        name=name or first.name,
+        ids=[i for p in parts for i in p.ids],
+        texts=joined("texts"),
+        images=joined("images"),
+        labels=labels,
+        class_names=list(first.class_names),
+        prompts=list(first.prompts),
+        sites=joined("sites"),
+    )
+
+
+def partition_indices(
+    dataset: SiteDataset,
+    *,
+    scheme: str,
+    num_partitions: int,
+    partition_id: int,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> np.ndarray:
+    """Row indices of partition ``partition_id`` of ``num_partitions`` under ``scheme``."""
+    if scheme not in PARTITION_SCHEMES:
+        raise ConfigError(
+            f"unknown partition scheme {scheme!r}; choose from {sorted(PARTITION_SCHEMES)}"
+        )
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    from datasets import Dataset  # flwr-datasets partitions Hugging Face datasets
+    from flwr_datasets import partitioner as fp
+
+    columns: dict[str, list[Any]] = {"row": list(range(len(dataset)))}
+    if scheme == "dirichlet":
+        if dataset.labels is None:
+            raise ConfigError("the dirichlet partition needs labels, but the dataset has none")
+        columns["label"] = [int(x) for x in dataset.labels]
+    if scheme == "site":
+        if dataset.sites is None:
+            raise ConfigError(f"{dataset.name} has no site column for a natural partition")
+        columns["site"] = list(dataset.sites)
+    part: fp.Partitioner
+    if scheme == "iid":
+        part = fp.IidPartitioner(num_partitions=num_partitions)
+    elif scheme == "dirichlet":
+        part = fp.DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=max(2, min(10, len(dataset) // (4 * num_partitions))),
+            self_balancing=True,
+            shuffle=True,
+            seed=seed,
+        )
+    elif scheme == "quantity":
+        part = fp.LinearPartitioner(num_partitions=num_partitions)
+    else:
+        part = fp.NaturalIdPartitioner(partition_by="site")
+    part.dataset = Dataset.from_dict(columns)
+    if scheme == "site" and part.num_partitions != num_partitions:
+        raise ConfigError(
+            f"{dataset.name} has {part.num_partitions} sites in its site column, not {num_partitions}"
+        )
+    rows = np.asarray(part.load_partition(partition_id)["row"], dtype=np.int64)
+    return np.sort(rows)

@@ -1,0 +1,121 @@
+"""The coordinator's Flower ServerApp: aggregates head weights, evaluates, checkpoints, exports the final head."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunSettings
+from common.flower import arrays_from_record, metric_record, record_from_arrays
+from server.checkpoints import RunStore
+from server.strategy import Accounting, RoundLog, UpdateCheck, build_strategy, metrics_mean
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run-config."""
+    run = RunSettings.from_run_config(dict(context.run_config))
+    run_federation(grid, run, run_id=context.run_id)
+
+
+def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
+    """Train the global head for ``run.num_server_rounds`` rounds (resuming if asked); return the run dir."""
+    from common.artifacts import load_state_arrays, save_head, state_arrays
+    from server.model import ServerEvaluator, initial_model
+
+    store = RunStore(run.run_dir)
+    model, task = initial_model(run)
+    shapes = {k: tuple(v.shape) for k, v in state_arrays(model).items()}
+    meta = {"model": model.describe(), "run": run.to_dict(), "task": task}
+    start_round, arrays = 0, state_arrays(model)
+    checkpoint = store.latest_checkpoint() if run.resume else None
+    if checkpoint is not None:
+        start_round, arrays = checkpoint.round, checkpoint.arrays
+        load_state_arrays(model, arrays, source=f"checkpoint of round {start_round}")
+        store.truncate_history(start_round)
+        print(f"[fedembed] resuming run from round {start_round} ({store.root})", flush=True)
+    else:
+        store.save_checkpoint(0, arrays, meta)
+    store.write_run_info({"flower_run_id": run_id, "started_round": start_round, **meta})
+    evaluator = ServerEvaluator(run) if run.server_eval else None
+    accounting = Accounting()
+    remaining = run.num_server_rounds - start_round
+    if remaining > 0:
+        strategy = build_strategy(
+            run,
+            check=UpdateCheck(shapes=shapes, max_update_norm=run.max_update_norm),
+            accounting=accounting,
+            round_offset=start_round,
+        )
+
+        def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord | None:
+            absolute = server_round + start_round
+            current = arrays_from_record(record)
+            server_metrics = evaluator.evaluate(current) if evaluator else {}
+            if server_round > 0:
+                store.save_checkpoint(absolute, current, meta)
+                entry = accounting.current(absolute)
+                _log_round(store, entry, server_metrics)
+            return metric_record(server_metrics) if server_metrics else None
+
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=record_from_arrays(arrays),
+            num_rounds=remaining,
+            timeout=run.round_timeout,
+            train_config=ConfigRecord({"round-offset": start_round}),
+            evaluate_config=ConfigRecord({"round-offset": start_round}),
+            evaluate_fn=evaluate_fn,
+        )
+        if len(result.arrays) > 0:
+            arrays = arrays_from_record(result.arrays)
+        client_eval = {
+            str(r + start_round): dict(m) for r, m in result.evaluate_metrics_clientapp.items()
+        }
+    else:
+        client_eval = {}
+    load_state_arrays(model, arrays, source="final global head")
+    final = save_head(
+        store.root / "final",
+        model,
+        metadata={**meta, "rounds": run.num_server_rounds, "site_evaluation": client_eval},
+    )
+    print(f"[fedembed] final head exported to {final}", flush=True)
+    return store.root
+
+
+def _log_round(store: RunStore, entry: RoundLog, server_metrics: dict[str, float]) -> None:
+    wall = time.time() - entry.started
+    record: dict[str, Any] = {
+        "round": entry.round,
+        "wall_seconds": round(wall, 3),
+        "sites": entry.sites,
+        "bytes_received": entry.bytes_received,
+        "bytes_sent": entry.bytes_sent,
+        "rejected": entry.rejected,
+        "failed": entry.failed,
+        "site_metrics": entry.site_metrics,
+        "site_metrics_mean": metrics_mean(entry.site_metrics),
+        "server_metrics": server_metrics,
+        "time": time.time(),
+    }
+    store.append_history(record)
+    shown = ", ".join(
+        f"{k}={v:.3f}"
+        for k, v in {**record["site_metrics_mean"], **server_metrics}.items()
+        if "seconds" not in k
+    )
+    print(
+        f"[fedembed] round {entry.round}: {len(entry.sites)} sites aggregated, {len(entry.rejected)} rejected, "
+        f"{len(entry.failed)} failed, {sum(entry.bytes_received.values())} B in, {wall:.1f} s; {shown}",
+        flush=True,
+    )

@@ -1,0 +1,108 @@
+"""The coordinator's run directory: per-round checkpoints, metrics history, the final exported head."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_numpy_bytes
+from safetensors.numpy import save as save_numpy_bytes
+
+from common.atomic import append_line, atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.errors import ConfigError
+
+_CHECKPOINT = re.compile(r"round-(\d{4,})\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    """The global head after ``round`` completed rounds."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+class RunStore:
+    """Files of one federated run under ``run_dir``::
+
+    run.json                      the run's settings and the head's description
+    checkpoints/round-NNNN.safetensors   global head after round N (atomic; round 0 = initial)
+    history.jsonl                 one JSON line per completed round (sites, bytes, times, metrics)
+    final/head.safetensors, final/head.json   the exported head, loadable by `fedembed evaluate`
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(run_dir)
+        self.checkpoints = self.root / "checkpoints"
+        self.history = self.root / "history.jsonl"
+
+    def write_run_info(self, info: Mapping[str, Any]) -> None:
+        atomic_write_json(self.root / "run.json", dict(info))
+
+    def save_checkpoint(
+        self, server_round: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+    ) -> Path:
+        path = self.checkpoints / f"round-{server_round:04d}.safetensors"
+        payload = save_numpy_bytes(
+            {k: np.array(v, order="C") for k, v in arrays.items()},
+            metadata={
+                "round": str(server_round),
+                "meta": json.dumps(dict(meta), sort_keys=True, default=str),
+            },
+        )
+        atomic_write_bytes(path, payload)
+        return path
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest readable checkpoint (a corrupt newest one is skipped, with the next older used)."""
+        if not self.checkpoints.exists():
+            return None
+        candidates = sorted(
+            (int(m.group(1)), p)
+            for p in self.checkpoints.iterdir()
+            if (m := _CHECKPOINT.search(p.name))
+        )
+        for server_round, path in reversed(candidates):
+            try:
+                return self.load_checkpoint(path, server_round)
+            except ConfigError:
+                continue
+        return None
+
+    @staticmethod
+    def load_checkpoint(path: Path, server_round: int) -> Checkpoint:
+        raw = path.read_bytes()
+        try:
+            arrays = load_numpy_bytes(raw)
+            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+            meta = json.loads(header["__metadata__"]["meta"])
+        except (SafetensorError, ValueError, KeyError) as exc:
+            raise ConfigError(f"checkpoint {path} is unreadable: {exc}") from exc
+        return Checkpoint(round=server_round, arrays=dict(arrays), meta=meta)
+
+    def append_history(self, entry: Mapping[str, Any]) -> None:
+        append_line(self.history, json.dumps(dict(entry), sort_keys=True, default=str))
+
+    def read_history(self) -> list[dict[str, Any]]:
+        if not self.history.exists():
+            return []
+        entries = []
+        for line in self.history.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        return entries
+
+    def truncate_history(self, last_round: int) -> None:
+        """Keep only rounds <= ``last_round`` (resuming from that checkpoint must not duplicate rounds)."""
+        kept = [e for e in self.read_history() if int(e.get("round", 0)) <= last_round]
+        atomic_write_text(self.history, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))

@@ -1,0 +1,84 @@
+"""The coordinator's view of the task: the initial global head and the optional held-out validation set."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from common.config import RunSettings
+from common.embedding import EmbeddedDataset
+from common.errors import ConfigError
+from common.heads import HEAD_PRESETS
+from common.pipeline import DataSpec, embed_site, get_encoder
+from common.training import HeadModel, build_head_model
+
+_TASK_SAMPLE = 20
+
+
+def describe_task(run: RunSettings) -> dict[str, Any]:
+    """Modalities and classes of the run's task, read from a small sample of the run's dataset.
+
+    Sites must agree with it: a site whose data gives other shapes fails loudly on the first round.
+    """
+    from common.data.registry import BUILTIN_DATASETS, load_dataset
+
+    if run.dataset not in BUILTIN_DATASETS:
+        raise ConfigError(
+            f"run-config: dataset '{run.dataset}' is not built in; the coordinator needs the task "
+            "from a built-in dataset or a server-eval dataset with the same modalities and classes"
+        )
+    sample = load_dataset(run.dataset, n=_TASK_SAMPLE, seed=run.seed, task=run.task or None)
+    return {"modalities": list(sample.modalities), "class_names": list(sample.class_names)}
+
+
+def initial_model(run: RunSettings) -> tuple[HeadModel, dict[str, Any]]:
+    """The global head at round 0 (seeded), sized for the run's encoders and task."""
+    if run.head not in HEAD_PRESETS:
+        raise ConfigError(f"run-config: head '{run.head}' is not one of {sorted(HEAD_PRESETS)}")
+    task = describe_task(run)
+    dims: dict[str, int] = {}
+    if "image" in task["modalities"]:
+        dims["image"] = get_encoder(
+            run.image_encoder, modality="image", image_size=run.encoder_image_size or None
+        ).dim
+    if "text" in task["modalities"]:
+        dims["text"] = get_encoder(run.text_encoder, modality="text", max_length=run.max_length).dim
+    model = build_head_model(
+        dims=dims,
+        head_config=HEAD_PRESETS[run.head],
+        layout=run.layout,
+        loss=run.loss,
+        num_classes=len(task["class_names"]) or None,
+        seed=run.seed,
+    )
+    return model, task
+
+
+class ServerEvaluator:
+    """Scores the global head each round on a coordinator-held validation set (never site data)."""
+
+    def __init__(self, run: RunSettings) -> None:
+        from pathlib import Path
+
+        spec = DataSpec(
+            dataset=run.server_eval,
+            n=run.server_eval_n or None,
+            seed=run.seed + 7919,  # disjoint from the sites' generated data
+            task=run.task or None,
+            image_encoder=run.image_encoder,
+            text_encoder=run.text_encoder,
+            encoder_image_size=run.encoder_image_size or None,
+            max_length=run.max_length,
+        )
+        self.data: EmbeddedDataset
+        self.data, _, _ = embed_site(spec, cache_dir=Path(run.run_dir) / "server-cache")
+        self.model, _ = initial_model(run)
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        from common.artifacts import load_state_arrays
+        from common.evaluation import quick_metrics
+
+        load_state_arrays(self.model, arrays, source="global head")
+        return quick_metrics(self.model, self.data, prefix="server-")

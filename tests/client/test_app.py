@@ -1,0 +1,149 @@
+"""The site's ClientApp called in-process: replies carry only the head's arrays and scalar metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client import site as site_module
+from client.app import app
+from client.audit import audit_path, payload_digest, verify_audit_log
+from client.site import load_site
+from client.training import build_site_model
+from common.artifacts import state_arrays
+from common.config import RunSettings, SiteSettings
+from common.errors import ConfigError
+from common.flower import arrays_from_record, record_from_arrays
+
+
+def _run_config(tiny: dict[str, Path], **overrides: Any) -> dict[str, Any]:
+    config = {k.replace("_", "-"): v for k, v in RunSettings().to_dict().items()}
+    config.update(
+        {
+            "image-encoder": str(tiny["image"]),
+            "text-encoder": str(tiny["text"]),
+            "encoder-image-size": 0,
+            "dataset-n": 80,
+            "local-epochs": 2,
+            "batch-size": 16,
+            "head": "small",
+        }
+    )
+    config.update(overrides)
+    return config
+
+
+def _context(run_config: dict[str, Any], node_config: dict[str, Any]) -> Context:
+    return Context(
+        run_id=1, node_id=0, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def _message(content: RecordDict, message_type: str) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=1,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
+
+
+@pytest.fixture()
+def setup(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> tuple[Context, dict[str, np.ndarray]]:
+    run_config = _run_config(tiny_model_dirs)
+    node_config = {
+        "partition-id": 0,
+        "num-partitions": 2,
+        "cache-dir": str(tmp_path / "cache"),
+        "state-dir": str(tmp_path / "state"),
+    }
+    run = RunSettings.from_run_config(run_config)
+    site = load_site(SiteSettings.from_node_config(node_config), run)
+    initial = state_arrays(build_site_model(run, site.train))
+    return _context(run_config, node_config), initial
+
+
+def _train_message(arrays: dict[str, np.ndarray], server_round: int = 1) -> Message:
+    content = RecordDict(
+        {
+            "arrays": record_from_arrays(arrays),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
+    return _message(content, "train")
+
+
+def test_train_reply_holds_only_the_head_arrays_and_scalar_metrics(
+    setup: tuple[Context, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    context, initial = setup
+    reply = app(_train_message(initial), context)
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    assert not content.config_records
+    sent = arrays_from_record(content.array_records["arrays"])
+    assert list(sent) == list(initial)  # exactly the head's state-dict keys, in order
+    for name, value in sent.items():
+        assert value.shape == initial[name].shape and value.dtype == np.float32
+    assert any(not np.array_equal(sent[k], initial[k]) for k in sent)  # it trained
+    metrics = dict(content.metric_records["metrics"])
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["num-examples"] > 0 and np.isfinite(metrics["train-loss"])
+    assert {"eval-R@5", "eval-zs_auroc"} <= set(metrics)
+    total_sent = sum(v.nbytes for v in sent.values())
+    # the audit log recorded exactly this payload
+    entries = [json.loads(line) for line in audit_path(tmp_path / "state").read_text().splitlines()]
+    assert len(entries) == 1
+    assert entries[0]["sha256"] == payload_digest(sent)
+    assert entries[0]["total_bytes"] == total_sent
+    summary = verify_audit_log(
+        audit_path(tmp_path / "state"), allowed_arrays={k: v.shape for k, v in initial.items()}
+    )
+    assert summary.ok and summary.entries == 1
+
+
+def test_evaluate_reply_holds_only_metrics(setup: tuple[Context, dict[str, np.ndarray]]) -> None:
+    context, initial = setup
+    reply = app(_message(RecordDict({"arrays": record_from_arrays(initial)}), "evaluate"), context)
+    assert set(reply.content.keys()) == {"metrics"}
+    assert reply.content.metric_records["metrics"]["num-examples"] > 0
+
+
+def test_later_rounds_read_the_bundle_without_any_encoder(
+    setup: tuple[Context, dict[str, np.ndarray]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context, initial = setup
+    site_module._LOADED.clear()  # as in a fresh per-message ClientApp process
+
+    def no_encoder(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an encoder was loaded although the site bundle exists")
+
+    monkeypatch.setattr("common.pipeline.get_encoder", no_encoder)
+    reply = app(_train_message(initial, server_round=2), context)
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+
+
+def test_a_head_with_other_shapes_is_refused_by_the_site(
+    setup: tuple[Context, dict[str, np.ndarray]],
+) -> None:
+    context, initial = setup
+    wrong = dict(initial)
+    name = next(iter(wrong))
+    wrong[name] = np.zeros((3, 3), dtype=np.float32)
+    with pytest.raises(ConfigError, match=f"site-0: '{name}' has shape"):
+        app(_train_message(wrong), context)  # the Flower runtime turns this into an error reply
