@@ -71,7 +71,7 @@ def _audit(
     config = _config(msg)
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
     record_egress(
-        site.state_dir,
+        site.state_path,
         run_id=context.run_id,
         server_round=server_round,
         message_type=message_type,

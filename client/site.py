@@ -40,7 +40,7 @@ _LOADED: dict[str, Site] = {}
 def bundle_path(settings: SiteSettings, spec: DataSpec) -> Path:
     """The site's embedded-data bundle for ``spec`` (one file, memory-mappable, atomic)."""
     digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
-    return Path(settings.state_dir) / "embeddings" / f"{digest}.safetensors"
+    return settings.state_path / "embeddings" / f"{digest}.safetensors"
 
 
 def load_site(settings: SiteSettings, run: RunSettings) -> Site:
@@ -58,7 +58,7 @@ def load_site(settings: SiteSettings, run: RunSettings) -> Site:
     if site is None:
         from common.pipeline import prepare_site_data  # heavy: transformers + encoders
 
-        data = prepare_site_data(spec, cache_dir=settings.cache_dir)
+        data = prepare_site_data(spec, cache_dir=settings.cache_path)
         _write_bundle(path, data.train, data.test, data.encoders)
         site = Site(settings.name, spec, data.train, data.test, data.encoders, source="embedded")
     _LOADED[key] = Site(site.name, spec, site.train, site.test, site.encoders, source="memory")

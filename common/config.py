@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from common.errors import ConfigError
 from common.pipeline import DataSpec
 from common.training import TrainConfig
+
+HOME_ENV = "FEDEMBED_HOME"
+
+
+def fedembed_home() -> Path:
+    """Where fedembed keeps site state, caches and run directories by default (``$FEDEMBED_HOME``).
+
+    Flower runs the ServerApp and ClientApps in processes whose working directory is not the
+    user's, so relative paths in run-config and node-config are resolved under this directory.
+    """
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".fedembed").expanduser().resolve()
+
+
+def resolve_path(value: str, default: str) -> Path:
+    """``value`` (or ``default`` when empty) as an absolute path; relative ones live under the home."""
+    path = Path(value or default).expanduser()
+    return path if path.is_absolute() else fedembed_home() / path
+
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 
@@ -85,7 +105,7 @@ class RunSettings:
     report_eval: bool = True
     server_eval: str = ""
     server_eval_n: int = 400
-    run_dir: str = "runs/federated"
+    run_dir: str = "runs/federated"  # relative: under $FEDEMBED_HOME
     resume: bool = False
     max_update_norm: float = 100.0
     round_timeout: float = 600.0
@@ -107,6 +127,10 @@ class RunSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def run_path(self) -> Path:
+        return resolve_path(self.run_dir, "runs/federated")
 
     def train_config(self, *, proximal_mu: float = 0.0, seed: int | None = None) -> TrainConfig:
         """Local training settings for one round."""
@@ -137,13 +161,23 @@ class SiteSettings:
     partition_id: int = -1
     num_partitions: int = 0
     alpha: float = -1.0
-    cache_dir: str = ".fedembed/cache"
-    state_dir: str = ".fedembed/site"
+    cache_dir: str = ""
+    state_dir: str = ""
     site_name: str = ""
 
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> SiteSettings:
         return _coerce(cls, values, source="node-config")
+
+    @property
+    def cache_path(self) -> Path:
+        """The embedding cache (default ``$FEDEMBED_HOME/cache``, shareable between simulated sites)."""
+        return resolve_path(self.cache_dir, "cache")
+
+    @property
+    def state_path(self) -> Path:
+        """The site's own state: bundle, audit log, privacy ledger (default ``$FEDEMBED_HOME/sites/<name>``)."""
+        return resolve_path(self.state_dir, f"sites/{self.name}")
 
     @property
     def name(self) -> str:

@@ -565,6 +565,10 @@ def load_encoder(
     network when allowed). ``modality`` is inferred from the model config when not given.
     ``max_length`` applies to text, ``image_size`` to images. Bad specs raise ConfigError.
     """
+    if not spec.strip():
+        raise ConfigError(
+            "encoder spec is empty: give a packaged name, a model directory or a Hugging Face id"
+        )
     if modality is not None:
         _check_choice(modality, MODALITIES, "modality", spec)
     name = spec.strip().lower()

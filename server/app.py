@@ -32,10 +32,15 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
     from common.artifacts import load_state_arrays, save_head, state_arrays
     from server.model import ServerEvaluator, initial_model
 
-    store = RunStore(run.run_dir)
+    store = RunStore(run.run_path)
     model, task = initial_model(run)
     shapes = {k: tuple(v.shape) for k, v in state_arrays(model).items()}
-    meta = {"model": model.describe(), "run": run.to_dict(), "task": task}
+    meta = {
+        "model": model.describe(),
+        "run": run.to_dict(),
+        "task": task,
+        "data": _evaluation_spec(run),
+    }
     start_round, arrays = 0, state_arrays(model)
     checkpoint = store.latest_checkpoint() if run.resume else None
     if checkpoint is not None:
@@ -91,6 +96,22 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
     )
     print(f"[fedembed] final head exported to {final}", flush=True)
     return store.root
+
+
+def _evaluation_spec(run: RunSettings) -> dict[str, Any]:
+    """The DataSpec `fedembed evaluate --head <run>/final` uses by default: the run's dataset, pooled."""
+    from common.pipeline import DataSpec
+
+    return DataSpec(
+        dataset=run.dataset,
+        n=run.dataset_n or None,
+        seed=run.seed,
+        task=run.task or None,
+        image_encoder=run.image_encoder,
+        text_encoder=run.text_encoder,
+        encoder_image_size=run.encoder_image_size or None,
+        max_length=run.max_length,
+    ).to_dict()
 
 
 def _log_round(store: RunStore, entry: RoundLog, server_metrics: dict[str, float]) -> None:

@@ -60,7 +60,6 @@ class ServerEvaluator:
     """Scores the global head each round on a coordinator-held validation set (never site data)."""
 
     def __init__(self, run: RunSettings) -> None:
-        from pathlib import Path
 
         spec = DataSpec(
             dataset=run.server_eval,
@@ -73,7 +72,7 @@ class ServerEvaluator:
             max_length=run.max_length,
         )
         self.data: EmbeddedDataset
-        self.data, _, _ = embed_site(spec, cache_dir=Path(run.run_dir) / "server-cache")
+        self.data, _, _ = embed_site(spec, cache_dir=run.run_path / "server-cache")
         self.model, _ = initial_model(run)
 
     def evaluate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -27,4 +27,138 @@ def register_demo(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-REGISTRATIONS: list[Callable[[Any], None]] = [register_demo]
+def _parse_pairs(text: str | None) -> dict[str, Any]:
+    """``"key=value key2=value2"`` -> dict (ints, floats and true/false converted)."""
+    from common.errors import ConfigError
+
+    values: dict[str, Any] = {}
+    for item in (text or "").split():
+        if "=" not in item:
+            raise ConfigError(f"--run-config: expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        raw = raw.strip("'\"")
+        value: Any = raw
+        if raw.lower() in {"true", "false"}:
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    continue
+        values[key] = value
+    return values
+
+
+def _federation_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "num-server-rounds": args.rounds,
+        "dataset": args.data,
+        "partition": args.partition,
+        "alpha": args.alpha,
+        "strategy": args.strategy,
+        "local-epochs": args.local_epochs,
+        "loss": args.loss,
+        "head": args.head,
+        "image-encoder": args.image_encoder,
+        "text-encoder": args.text_encoder,
+        "encoder-image-size": args.encoder_image_size,
+        "min-sites": args.sites,
+    }
+    if args.n is not None:
+        config["dataset-n"] = args.n
+    if args.task:
+        config["task"] = args.task
+    config.update(_parse_pairs(args.run_config))
+    return config
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run N simulated sites with Flower's simulation engine."""
+    from pathlib import Path
+
+    from simulations.federate import simulate, summarize
+
+    fed = simulate(
+        out_dir=Path(args.out),
+        sites=args.sites,
+        run_config=_federation_run_config(args),
+        echo=args.verbose_flower,
+    )
+    print(summarize(fed))
+    return 0 if fed.ok else 1
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    """Run a real SuperLink and N real SuperNodes on 127.0.0.1, then stop them."""
+    from pathlib import Path
+
+    from simulations.federate import deploy_local, summarize
+
+    fed = deploy_local(
+        out_dir=Path(args.out),
+        sites=args.sites,
+        run_config=_federation_run_config(args),
+        echo=args.verbose_flower,
+    )
+    print(summarize(fed))
+    return 0 if fed.ok else 1
+
+
+def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
+    p.add_argument("--sites", type=int, default=3, help="number of sites (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
+    p.add_argument(
+        "--data", default="synthetic-radiology", help="built-in dataset split across the sites"
+    )
+    p.add_argument("--n", type=int, default=None, help="examples in the pooled dataset")
+    p.add_argument("--task", default=None, help="label task (iu-xray-reports)")
+    p.add_argument(
+        "--partition",
+        default="iid",
+        choices=["iid", "dirichlet", "quantity", "site"],
+        help="how the pooled data is split across sites",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet"
+    )
+    p.add_argument(
+        "--strategy",
+        default="fedavg",
+        help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum",
+    )
+    p.add_argument("--local-epochs", type=int, default=5)
+    p.add_argument("--loss", default="infonce", choices=["infonce", "pairwise", "supcon", "proxy"])
+    p.add_argument("--head", default="default", help="head preset: default, paper, small")
+    p.add_argument("--image-encoder", default="mobilenetv2")
+    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--encoder-image-size", type=int, default=128)
+    p.add_argument(
+        "--run-config", default=None, help="extra run-config overrides: 'key=value key2=value2'"
+    )
+    p.add_argument(
+        "--out",
+        default=default_out,
+        help="directory for caches, site state, logs and the run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--verbose-flower", action="store_true", help="stream Flower's run log to the terminal"
+    )
+
+
+def register_federation(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate", help="simulate N hospitals on this machine (Flower simulation engine)"
+    )
+    _add_federation_args(p, default_out="runs/simulate")
+    p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser(
+        "deploy-local",
+        help="real SuperLink + N SuperNode processes on 127.0.0.1, stopped at the end",
+    )
+    _add_federation_args(p, default_out="runs/deploy-local")
+    p.set_defaults(func=cmd_deploy_local)
+
+
+REGISTRATIONS: list[Callable[[Any], None]] = [register_demo, register_federation]

@@ -418,9 +418,11 @@ class LocalSuperLink:
         startup_timeout: float = 60.0,
         die_with_parent: bool = True,
         extra_args: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.home = Path(home).resolve() if home is not None else self.run_dir / "flwr-home"
+        self.extra_env = dict(extra_env or {})
         self.simulation = simulation
         self.database = Path(database).resolve() if database is not None else None
         self.port = port or free_port(host)
@@ -446,8 +448,8 @@ class LocalSuperLink:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment of this SuperLink (and of CLI calls against it)."""
-        return flower_env(self.home)
+        """Environment of this SuperLink (and its ServerApp or simulation processes)."""
+        return {**flower_env(self.home), **self.extra_env}
 
     def argv(self) -> list[str]:
         """The command line that starts this SuperLink."""
@@ -556,8 +558,10 @@ class LocalSuperNode:
         startup_timeout: float = 60.0,
         die_with_parent: bool = True,
         extra_args: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.superlink_address = superlink_address
+        self.extra_env = dict(extra_env or {})
         self.run_dir = Path(run_dir).resolve()
         self.name = name
         self.home = Path(home).resolve() if home is not None else self.run_dir / "flwr-home"
@@ -597,7 +601,7 @@ class LocalSuperNode:
         self.process = ManagedProcess(
             f"supernode-{self.name}",
             self.argv(),
-            env=flower_env(self.home),
+            env={**flower_env(self.home), **self.extra_env},
             log_dir=self.run_dir,
             cwd=self.run_dir,
             die_with_parent=self.die_with_parent,
@@ -667,14 +671,24 @@ def local_federation(
     *,
     database: Path | None = None,
     connection_name: str = DEFAULT_CONNECTION,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[LocalSuperLink, list[LocalSuperNode]]]:
-    """A SuperLink plus one SuperNode per node config, all stopped on exit."""
+    """A SuperLink plus one SuperNode per node config (named site0, site1, ...), stopped on exit."""
     with contextlib.ExitStack() as stack:
         link = stack.enter_context(
-            LocalSuperLink(run_dir, database=database, connection_name=connection_name)
+            LocalSuperLink(
+                run_dir, database=database, connection_name=connection_name, extra_env=extra_env
+            )
         )
         nodes = [
-            LocalSuperNode(link.address, run_dir, name=f"site{i}", home=link.home, node_config=cfg)
+            LocalSuperNode(
+                link.address,
+                run_dir,
+                name=f"site{i}",
+                home=link.home,
+                node_config=cfg,
+                extra_env=extra_env,
+            )
             for i, cfg in enumerate(node_configs)
         ]
         for node in nodes:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub.constants
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -59,7 +60,7 @@ RNG = np.random.default_rng(0)
 IMAGES = [RNG.random((40, 36, 3), dtype=np.float32) for _ in range(5)] + [
     RNG.random((20, 30), dtype=np.float32) for _ in range(4)
 ]
-SAMPLE_DATA = Path(__import__("matplotlib").get_data_path()) / "sample_data"
+SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"
 
 
 # --------------------------------------------------------------------------------- tiny models
@@ -421,6 +422,8 @@ def test_checkpoint_missing_weights_is_a_config_error(
 def test_argument_and_item_errors(tiny: dict[str, Path], bert: HFTextEncoder) -> None:
     with pytest.raises(ConfigError, match="text encoder"):
         load_encoder("minilm", modality="image")
+    with pytest.raises(ConfigError, match="empty"):
+        load_encoder("  ")
     with pytest.raises(ConfigError, match="modality must be one of"):
         load_encoder(str(tiny["bert"]), modality="audio")
     with pytest.raises(ConfigError, match="batch_size"):

@@ -1,0 +1,708 @@
+"""Sample-level DP-SGD for a site's head (Opacus): settings, a persistent privacy ledger, budgets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from common.atomic import atomic_write_json
+from common.embedding import EmbeddedDataset
+from common.errors import ConfigError, DataError, PrivacyError
+from common.losses import loss_is_per_example_decomposable
+from common.training import HeadModel, TrainConfig, training_rows
+
+# Per-sample gradient modes that are valid for our head + proxy loss, fastest first (measured by
+# simulations/bench_dp.py). "ew" (ExpandedWeights) is not valid: it cannot handle F.normalize.
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("ghost", "functorch", "hooks")
+LEDGER_SCOPES: tuple[str, ...] = ("site", "run")
+LEDGER_FILE = "privacy-ledger.json"
+LEDGER_VERSION = 1
+_EPSILON_SLACK = 1e-9  # float noise when comparing an epsilon to a budget computed the same way
+
+_KEYS: dict[str, str] = {
+    "dp-noise-multiplier": "noise_multiplier",
+    "dp-target-epsilon": "target_epsilon",
+    "dp-delta": "delta",
+    "dp-max-grad-norm": "max_grad_norm",
+    "dp-max-epsilon": "max_epsilon",
+    "dp-poisson": "poisson",
+    "dp-ledger-scope": "ledger_scope",
+}
+_MECHANISM = ("noise_multiplier", "target_epsilon")
+_NODE_ONLY = ("dp-ledger-scope",)
+_UNSET = ("", "none", "null")
+
+
+@dataclass
+class PrivacySettings:
+    """A site's sample-level DP-SGD settings (Opacus, RDP accounting).
+
+    Give either ``noise_multiplier`` (sigma) or ``target_epsilon`` (what this run's planned rounds
+    may cost together at ``delta``; sigma is then derived). ``max_epsilon`` is the site's budget at
+    ``delta``: the ledger's total (all entries of ``ledger_scope``) never exceeds it; a round that
+    would is declined. ``ledger_scope``: "site" (default, safe) counts everything this state dir
+    ever spent, across federation runs; "run" counts only the current run's entries, i.e. the site
+    treats each federation as spending a fresh budget (its own decision: node-config only).
+    ``poisson=False`` trains on shuffled fixed-size batches: RDP accounting assumes Poisson
+    sampling, so the reported epsilon is then only Opacus' usual approximation.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    max_epsilon: float | None = None
+    poisson: bool = True
+    ledger_scope: str = "site"
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError("privacy: give dp-noise-multiplier or dp-target-epsilon, not both")
+        _check_positive("dp-noise-multiplier", self.noise_multiplier)
+        _check_positive("dp-target-epsilon", self.target_epsilon)
+        _check_positive("dp-max-grad-norm", self.max_grad_norm)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy: dp-delta must be in (0, 1), got {self.delta!r}")
+        if self.max_epsilon is not None and self.max_epsilon < 0:
+            raise ConfigError(f"privacy: dp-max-epsilon must be >= 0, got {self.max_epsilon!r}")
+        if self.ledger_scope not in LEDGER_SCOPES:
+            raise ConfigError(
+                f"privacy: dp-ledger-scope must be one of {list(LEDGER_SCOPES)}, "
+                f"got {self.ledger_scope!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when a DP mechanism is configured (a noise multiplier or a target epsilon)."""
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @property
+    def requested(self) -> bool:
+        """True when training must be private: a mechanism, or a site budget, is configured."""
+        return self.enabled or self.max_epsilon is not None
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> PrivacySettings:
+        """Settings from the ``dp-*`` keys of a run-config or node-config (other keys are ignored).
+
+        Unset optional values: missing, ``""``/``"none"``; ``dp-noise-multiplier = 0`` and
+        ``dp-target-epsilon = 0`` also mean "off" (a zero sigma gives no privacy at all), while
+        ``dp-max-epsilon = 0`` is a real, zero budget. An unknown ``dp-*`` key is an error.
+        """
+        return cls(**_parse(values, source="config"))
+
+    @classmethod
+    def merge(
+        cls, run_values: Mapping[str, Any], node_values: Mapping[str, Any]
+    ) -> PrivacySettings:
+        """The site's effective settings: the node-config wins over the run-config.
+
+        Every ``dp-*`` value the node sets replaces the run's. The mechanism is replaced as a
+        whole: a node that sets a noise multiplier or a target epsilon drops both of the run's.
+        Unset node values keep the run's (so a node cannot switch DP off by leaving a key empty).
+        ``dp-ledger-scope`` is the site's own choice and is refused in the run-config: the
+        consortium must not be able to reset a site's cumulative budget.
+        """
+        for key in _NODE_ONLY:
+            if key in run_values:
+                raise ConfigError(
+                    f"run-config: '{key}' is a site's own setting; set it in the node-config"
+                )
+        run = _parse(run_values, source="run-config")
+        node = _parse(node_values, source="node-config")
+        if any(name in node for name in _MECHANISM):
+            run = {k: v for k, v in run.items() if k not in _MECHANISM}
+        return cls(**{**run, **node})
+
+    def to_config(self) -> dict[str, Any]:
+        """The settings as ``dp-*`` keys (unset values omitted)."""
+        names = {v: k for k, v in _KEYS.items()}
+        return {names[k]: v for k, v in asdict(self).items() if v is not None}
+
+
+def _check_positive(key: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"privacy: {key} must be a finite number > 0, got {value!r}")
+
+
+def _parse(values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """The set ``dp-*`` values of one mapping as PrivacySettings field names -> typed values."""
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        if not str(key).startswith("dp-"):
+            continue
+        if key not in _KEYS:
+            raise ConfigError(
+                f"{source}: unknown privacy key '{key}'; valid: {', '.join(sorted(_KEYS))}"
+            )
+        name = _KEYS[key]
+        value = _convert(name, raw, key=key, source=source)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _convert(name: str, raw: Any, *, key: str, source: str) -> Any:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _UNSET):
+        return None
+    try:
+        if name == "poisson":
+            if isinstance(raw, str):
+                if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(raw)
+                return raw.lower() in {"true", "1", "yes"}
+            return bool(raw)
+        if name == "ledger_scope":
+            return str(raw)
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        value = float(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: '{key}' = {raw!r} is not valid") from exc
+    if name in _MECHANISM and value == 0.0:
+        return None
+    return value
+
+
+def require_sample_level_dp(loss: str) -> None:
+    """Raise PrivacyError unless ``loss`` is per-example decomposable (valid for DP-SGD)."""
+    if loss_is_per_example_decomposable(loss):
+        return
+    raise PrivacyError(
+        f"sample-level DP (DP-SGD) is refused for loss '{loss}': it uses in-batch negatives, so "
+        "removing one example changes the other examples' loss terms; Opacus' per-sample "
+        "clipping then does not bound the sensitivity and the epsilon it would report is not a "
+        "valid guarantee. Use loss 'proxy' for sample-level DP, or client-level DP (Flower's "
+        "clipping + noise of the whole site update) with any loss"
+    )
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of a composition of (noise multiplier, sample rate, steps) entries."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [entry for entry in history if entry[2] > 0]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def ledger_path(state_dir: str | os.PathLike[str]) -> Path:
+    """Where a site keeps its privacy ledger (one per site state dir)."""
+    return Path(state_dir) / LEDGER_FILE
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round's privacy spend (written before the round trains: a crash can only over-count)."""
+
+    run_id: int
+    server_round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    poisson: bool
+    num_examples: int
+    delta: float
+    epsilon_total: float  # the scope's total at ``delta`` once this entry counts (for auditors)
+    utc: str
+
+
+class PrivacyLedger:
+    """The site's RDP history in a JSON file, read afresh by every (possibly new) process.
+
+    The file is never reset or repaired automatically: an unreadable ledger raises PrivacyError,
+    because starting over would silently forget what the site has already spent.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def entries(self) -> list[LedgerEntry]:
+        """All recorded spends, oldest first (an absent file is an empty ledger)."""
+        if not self.path.exists():
+            return []
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+            if document.get("version") != LEDGER_VERSION:
+                raise ValueError(f"version {document.get('version')!r} != {LEDGER_VERSION}")
+            entries = [LedgerEntry(**item) for item in document["entries"]]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise PrivacyError(
+                f"privacy ledger {self.path} is unreadable ({exc}); refusing to train: restore it "
+                "from a backup (deleting it would reset the site's privacy budget)"
+            ) from exc
+        for entry in entries:
+            if not (entry.noise_multiplier > 0 and 0 < entry.sample_rate <= 1 and entry.steps >= 0):
+                raise PrivacyError(f"privacy ledger {self.path}: invalid entry {entry}")
+        return entries
+
+    def history(
+        self, *, scope: str = "site", run_id: int | None = None
+    ) -> list[tuple[float, float, int]]:
+        """Opacus RDPAccountant history of the entries in ``scope`` ("run" needs ``run_id``)."""
+        return [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in self.entries()
+            if scope == "site" or e.run_id == run_id
+        ]
+
+    def epsilon(self, delta: float, *, scope: str = "site", run_id: int | None = None) -> float:
+        """Epsilon at ``delta`` spent so far in ``scope``."""
+        return rdp_epsilon(self.history(scope=scope, run_id=run_id), delta)
+
+    def record(self, entry: LedgerEntry) -> None:
+        """Append ``entry`` (atomic rewrite of the file)."""
+        entries = [*self.entries(), entry]
+        atomic_write_json(
+            self.path, {"version": LEDGER_VERSION, "entries": [asdict(e) for e in entries]}
+        )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock (POSIX) so a budget check and its spend are one step across processes."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - Windows: one training process per site
+                yield
+                return
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class RoundPlan:
+    """What a round would cost, and whether the site agrees to spend it."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    expected_batch_size: int
+    delta: float
+    epsilon_before: float  # the scope's total before this round
+    epsilon_round: float  # this round on its own
+    epsilon_after: float  # the scope's total if this round trains
+    declined: bool = False
+    reason: str = ""
+
+
+def plan_round(
+    privacy: PrivacySettings,
+    *,
+    ledger: PrivacyLedger,
+    num_examples: int,
+    config: TrainConfig,
+    planned_rounds: int,
+    run_id: int,
+) -> RoundPlan:
+    """The round's noise multiplier, sample rate and steps, its cost, and the budget decision.
+
+    Sample rate ``q = B / n`` with ``B = min(batch_size, n)``; ``epochs * max(1, n // B)`` steps
+    (as non-private training). With ``target_epsilon``, sigma is chosen so that ``planned_rounds``
+    such rounds cost ``target_epsilon`` in total (Opacus get_noise_multiplier, RDP, tolerance
+    0.01), the same sigma every round; a round beyond that target is declined.
+    """
+    if not privacy.enabled:
+        raise PrivacyError(
+            "training must be private (dp-max-epsilon is set) but neither dp-noise-multiplier nor "
+            "dp-target-epsilon is configured: refusing to train without noise"
+        )
+    if planned_rounds < 1:
+        raise ConfigError(f"privacy: planned rounds must be >= 1, got {planned_rounds}")
+    if num_examples < 1:
+        raise DataError("private training needs at least one labelled example")
+    if privacy.delta >= 1.0 / num_examples:
+        raise PrivacyError(
+            f"dp-delta {privacy.delta:g} is not below 1/n = 1/{num_examples}: such a delta "
+            "allows releasing an example outright; use a smaller dp-delta"
+        )
+    batch = min(config.batch_size, num_examples)
+    sample_rate = batch / num_examples
+    steps = config.epochs * max(1, num_examples // batch)
+    sigma = privacy.noise_multiplier
+    if sigma is None:
+        assert privacy.target_epsilon is not None
+        sigma = _calibrated_sigma(privacy, sample_rate, steps * planned_rounds)
+    scope_run = run_id if privacy.ledger_scope == "run" else None
+    history = ledger.history(scope=privacy.ledger_scope, run_id=scope_run)
+    this_round = [(sigma, sample_rate, steps)]
+    plan = RoundPlan(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        expected_batch_size=batch,
+        delta=privacy.delta,
+        epsilon_before=rdp_epsilon(history, privacy.delta),
+        epsilon_round=rdp_epsilon(this_round, privacy.delta),
+        epsilon_after=rdp_epsilon(history + this_round, privacy.delta),
+    )
+    limit = privacy.max_epsilon
+    if limit is not None and plan.epsilon_after > limit + _EPSILON_SLACK:
+        plan.declined = True
+        plan.reason = (
+            f"privacy budget: this round would bring the site's epsilon from "
+            f"{plan.epsilon_before:.4g} to {plan.epsilon_after:.4g} > dp-max-epsilon {limit:g} "
+            f"(delta {privacy.delta:g}, ledger scope '{privacy.ledger_scope}')"
+        )
+    elif privacy.target_epsilon is not None:
+        run_history = ledger.history(scope="run", run_id=run_id) + this_round
+        run_after = rdp_epsilon(run_history, privacy.delta)
+        if run_after > privacy.target_epsilon + _EPSILON_SLACK:
+            plan.declined = True
+            plan.reason = (
+                f"privacy target: this run would reach epsilon {run_after:.4g} > "
+                f"dp-target-epsilon {privacy.target_epsilon:g} (planned {planned_rounds} rounds)"
+            )
+    return plan
+
+
+def _calibrated_sigma(privacy: PrivacySettings, sample_rate: float, total_steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if total_steps < 1:
+        raise ConfigError("privacy: dp-target-epsilon needs at least one training step per round")
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=privacy.target_epsilon,
+                target_delta=privacy.delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant="rdp",
+            )
+        )
+    except ValueError as exc:
+        raise PrivacyError(
+            f"dp-target-epsilon {privacy.target_epsilon:g} is unreachable for {total_steps} steps "
+            f"at sample rate {sample_rate:.4g} ({exc}); raise it or train fewer rounds/epochs"
+        ) from exc
+
+
+@dataclass
+class PrivateRoundResult:
+    """One private round: the training summary, its privacy cost, or why the site declined."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    samples_seen: int
+    seconds: float
+    epsilon_round: float
+    epsilon_total: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    declined: bool = False
+    reason: str = ""
+    grad_sample_mode: str = "ghost"
+
+    @property
+    def samples_per_second(self) -> float:
+        return 0.0 if self.seconds <= 0 else self.samples_seen / self.seconds
+
+    def metrics(self) -> dict[str, float | int]:
+        """Privacy metrics to send with the update (data-independent except the spend itself)."""
+        return {
+            "dp-epsilon": self.epsilon_total,
+            "dp-epsilon-round": self.epsilon_round,
+            "dp-delta": self.delta,
+            "dp-noise-multiplier": self.noise_multiplier,
+            "dp-sample-rate": self.sample_rate,
+            "dp-steps": self.steps,
+        }
+
+
+class PrivateObjective(nn.Module):
+    """Head + loss as one module returning the per-example loss [B] (what Opacus wraps).
+
+    It holds the HeadModel's own ``head`` and ``loss`` submodules (the same parameters, not
+    copies), so the HeadModel is trained in place and its state_dict keys never change.
+    """
+
+    def __init__(self, model: HeadModel) -> None:
+        super().__init__()
+        self.head = model.head
+        self.loss = model.loss
+
+    def forward(self, image: Tensor | None, text: Tensor | None, labels: Tensor) -> Tensor:
+        out = self.head(image=image, text=text)
+        if "joint" in out:
+            return self.loss.per_example(image=out["joint"], labels=labels)  # type: ignore[operator]
+        return self.loss.per_example(  # type: ignore[operator]
+            image=out.get("image"), text=out.get("text"), labels=labels
+        )
+
+
+class _PerExampleCriterion:
+    """Opacus ghost clipping's criterion: the model already returns the per-example loss."""
+
+    reduction = "mean"
+
+    def __call__(self, per_example: Tensor) -> Tensor:
+        return per_example
+
+
+def train_head_private(
+    model: HeadModel,
+    data: EmbeddedDataset,
+    config: TrainConfig,
+    privacy: PrivacySettings,
+    *,
+    ledger_path: Path,
+    planned_rounds: int,
+    run_id: int,
+    server_round: int,
+    reference: Mapping[str, Tensor] | None = None,
+    grad_sample_mode: str = "ghost",
+) -> PrivateRoundResult:
+    """Train ``model`` in place with DP-SGD (Opacus) for one round, within the site's budget.
+
+    Poisson sampling at rate ``B / n`` over the labelled rows, per-example clipping to
+    ``max_grad_norm``, Gaussian noise ``sigma * max_grad_norm``, AdamW on the noisy mean
+    gradient. The spend is checked against the ledger and recorded in it before training; a
+    declined round leaves the model and the ledger untouched. FedProx (``config.proximal_mu``)
+    adds its gradient ``mu * (w - w_global)`` after the noise: it depends only on the weights, so
+    it is post-processing and costs no privacy. Sampling and noise use fresh OS entropy, never
+    ``config.seed`` (which the server knows).
+    """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"privacy: grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, "
+            f"got {grad_sample_mode!r}"
+        )
+    require_sample_level_dp(str(model.loss_spec["name"]))
+    data.validate()
+    rows = training_rows(model, data)
+    ledger = PrivacyLedger(ledger_path)
+    with ledger.locked():
+        plan = plan_round(
+            privacy,
+            ledger=ledger,
+            num_examples=len(rows),
+            config=config,
+            planned_rounds=planned_rounds,
+            run_id=run_id,
+        )
+        if plan.declined or plan.steps == 0:
+            return _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_before)
+        ledger.record(
+            LedgerEntry(
+                run_id=int(run_id),
+                server_round=int(server_round),
+                noise_multiplier=plan.noise_multiplier,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps,
+                max_grad_norm=privacy.max_grad_norm,
+                poisson=privacy.poisson,
+                num_examples=len(rows),
+                delta=privacy.delta,
+                epsilon_total=plan.epsilon_after,
+                utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
+        )
+    started = time.perf_counter()
+    losses, samples = _dp_sgd(
+        model, data, rows, config, privacy, plan, reference=reference, mode=grad_sample_mode
+    )
+    result = _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_after)
+    result.seconds = time.perf_counter() - started
+    result.steps = plan.steps
+    result.samples_seen = samples
+    per_epoch = max(1, plan.steps // max(1, config.epochs))
+    result.loss = float(np.mean(losses[-per_epoch:])) if losses else math.nan
+    if losses and not math.isfinite(result.loss):
+        raise DataError("private training diverged: the loss became NaN/inf (lower the lr?)")
+    return result
+
+
+def _result(
+    plan: RoundPlan, num_examples: int, mode: str, *, epsilon_total: float
+) -> PrivateRoundResult:
+    trained = not plan.declined and plan.steps > 0
+    return PrivateRoundResult(
+        loss=math.nan,
+        num_examples=num_examples,
+        steps=0,
+        samples_seen=0,
+        seconds=0.0,
+        epsilon_round=plan.epsilon_round if trained else 0.0,
+        epsilon_total=epsilon_total,
+        delta=plan.delta,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        declined=plan.declined,
+        reason=plan.reason,
+        grad_sample_mode=mode,
+    )
+
+
+def _dp_sgd(
+    model: HeadModel,
+    data: EmbeddedDataset,
+    rows: np.ndarray,
+    config: TrainConfig,
+    privacy: PrivacySettings,
+    plan: RoundPlan,
+    *,
+    reference: Mapping[str, Tensor] | None,
+    mode: str,
+) -> tuple[list[float], int]:
+    """The DP-SGD loop; returns the per-step mean losses and the number of samples used."""
+    from opacus.grad_sample import prepare_module
+    from opacus.optimizers import get_optimizer_class
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    inputs = _training_tensors(data, rows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = _anchor(model, reference) if config.proximal_mu > 0 else None
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    objective = PrivateObjective(model)
+    extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
+    gsm = prepare_module(
+        objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra
+    )
+    try:
+        optimizer = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
+            torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            expected_batch_size=plan.expected_batch_size,
+            loss_reduction="mean",
+            generator=generator,
+        )
+        criterion = (
+            DPLossFastGradientClipping(gsm, optimizer, _PerExampleCriterion(), "mean")
+            if mode == "ghost"
+            else None
+        )
+        gsm.train()
+        with warnings.catch_warnings():
+            # Opacus' hooks fire on module outputs because the frozen inputs need no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            return _steps(
+                gsm,
+                optimizer,
+                criterion,
+                inputs,
+                _batches(len(rows), plan, config, poisson=privacy.poisson, rng=generator),
+                params=params,
+                anchor=anchor,
+                mu=config.proximal_mu,
+                mode=mode,
+            )
+    finally:
+        gsm.cleanup()
+        _strip_opacus_state(model)
+        model.eval()
+
+
+def _steps(
+    gsm: nn.Module,
+    optimizer: Any,
+    criterion: Any,
+    inputs: tuple[Tensor | None, Tensor | None, Tensor],
+    batches: Iterator[Tensor],
+    *,
+    params: list[nn.Parameter],
+    anchor: list[Tensor] | None,
+    mu: float,
+    mode: str,
+) -> tuple[list[float], int]:
+    """One DP-SGD step per batch; returns the per-step mean losses and the samples used."""
+    losses: list[float] = []
+    samples = 0
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        if batch.numel() == 0:
+            _empty_batch(params, mode)
+        else:
+            per_example = gsm(*(None if x is None else x[batch] for x in inputs))
+            loss = criterion(per_example) if criterion is not None else per_example.mean()
+            loss.backward()
+            losses.append(float(per_example.detach().mean()))
+            samples += int(batch.numel())
+        optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
+        if anchor is not None:  # FedProx: data-independent, added after the noise
+            with torch.no_grad():
+                for p, a in zip(params, anchor, strict=True):
+                    assert p.grad is not None
+                    p.grad.add_(p.detach() - a, alpha=mu)
+        optimizer.original_optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses, samples
+
+
+def _strip_opacus_state(model: nn.Module) -> None:
+    """Remove what Opacus leaves beyond ``cleanup()`` (captured-activation lists, summed grads)."""
+    for module in model.modules():
+        for attr in ("activations", "max_batch_len"):
+            if attr in vars(module):
+                delattr(module, attr)
+    for p in model.parameters():
+        if hasattr(p, "summed_grad"):
+            del p.summed_grad
+
+
+def _training_tensors(
+    data: EmbeddedDataset, rows: np.ndarray
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    def take(array: np.ndarray | None) -> Tensor | None:
+        if array is None:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(array[rows], dtype=np.float32))
+
+    assert data.labels is not None
+    return take(data.image), take(data.text), torch.from_numpy(data.labels[rows].astype(np.int64))
+
+
+def _batches(
+    n: int, plan: RoundPlan, config: TrainConfig, *, poisson: bool, rng: torch.Generator
+) -> Iterator[Tensor]:
+    """Row indices per step: Poisson(q) subsets, or shuffled fixed-size batches per epoch."""
+    if poisson:
+        for _ in range(plan.steps):
+            yield torch.nonzero(torch.rand(n, generator=rng) < plan.sample_rate).squeeze(1)
+        return
+    per_epoch = plan.steps // max(1, config.epochs)
+    size = plan.expected_batch_size
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=rng)
+        for step in range(per_epoch):
+            yield order[step * size : (step + 1) * size]
+
+
+def _empty_batch(params: list[nn.Parameter], mode: str) -> None:
+    """An empty Poisson batch still takes a (noise-only) step: the accountant counted it."""
+    for p in params:
+        if mode == "ghost":
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
+
+
+def _anchor(model: HeadModel, reference: Mapping[str, Tensor] | None) -> list[Tensor]:
+    """FedProx anchor per trainable parameter (the round's global weights; default: current)."""
+    source = reference if reference is not None else model.state_dict()
+    return [
+        source[name].detach().clone().to(p.dtype)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
