@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from common.atomic import atomic_write_json
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError, PrivacyError
-from common.losses import loss_is_per_example_decomposable
-from common.training import HeadModel, TrainConfig, training_rows
+from common.losses import ClassProxyLoss, loss_is_per_example_decomposable
+from common.training import HeadModel, TrainConfig, TrainResult, training_rows
 
 # Per-sample gradient modes that are valid for our head + proxy loss, fastest first (measured by
 # simulations/bench_dp.py). "ew" (ExpandedWeights) is not valid: it cannot handle F.normalize.
@@ -320,6 +320,10 @@ def plan_round(
     such rounds cost ``target_epsilon`` in total (Opacus get_noise_multiplier, RDP, tolerance
     0.01), the same sigma every round; a round beyond that target is declined.
     """
+    if not privacy.requested:
+        raise ConfigError(
+            "privacy: DP is not configured (dp-noise-multiplier or dp-target-epsilon)"
+        )
     if not privacy.enabled:
         raise PrivacyError(
             "training must be private (dp-max-epsilon is set) but neither dp-noise-multiplier nor "
@@ -398,7 +402,11 @@ def _calibrated_sigma(privacy: PrivacySettings, sample_rate: float, total_steps:
 
 @dataclass
 class PrivateRoundResult:
-    """One private round: the training summary, its privacy cost, or why the site declined."""
+    """One private round: the training summary, its privacy cost, or why the site declined.
+
+    ``loss`` (and ``samples_seen``) are computed from the private rows without noise: keep them
+    local. Only the weights and ``metrics()`` are covered by (or independent of) the guarantee.
+    """
 
     loss: float
     num_examples: int
@@ -417,6 +425,16 @@ class PrivateRoundResult:
     @property
     def samples_per_second(self) -> float:
         return 0.0 if self.seconds <= 0 else self.samples_seen / self.seconds
+
+    def train_result(self) -> TrainResult:
+        """The training summary in the non-private ``TrainResult`` form."""
+        return TrainResult(
+            loss=self.loss,
+            num_examples=self.num_examples,
+            steps=self.steps,
+            samples_seen=self.samples_seen,
+            seconds=self.seconds,
+        )
 
     def metrics(self) -> dict[str, float | int]:
         """Privacy metrics to send with the update (data-independent except the spend itself)."""
@@ -439,16 +457,17 @@ class PrivateObjective(nn.Module):
 
     def __init__(self, model: HeadModel) -> None:
         super().__init__()
+        if not isinstance(model.loss, ClassProxyLoss):
+            require_sample_level_dp(str(model.loss_spec["name"]))
+            raise PrivacyError(f"DP-SGD needs a per-example loss, got {type(model.loss).__name__}")
         self.head = model.head
-        self.loss = model.loss
+        self.loss: ClassProxyLoss = model.loss
 
     def forward(self, image: Tensor | None, text: Tensor | None, labels: Tensor) -> Tensor:
         out = self.head(image=image, text=text)
-        if "joint" in out:
-            return self.loss.per_example(image=out["joint"], labels=labels)  # type: ignore[operator]
-        return self.loss.per_example(  # type: ignore[operator]
-            image=out.get("image"), text=out.get("text"), labels=labels
-        )
+        if "joint" in out:  # the concat layout's output is one view
+            return self.loss.per_example(image=out["joint"], labels=labels)
+        return self.loss.per_example(image=out.get("image"), text=out.get("text"), labels=labels)
 
 
 class _PerExampleCriterion:

@@ -8,9 +8,97 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.data.partition import PARTITION_SCHEMES
 from common.errors import ConfigError
-from common.pipeline import DataSpec
-from common.training import TrainConfig
+
+
+@dataclass
+class TrainConfig:
+    """How a head is trained locally (one round of federated training uses the same settings).
+
+    ``proximal_mu`` > 0 adds FedProx's term mu/2 * ||w - w_global||^2 against the round's global head.
+    """
+
+    loss: str = "infonce"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    temperature: float | None = None
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
+            raise ConfigError(f"invalid training config: {self}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a dict of known keys (kebab-case accepted); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(clean) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DataSpec:
+    """Everything that determines a site's embedded data and its held-out split.
+
+    ``dataset`` is a built-in name or a manifest path; encoders are packaged names, Hugging Face ids
+    or local directories ("" or "none" disables a modality).
+    """
+
+    dataset: str = "synthetic-radiology"
+    n: int | None = None
+    seed: int = 0
+    site: int = 0
+    task: str | None = None
+    image_size: int | None = None
+    image_encoder: str = "mobilenetv2"
+    text_encoder: str = "minilm"
+    encoder_image_size: int | None = None
+    max_length: int = 128
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    partition: str = "none"
+    num_partitions: int = 1
+    partition_id: int = 0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.partition != "none" and self.partition not in PARTITION_SCHEMES:
+            raise ConfigError(
+                f"unknown partition {self.partition!r}; choose none or {sorted(PARTITION_SCHEMES)}"
+            )
+        if self.num_partitions < 1 or not 0 <= self.partition_id < self.num_partitions:
+            raise ConfigError(
+                f"partition-id {self.partition_id} is outside 0..{self.num_partitions - 1}"
+            )
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partition != "none" and self.num_partitions > 1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DataSpec:
+        known = {f.name for f in fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(clean) - known)
+        if unknown:
+            raise ConfigError(f"unknown data option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 HOME_ENV = "FEDEMBED_HOME"
 

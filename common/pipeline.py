@@ -3,75 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.config import DataSpec
 from common.data.dataset import SiteDataset
-from common.data.partition import PARTITION_SCHEMES
-from common.data.registry import load_dataset
+from common.data.partition import concat_datasets, partition_indices
+from common.data.registry import DEFAULT_SYNTHETIC_SIZE, load_dataset
 from common.embedding import EmbeddedDataset, EmbedReport, embed_dataset
 from common.encoders import Encoder, load_encoder
-from common.errors import ConfigError
 
 DEFAULT_CACHE_DIR = Path(".fedembed") / "cache"
-
-
-@dataclass
-class DataSpec:
-    """Everything that determines a site's embedded data and its held-out split.
-
-    ``dataset`` is a built-in name or a manifest path; encoders are packaged names, Hugging Face ids
-    or local directories ("" or "none" disables a modality).
-    """
-
-    dataset: str = "synthetic-radiology"
-    n: int | None = None
-    seed: int = 0
-    site: int = 0
-    task: str | None = None
-    image_size: int | None = None
-    image_encoder: str = "mobilenetv2"
-    text_encoder: str = "minilm"
-    encoder_image_size: int | None = None
-    max_length: int = 128
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    partition: str = "none"
-    num_partitions: int = 1
-    partition_id: int = 0
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.partition != "none" and self.partition not in PARTITION_SCHEMES:
-            raise ConfigError(
-                f"unknown partition {self.partition!r}; choose none or {sorted(PARTITION_SCHEMES)}"
-            )
-        if self.num_partitions < 1 or not 0 <= self.partition_id < self.num_partitions:
-            raise ConfigError(
-                f"partition-id {self.partition_id} is outside 0..{self.num_partitions - 1}"
-            )
-
-    @property
-    def partitioned(self) -> bool:
-        return self.partition != "none" and self.num_partitions > 1
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> DataSpec:
-        known = {f.name for f in fields(cls)}
-        clean = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise ConfigError(f"unknown data option(s) {unknown}; valid: {sorted(known)}")
-        return cls(**clean)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -103,8 +48,23 @@ def _enabled(spec: str | None) -> bool:
     return bool(spec) and str(spec).lower() not in {"none", "off", "-"}
 
 
-def load_site_dataset(spec: DataSpec) -> SiteDataset:
-    """The raw dataset a spec names (built-in generator/loader or a manifest file)."""
+def load_pooled_dataset(spec: DataSpec) -> SiteDataset:
+    """The whole dataset before partitioning.
+
+    For ``synthetic-radiology`` split over P sites, the pool holds n/P examples from each of P
+    site profiles (acquisition shifts), so the "site" partition is the natural, heterogeneous one.
+    """
+    if spec.partitioned and spec.dataset == "synthetic-radiology":
+        total = spec.n or DEFAULT_SYNTHETIC_SIZE
+        per_site = max(1, total // spec.num_partitions)
+        return concat_datasets(
+            [
+                load_dataset(
+                    spec.dataset, n=per_site, seed=spec.seed, site=k, image_size=spec.image_size
+                )
+                for k in range(spec.num_partitions)
+            ]
+        )
     return load_dataset(
         spec.dataset,
         n=spec.n,
@@ -113,6 +73,22 @@ def load_site_dataset(spec: DataSpec) -> SiteDataset:
         task=spec.task,
         image_size=spec.image_size,
     )
+
+
+def load_site_dataset(spec: DataSpec) -> SiteDataset:
+    """The site's raw data: the spec's dataset, or this site's partition of the pooled dataset."""
+    pooled = load_pooled_dataset(spec)
+    if not spec.partitioned:
+        return pooled
+    rows = partition_indices(
+        pooled,
+        scheme=spec.partition,
+        num_partitions=spec.num_partitions,
+        partition_id=spec.partition_id,
+        alpha=spec.alpha,
+        seed=spec.seed,
+    )
+    return pooled.subset(rows)
 
 
 def embed_site(

@@ -5,53 +5,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from common.config import TrainConfig
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.heads import HeadConfig, MultimodalHead
 from common.losses import build_loss
 
 LABEL_LOSSES = ("pairwise", "supcon", "proxy")
-
-
-@dataclass
-class TrainConfig:
-    """How a head is trained locally (one round of federated training uses the same settings).
-
-    ``proximal_mu`` > 0 adds FedProx's term mu/2 * ||w - w_global||^2 against the round's global head.
-    """
-
-    loss: str = "infonce"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    temperature: float | None = None
-    proximal_mu: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
-            raise ConfigError(f"invalid training config: {self}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a dict of known keys (kebab-case accepted); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        clean = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid: {sorted(known)}")
-        return cls(**clean)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class HeadModel(nn.Module):

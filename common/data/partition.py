@@ -91,7 +91,10 @@ def partition_indices(
         part = fp.LinearPartitioner(num_partitions=num_partitions)
     else:
         part = fp.NaturalIdPartitioner(partition_by="site")
-    part.dataset = Dataset.from_dict(columns)
+    table = Dataset.from_dict(columns)
+    if scheme in ("iid", "quantity"):  # these partitioners cut contiguous shards: shuffle first
+        table = table.shuffle(seed=seed)
+    part.dataset = table
     if scheme == "site" and part.num_partitions != num_partitions:
         raise ConfigError(
             f"{dataset.name} has {part.num_partitions} sites in its site column, not {num_partitions}"

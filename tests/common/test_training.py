@@ -177,3 +177,38 @@ def test_embed_dataset_refuses_when_nothing_can_be_embedded(tmp_path: Path) -> N
     dataset = load_dataset("digits", n=20)
     with pytest.raises(DataError, match="nothing to embed"):
         embed_dataset(dataset, cache_dir=tmp_path)
+
+
+def test_partitioned_sites_hold_disjoint_shares_of_the_pool() -> None:
+    from common.pipeline import load_site_dataset
+
+    shares = [
+        load_site_dataset(
+            DataSpec(
+                dataset="digits",
+                n=400,
+                partition="dirichlet",
+                alpha=0.3,
+                num_partitions=4,
+                partition_id=i,
+            )
+        )
+        for i in range(4)
+    ]
+    ids = [set(s.ids) for s in shares]
+    assert sum(len(i) for i in ids) == 400 and len(set().union(*ids)) == 400
+    assert all(a.isdisjoint(b) for k, a in enumerate(ids) for b in ids[k + 1 :])
+    # label skew: the sites' class histograms differ markedly
+    hist = np.stack(
+        [np.bincount(s.labels, minlength=10) / len(s) for s in shares if s.labels is not None]
+    )
+    assert np.abs(hist - hist.mean(axis=0)).max() > 0.1
+
+
+def test_synthetic_pool_mixes_site_profiles_and_natural_partition_is_one_profile() -> None:
+    from common.pipeline import load_site_dataset
+
+    natural = load_site_dataset(DataSpec(n=80, partition="site", num_partitions=4, partition_id=2))
+    assert natural.sites is not None and set(natural.sites) == {"site-2"} and len(natural) == 20
+    iid = load_site_dataset(DataSpec(n=80, partition="iid", num_partitions=4, partition_id=2))
+    assert iid.sites is not None and len(set(iid.sites)) > 1
