@@ -120,12 +120,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from common.pipeline import prepare_site_data
     from common.training import TrainConfig, build_head_model, train_head
 
-    spec = _data_spec(args)
-    site = prepare_site_data(spec, cache_dir=args.cache_dir, progress=True)
     if args.head not in HEAD_PRESETS:
         raise FedEmbedError(
             f"unknown head preset '{args.head}'; choose from {sorted(HEAD_PRESETS)}"
         )
+    spec = _data_spec(args)
+    site = prepare_site_data(spec, cache_dir=args.cache_dir, progress=True)
     config = TrainConfig(
         loss=args.loss,
         epochs=args.epochs,
@@ -262,6 +262,7 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars show progress
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -161,4 +161,37 @@ def register_federation(sub: Any) -> None:
     p.set_defaults(func=cmd_deploy_local)
 
 
-REGISTRATIONS: list[Callable[[Any], None]] = [register_demo, register_federation]
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Summarise a site's egress audit log and verify that only head arrays and scalars left."""
+    from pathlib import Path
+
+    from client.audit import AUDIT_FILE, verify_audit_log
+    from common.errors import FedEmbedError
+
+    path = Path(args.site_dir)
+    path = path / AUDIT_FILE if path.is_dir() else path
+    if not path.exists():
+        raise FedEmbedError(f"no audit log at {path} (a site's state-dir holds {AUDIT_FILE})")
+    summary = verify_audit_log(path)
+    print(
+        f"{path}: {summary.entries} replies left this site in {len(summary.runs)} run(s), {summary.total_bytes:,} bytes of head weights"
+    )
+    print(
+        f"declined rounds: {summary.declined}; epsilon spent: {summary.epsilon_spent if summary.epsilon_spent is not None else 'n/a (no sample-level DP)'}"
+    )
+    if summary.ok:
+        print("verified: every reply carried only float32 head arrays and scalar metrics")
+        return 0
+    print(f"{len(summary.violations)} violation(s):")
+    for violation in summary.violations:
+        print(f"  {violation}")
+    return 1
+
+
+def register_audit(sub: Any) -> None:
+    p = sub.add_parser("audit", help="summarise and verify a site's egress audit log")
+    p.add_argument("site_dir", help="the site's state-dir (or its audit.jsonl)")
+    p.set_defaults(func=cmd_audit)
+
+
+REGISTRATIONS: list[Callable[[Any], None]] = [register_demo, register_federation, register_audit]

@@ -113,12 +113,20 @@ class RecordingFedAvg(FedAvg):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.rounds = []
+        self.sent = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.sent = list(super().configure_train(server_round, arrays, config, grid))
+        return self.sent
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
+        # The Grid set message_id on the sent Messages in place when it pushed them.
+        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
         self.rounds.append([
             {
                 "node": r.metadata.src_node_id,
+                "sent-to": dst_of.get(r.metadata.reply_to_message_id),
                 "error": r.error.reason if r.has_error() else None,
                 "bytes": sum(a.count_bytes() for a in r.content.array_records.values()),
                 "info": dict(r.content["info"]),
@@ -227,6 +235,7 @@ def test_deployment_run_completes_with_weighted_mean(
     assert seen["nodes"] == node_ids
     for replies in seen["rounds"]:
         assert sorted(r["node"] for r in replies) == node_ids
+        assert all(r["sent-to"] == r["node"] for r in replies)
         assert all(
             r["error"] is None and 24 < r["bytes"] < 400 for r in replies
         )  # npy header + data
