@@ -384,15 +384,17 @@ def _calibrated_sigma(privacy: PrivacySettings, sample_rate: float, total_steps:
     if total_steps < 1:
         raise ConfigError("privacy: dp-target-epsilon needs at least one training step per round")
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=privacy.target_epsilon,
-                target_delta=privacy.delta,
-                sample_rate=sample_rate,
-                steps=total_steps,
-                accountant="rdp",
+        with warnings.catch_warnings():  # the search's large trial sigmas hit the largest order
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=privacy.target_epsilon,
+                    target_delta=privacy.delta,
+                    sample_rate=sample_rate,
+                    steps=total_steps,
+                    accountant="rdp",
+                )
             )
-        )
     except ValueError as exc:
         raise PrivacyError(
             f"dp-target-epsilon {privacy.target_epsilon:g} is unreachable for {total_steps} steps "

@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import BertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel  # noqa: E402
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel
 
 _WORDS = (
     "chest radiograph frontal there is a no the in of with nodule opacity cardiomegaly effusion "
