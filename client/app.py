@@ -1,19 +1,28 @@
-"""The site's Flower ClientApp: trains the global head on local cached embeddings, replies with weights only."""
+"""The site's Flower ClientApp: trains the global head on local cached embeddings, replies with weights only.
+
+This module imports only flwr and numpy: Flower runs every message in a fresh process, so the heavy
+work (torch, the site's embeddings) runs in the site's long-lived worker (client/worker.py) when
+one can be used, and in this process otherwise.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.config import RunSettings, SiteSettings
+from common.config import SiteSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 
 log = logging.getLogger(__name__)
+
+DECLINED_ERROR_CODE = 4001  # a site declined the round (privacy budget); not a failure of the site
 
 app = ClientApp()
 
@@ -21,40 +30,72 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round: load the global head, (optionally) score it locally, train, reply with the new head."""
-    from client.training import run_local_round
-
-    run, site_settings = _settings(context)
-    incoming = arrays_from_record(msg.content.array_records["arrays"])
-    config = _config(msg)
-    outcome = run_local_round(incoming, run=run, site_settings=site_settings, config=config)
-    _audit(context, msg, site_settings, outcome.arrays, outcome.metrics, message_type="train")
-    content = RecordDict(
-        {"arrays": record_from_arrays(outcome.arrays), "metrics": metric_record(outcome.metrics)}
-    )
+    site = SiteSettings.from_node_config(dict(context.node_config))
+    result = _execute("train", msg, context, site)
+    if result.get("declined"):
+        _audit(
+            context,
+            msg,
+            site,
+            {},
+            {},
+            message_type="train",
+            declined=True,
+            privacy=result.get("privacy"),
+        )
+        return Message(
+            Error(code=DECLINED_ERROR_CODE, reason=f"site declined: {result['reason']}"),
+            reply_to=msg,
+        )
+    arrays, metrics = result["arrays"], result["metrics"]
+    _audit(context, msg, site, arrays, metrics, message_type="train", privacy=result.get("privacy"))
+    content = RecordDict({"arrays": record_from_arrays(arrays), "metrics": metric_record(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global head on the site's held-out split; reply with scalar metrics only."""
-    from client.training import evaluate_locally
-
-    run, site_settings = _settings(context)
-    incoming = arrays_from_record(msg.content.array_records["arrays"])
-    metrics = evaluate_locally(incoming, run=run, site_settings=site_settings)
-    _audit(context, msg, site_settings, {}, metrics, message_type="evaluate")
+    site = SiteSettings.from_node_config(dict(context.node_config))
+    metrics = _execute("evaluate", msg, context, site)["metrics"]
+    _audit(context, msg, site, {}, metrics, message_type="evaluate")
     return Message(content=RecordDict({"metrics": metric_record(metrics)}), reply_to=msg)
+
+
+def _execute(op: str, msg: Message, context: Context, site: SiteSettings) -> dict[str, Any]:
+    request = {
+        "op": op,
+        "incoming": arrays_from_record(msg.content.array_records["arrays"]),
+        "run": dict(context.run_config),
+        "site": dict(context.node_config),
+        "config": _config(msg),
+        "run_id": int(context.run_id),
+    }
+    if _use_worker(site):
+        from client.worker import WorkerFailed, WorkerUnavailable, call_worker
+
+        try:
+            return call_worker(site.state_path, request, parent_pid=os.getppid())
+        except WorkerFailed as exc:
+            raise RuntimeError(f"{exc.kind}: {exc.message}") from None
+        except WorkerUnavailable as exc:
+            log.warning("site worker unavailable (%s); computing in the ClientApp process", exc)
+    from client.training import execute
+
+    return execute(request)
+
+
+def _use_worker(site: SiteSettings) -> bool:
+    """Use the site worker unless told not to, or when Flower's simulation engine (Ray) runs us:
+    its actor processes already live across messages."""
+    if site.worker == "auto":
+        return "ray" not in sys.modules
+    return site.worker == "on"
 
 
 def _config(msg: Message) -> dict[str, Any]:
     records = msg.content.config_records
     return dict(records["config"]) if "config" in records else {}
-
-
-def _settings(context: Context) -> tuple[RunSettings, SiteSettings]:
-    run = RunSettings.from_run_config(dict(context.run_config))
-    site = SiteSettings.from_node_config(dict(context.node_config))
-    return run, site
 
 
 def _audit(
@@ -65,6 +106,8 @@ def _audit(
     metrics: Mapping[str, float | int],
     *,
     message_type: str,
+    declined: bool = False,
+    privacy: Mapping[str, Any] | None = None,
 ) -> None:
     from client.audit import record_egress
 
@@ -78,4 +121,6 @@ def _audit(
         site=site.name,
         arrays=arrays,
         metrics=metrics,
+        declined=declined,
+        privacy=privacy,
     )

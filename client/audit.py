@@ -105,7 +105,7 @@ def verify_audit_log(
             runs.add(int(entry.get("run_id", -1)))
             summary.total_bytes += int(entry.get("total_bytes", 0))
             summary.declined += int(bool(entry.get("declined")))
-            epsilon = entry.get("privacy", {}).get("epsilon_total")
+            epsilon = entry.get("privacy", {}).get("dp-epsilon")
             if epsilon is not None:
                 summary.epsilon_spent = max(summary.epsilon_spent or 0.0, float(epsilon))
             summary.violations.extend(_entry_violations(entry, line_no, allowed_arrays))

@@ -240,14 +240,16 @@ class PrivacyLedger:
             if document.get("version") != LEDGER_VERSION:
                 raise ValueError(f"version {document.get('version')!r} != {LEDGER_VERSION}")
             entries = [LedgerEntry(**item) for item in document["entries"]]
+            for entry in entries:
+                if not (entry.noise_multiplier > 0 and 0 < entry.sample_rate <= 1):
+                    raise ValueError(f"invalid entry {entry}")
+                if not (isinstance(entry.steps, int) and entry.steps >= 0):
+                    raise ValueError(f"invalid entry {entry}")
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PrivacyError(
                 f"privacy ledger {self.path} is unreadable ({exc}); refusing to train: restore it "
                 "from a backup (deleting it would reset the site's privacy budget)"
             ) from exc
-        for entry in entries:
-            if not (entry.noise_multiplier > 0 and 0 < entry.sample_rate <= 1 and entry.steps >= 0):
-                raise PrivacyError(f"privacy ledger {self.path}: invalid entry {entry}")
         return entries
 
     def history(

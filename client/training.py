@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from client.privacy import PrivacySettings
 from client.site import Site, load_site
 from common.artifacts import load_state_arrays, state_arrays
 from common.config import RunSettings, SiteSettings
@@ -21,10 +22,16 @@ from common.training import HeadModel, build_head_model, train_head
 
 @dataclass
 class RoundOutcome:
-    """What a site sends back: the head's arrays and finite scalar metrics, nothing else."""
+    """What a site sends back: the head's arrays and finite scalar metrics, nothing else.
+
+    A declined round (its privacy budget would be exceeded) has no arrays and a reason.
+    """
 
     arrays: dict[str, np.ndarray]
     metrics: dict[str, float | int] = field(default_factory=dict)
+    declined: bool = False
+    reason: str = ""
+    privacy: dict[str, float | int] = field(default_factory=dict)
 
 
 def build_site_model(run: RunSettings, data: EmbeddedDataset) -> HeadModel:
@@ -53,8 +60,15 @@ def run_local_round(
     run: RunSettings,
     site_settings: SiteSettings,
     config: Mapping[str, Any],
+    privacy: PrivacySettings | None = None,
+    run_id: int = 0,
 ) -> RoundOutcome:
-    """Train the received global head on this site's data for the run's local epochs."""
+    """Train the received global head on this site's data for the run's local epochs.
+
+    With sample-level DP requested (``privacy.requested``), training is DP-SGD through Opacus,
+    charged to the site's persistent privacy ledger; the site declines the round if it would
+    exceed its budget. Training loss is then kept at the site (it is not covered by the guarantee).
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -66,12 +80,34 @@ def run_local_round(
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
     mu = float(config.get("proximal-mu", 0.0))
     reference = {k: v.clone() for k, v in model.state_dict().items()} if mu > 0 else None
-    result = train_head(
-        model,
-        site.train,
-        run.train_config(proximal_mu=mu, seed=run.seed * 100_003 + server_round),
-        reference=reference,
-    )
+    train_config = run.train_config(proximal_mu=mu, seed=run.seed * 100_003 + server_round)
+    if privacy is not None and privacy.requested:
+        from client.privacy import ledger_path, require_sample_level_dp, train_head_private
+
+        require_sample_level_dp(run.loss)
+        private = train_head_private(
+            model,
+            site.train,
+            train_config,
+            privacy,
+            ledger_path=ledger_path(site_settings.state_path),
+            planned_rounds=run.num_server_rounds,
+            run_id=run_id,
+            server_round=server_round,
+            reference=reference,
+        )
+        if private.declined:
+            return RoundOutcome(
+                arrays={}, declined=True, reason=private.reason, privacy=private.metrics()
+            )
+        metrics.update(
+            {"num-examples": int(private.num_examples), "train-seconds": float(private.seconds)}
+        )
+        metrics.update(private.metrics())
+        return RoundOutcome(
+            arrays=state_arrays(model), metrics=_finite(metrics), privacy=private.metrics()
+        )
+    result = train_head(model, site.train, train_config, reference=reference)
     metrics.update(
         {
             "num-examples": int(result.num_examples),
@@ -95,3 +131,33 @@ def evaluate_locally(
 
 def _finite(metrics: Mapping[str, float | int]) -> dict[str, float | int]:
     return {k: v for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+def execute(request: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one ClientApp request (in the ClientApp process or in the site worker).
+
+    ``request``: op ("train"/"evaluate"), incoming (head arrays), run and site (the raw run-config
+    and node-config), config (the message's config record), run_id. Errors propagate.
+    """
+    run = RunSettings.from_run_config(request["run"])
+    site_settings = SiteSettings.from_node_config(request["site"])
+    if request["op"] == "evaluate":
+        return {
+            "metrics": evaluate_locally(request["incoming"], run=run, site_settings=site_settings)
+        }
+    privacy = PrivacySettings.merge(request["run"], request["site"])
+    outcome = run_local_round(
+        request["incoming"],
+        run=run,
+        site_settings=site_settings,
+        config=request["config"],
+        privacy=privacy,
+        run_id=int(request.get("run_id", 0)),
+    )
+    return {
+        "arrays": outcome.arrays,
+        "metrics": outcome.metrics,
+        "declined": outcome.declined,
+        "reason": outcome.reason,
+        "privacy": outcome.privacy,
+    }

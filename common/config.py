@@ -101,6 +101,7 @@ class DataSpec:
 
 
 HOME_ENV = "FEDEMBED_HOME"
+PRIVACY_PREFIX = "dp-"
 
 
 def fedembed_home() -> Path:
@@ -128,6 +129,8 @@ def _coerce(cls: type[T], values: Mapping[str, Any], *, source: str) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for raw_key, value in values.items():
+        if raw_key.startswith(PRIVACY_PREFIX):
+            continue  # differential-privacy keys belong to client.privacy.PrivacySettings
         key = raw_key.replace("-", "_")
         if key not in known:
             raise ConfigError(
@@ -252,6 +255,11 @@ class SiteSettings:
     cache_dir: str = ""
     state_dir: str = ""
     site_name: str = ""
+    worker: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.worker not in ("auto", "on", "off"):
+            raise ConfigError(f"node-config: worker must be auto, on or off, not '{self.worker}'")
 
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> SiteSettings:

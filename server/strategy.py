@@ -132,6 +132,7 @@ def build_strategy(
             accounting.global_arrays = arrays_from_record(arrays)
             config["round-offset"] = round_offset
             messages = list(super().configure_train(server_round, arrays, config, grid))
+            self._sent = messages  # the Grid fills in their message ids when it pushes them
             entry = accounting.current(server_round + round_offset)
             entry.bytes_sent = {m.metadata.dst_node_id: record_nbytes(arrays) for m in messages}
             return messages
@@ -140,9 +141,13 @@ def build_strategy(
             self, server_round: int, replies: Iterable[Message]
         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
             entry = accounting.current(server_round + round_offset)
+            # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
+            target = {
+                m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])
+            }
             accepted = []
             for reply in replies:
-                node = reply.metadata.src_node_id
+                node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 if reply.has_error():
                     entry.failed[node] = str(reply.error.reason)
                     log.warning(

@@ -292,6 +292,7 @@ class ManagedProcess:
         self.pid = self._popen.pid
         self.tree: dict[int, int] = {}
         self.sessions: set[int] = set()
+        self._ended = False
         with _LIVE_LOCK:
             _LIVE[self.pid] = self
 
@@ -331,6 +332,9 @@ class ManagedProcess:
         self._end(signal.SIGKILL, 5.0)
 
     def _end(self, sig: int, timeout: float) -> None:
+        if self._ended:  # its PID and session ID may belong to someone else by now
+            return
+        self._ended = True
         self.remember_tree()
         if self.running:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -437,8 +441,9 @@ class LocalSuperLink:
 
     @property
     def address(self) -> str:
-        """host:port for SuperNodes (``--superlink``) and the CLI connection."""
-        return f"{self.host}:{self.port}"
+        """host:port for local SuperNodes (``--superlink``) and the CLI connection."""
+        host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        return f"{host}:{self.port}"
 
     @property
     def connection(self) -> Connection:
@@ -520,13 +525,11 @@ class LocalSuperLink:
 
     def restart(self, *, kill: bool = False) -> LocalSuperLink:
         """Stop (or kill) and start again on the same port and database."""
-        self.kill() if kill else self.stop()
+        if kill:
+            self.kill()
+        else:
+            self.stop()
         return self.start()
-
-    def remember_tree(self) -> None:
-        """Record current descendants (ServerApp, Ray workers) so stop() can end orphans too."""
-        if self.process is not None:
-            self.process.remember_tree()
 
     def __enter__(self) -> LocalSuperLink:
         return self.start()
@@ -649,7 +652,10 @@ class LocalSuperNode:
 
     def restart(self, *, kill: bool = False, wait: bool = True) -> LocalSuperNode:
         """Stop (or kill) and start again with the same config; it gets a new node ID."""
-        self.kill() if kill else self.stop()
+        if kill:
+            self.kill()
+        else:
+            self.stop()
         return self.start(wait=wait)
 
     def __enter__(self) -> LocalSuperNode:

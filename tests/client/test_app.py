@@ -70,6 +70,7 @@ def setup(
         "num-partitions": 2,
         "cache-dir": str(tmp_path / "cache"),
         "state-dir": str(tmp_path / "state"),
+        "worker": "off",  # in-process here; tests/client/test_worker.py covers the worker
     }
     run = RunSettings.from_run_config(run_config)
     site = load_site(SiteSettings.from_node_config(node_config), run)

@@ -390,5 +390,12 @@ def test_budget_without_mechanism_and_corrupt_ledger_refuse_to_train(tmp_path: P
     corrupt.write_text("{not json")
     with pytest.raises(PrivacyError, match="unreadable"):
         _round(_model(), data, PrivacySettings(noise_multiplier=1.0), corrupt)
+    valid = PrivacyLedger(tmp_path / "d.json")
+    _round(_model(), data, PrivacySettings(noise_multiplier=1.0), valid.path)
+    document = json.loads(valid.path.read_text())
+    document["entries"][0]["noise_multiplier"] = 0.0
+    valid.path.write_text(json.dumps(document))
+    with pytest.raises(PrivacyError, match="invalid entry"):
+        valid.epsilon(DELTA)
     with pytest.raises(PrivacyError, match="1/n"):
         _round(_model(), data, PrivacySettings(noise_multiplier=1.0, delta=0.05), tmp_path / "c")

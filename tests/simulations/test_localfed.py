@@ -210,65 +210,6 @@ def test_format_config_quotes_strings_and_rejects_bad_values() -> None:
 
 
 @pytest.mark.slow
-def test_deployment_run_completes_with_weighted_mean(
-    deployment: tuple[LocalSuperLink, list[LocalSuperNode]], toy_app: Path, tmp_path: Path
-) -> None:
-    link, nodes = deployment
-    out = tmp_path / "result.json"
-    result = run_app(
-        toy_app,
-        link.connection,
-        run_config={"result-path": str(out)},
-        log_dir=tmp_path,
-        timeout=240,
-    )
-    assert result.ok, result.log_text
-    assert result.status == FINISHED_COMPLETED
-    assert "[ROUND 2/2]" in result.log_text
-    assert result.log_path is not None and result.log_path.exists()
-    seen = json.loads(out.read_text())
-    expected = (1.0 * 10 + 4.0 * 30) / 40
-    assert seen["final"] == [[expected] * 3] * 2
-    assert seen["dtype"] == "float32"
-    assert seen["evaluated"] == {"0": 0.0, "1": expected, "2": expected}
-    node_ids = sorted(n.node_id for n in nodes if n.node_id is not None)
-    assert seen["nodes"] == node_ids
-    for replies in seen["rounds"]:
-        assert sorted(r["node"] for r in replies) == node_ids
-        assert all(r["sent-to"] == r["node"] for r in replies)
-        assert all(
-            r["error"] is None and 24 < r["bytes"] < 400 for r in replies
-        )  # npy header + data
-        assert sorted(r["info"]["site"] for r in replies) == sorted(
-            str(n.node_config["site"]) for n in nodes
-        )
-
-
-@pytest.mark.slow
-def test_failed_serverapp_is_not_success_although_flwr_run_exits_zero(
-    deployment: tuple[LocalSuperLink, list[LocalSuperNode]], toy_app: Path
-) -> None:
-    link, _ = deployment
-    conn = link.connection
-    argv = [flower_command("flwr"), "run", str(toy_app), conn.name, "--stream"]
-    argv += ["--run-config", "fail-server=true"]
-    done = subprocess.run(argv, env=conn.env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0
-    found = re.search(r"Successfully started run (\d+)", done.stdout + done.stderr)
-    assert found is not None, done.stdout
-    status = wait_for_run(conn, int(found.group(1)), timeout=60)
-    assert status.status == "finished:failed"
-    assert "toy ServerApp failure" in status.details
-
-    result = run_app(toy_app, conn, run_config={"fail-server": True}, stream=False, timeout=120)
-    assert not result.ok
-    assert result.status == "finished:failed"
-    assert "toy ServerApp failure" in result.log_text
-    with pytest.raises(FlowerError, match="finished:failed"):
-        result.raise_for_status()
-
-
-@pytest.mark.slow
 def test_simulation_run_with_three_virtual_nodes(toy_app: Path, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     with LocalSuperLink(tmp_path, simulation=True) as link:
@@ -339,3 +280,62 @@ def test_supernode_kill_and_restart_gets_new_node_id(tmp_path: Path) -> None:
         assert node.node_id is not None and node.node_id != first
         node.stop()
         assert not node.running
+
+
+@pytest.mark.slow
+def test_deployment_run_completes_with_weighted_mean(
+    deployment: tuple[LocalSuperLink, list[LocalSuperNode]], toy_app: Path, tmp_path: Path
+) -> None:
+    link, nodes = deployment
+    out = tmp_path / "result.json"
+    result = run_app(
+        toy_app,
+        link.connection,
+        run_config={"result-path": str(out)},
+        log_dir=tmp_path,
+        timeout=240,
+    )
+    assert result.ok, result.log_text
+    assert result.status == FINISHED_COMPLETED
+    assert "[ROUND 2/2]" in result.log_text
+    assert result.log_path is not None and result.log_path.exists()
+    seen = json.loads(out.read_text())
+    expected = (1.0 * 10 + 4.0 * 30) / 40
+    assert seen["final"] == [[expected] * 3] * 2
+    assert seen["dtype"] == "float32"
+    assert seen["evaluated"] == {"0": 0.0, "1": expected, "2": expected}
+    node_ids = sorted(n.node_id for n in nodes if n.node_id is not None)
+    assert seen["nodes"] == node_ids
+    for replies in seen["rounds"]:
+        assert sorted(r["node"] for r in replies) == node_ids
+        assert all(r["sent-to"] == r["node"] for r in replies)
+        assert all(
+            r["error"] is None and 24 < r["bytes"] < 400 for r in replies
+        )  # npy header + data
+        assert sorted(r["info"]["site"] for r in replies) == sorted(
+            str(n.node_config["site"]) for n in nodes
+        )
+
+
+@pytest.mark.slow
+def test_failed_serverapp_is_not_success_although_flwr_run_exits_zero(
+    deployment: tuple[LocalSuperLink, list[LocalSuperNode]], toy_app: Path
+) -> None:
+    link, _ = deployment
+    conn = link.connection
+    argv = [flower_command("flwr"), "run", str(toy_app), conn.name, "--stream"]
+    argv += ["--run-config", "fail-server=true"]
+    done = subprocess.run(argv, env=conn.env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0
+    found = re.search(r"Successfully started run (\d+)", done.stdout + done.stderr)
+    assert found is not None, done.stdout
+    status = wait_for_run(conn, int(found.group(1)), timeout=60)
+    assert status.status == "finished:failed"
+    assert "toy ServerApp failure" in status.details
+
+    result = run_app(toy_app, conn, run_config={"fail-server": True}, stream=False, timeout=120)
+    assert not result.ok
+    assert result.status == "finished:failed"
+    assert "toy ServerApp failure" in result.log_text
+    with pytest.raises(FlowerError, match="finished:failed"):
+        result.raise_for_status()
