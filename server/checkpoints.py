@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,16 @@ class RunStore:
         self.root = Path(run_dir)
         self.checkpoints = self.root / "checkpoints"
         self.history = self.root / "history.jsonl"
+
+    def archive_previous(self) -> Path | None:
+        """Move an earlier run's files aside (a fresh run in the same run-dir loses nothing)."""
+        if not (self.history.exists() or self.checkpoints.exists()):
+            return None
+        target = self.root.with_name(f"{self.root.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        target.mkdir(parents=True, exist_ok=True)
+        for child in list(self.root.iterdir()):
+            os.replace(child, target / child.name)
+        return target
 
     def write_run_info(self, info: Mapping[str, Any]) -> None:
         atomic_write_json(self.root / "run.json", dict(info))

@@ -11,18 +11,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the default job on built-in data and print the results table."""
     from simulations.demo import run_demo
 
-    run_demo(out_dir=args.out, n=args.n, epochs=args.epochs)
+    run_demo(out_dir=args.out, n=args.n, rounds=args.rounds, sites=args.sites)
     return 0
 
 
 def register_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run the default job on built-in synthetic radiology data")
+    p = sub.add_parser(
+        "demo", help="4 simulated hospitals: frozen vs alone vs pooled vs federated (built-in data)"
+    )
     p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
     p.add_argument(
-        "--n", type=int, default=2000, help="examples to generate (default: %(default)s)"
+        "--n", type=int, default=1200, help="examples to generate (default: %(default)s)"
     )
+    p.add_argument("--rounds", type=int, default=5, help="federated rounds (default: %(default)s)")
     p.add_argument(
-        "--epochs", type=int, default=30, help="local training epochs (default: %(default)s)"
+        "--sites", type=int, default=4, help="simulated hospitals (default: %(default)s)"
     )
     p.set_defaults(func=cmd_demo)
 
@@ -101,6 +104,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         sites=args.sites,
         run_config=_federation_run_config(args),
         echo=args.verbose_flower,
+        secure=args.secure,
     )
     print(summarize(fed))
     return 0 if fed.ok else 1
@@ -158,6 +162,12 @@ def register_federation(sub: Any) -> None:
         help="real SuperLink + N SuperNode processes on 127.0.0.1, stopped at the end",
     )
     _add_federation_args(p, default_out="runs/deploy-local")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS and SuperNode authentication: deploy/pki.sh makes a CA, the SuperLink certificate "
+        "and one key per site in OUT/pki, each key is registered with `flwr supernode register`",
+    )
     p.set_defaults(func=cmd_deploy_local)
 
 

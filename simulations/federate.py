@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,13 +14,20 @@ from typing import Any
 from common.config import HOME_ENV
 from simulations.localfed import (
     ConfigValue,
+    Connection,
+    FlowerError,
     LocalSuperLink,
     LocalSuperNode,
     RunResult,
+    TlsFiles,
+    flwr_cli,
     run_app,
 )
 
 APP_DIR = Path(__file__).resolve().parent.parent
+PKI_SCRIPT = APP_DIR / "deploy" / "pki.sh"
+# Generous: on a loaded 2-core machine a SuperLink or SuperNode can take a minute to come up.
+STARTUP_TIMEOUT = 180.0
 
 
 @dataclass
@@ -30,6 +38,7 @@ class FederationResult:
     run_dir: Path
     home: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    pki_dir: Path | None = None  # set when the federation ran with TLS and SuperNode authentication
 
     @property
     def ok(self) -> bool:
@@ -88,6 +97,11 @@ def simulate(
     return FederationResult(result, run_dir, home, _read_history(run_dir))
 
 
+def site_name(index: int) -> str:
+    """Name of local site ``index`` (its node-config site-name and its key directory under pki/)."""
+    return f"site-{index}"
+
+
 def site_node_config(
     home: Path, index: int, sites: int, **extra: ConfigValue
 ) -> dict[str, ConfigValue]:
@@ -95,11 +109,66 @@ def site_node_config(
     return {
         "partition-id": index,
         "num-partitions": sites,
-        "site-name": f"site-{index}",
-        "state-dir": str(home / "sites" / f"site-{index}"),
-        "cache-dir": str(home / "sites" / f"site-{index}" / "cache"),
+        "site-name": site_name(index),
+        "state-dir": str(home / "sites" / site_name(index)),
+        "cache-dir": str(home / "sites" / site_name(index) / "cache"),
         **extra,
     }
+
+
+@dataclass(frozen=True)
+class SitePki:
+    """Output of deploy/pki.sh: the CA, the SuperLink's TLS files and one auth key per site."""
+
+    root: Path
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.root / "ca.crt", self.root / "server.pem", self.root / "server.key")
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.crt"
+
+    def private_key(self, site: str) -> Path:
+        return self.root / "sites" / site / "site.key"
+
+    def public_key(self, site: str) -> Path:
+        return self.root / "sites" / site / "site.key.pub"
+
+
+def make_pki(out_dir: Path, sites: list[str]) -> SitePki:
+    """Run deploy/pki.sh into ``out_dir`` for these sites (an existing CA and keys are kept)."""
+    argv = ["bash", str(PKI_SCRIPT), str(out_dir), *sites]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise FlowerError(f"{PKI_SCRIPT} did not run: {err}") from err
+    if done.returncode != 0:
+        raise FlowerError(
+            f"{PKI_SCRIPT} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
+        )
+    return SitePki(Path(out_dir).resolve())
+
+
+def register_supernode(connection: Connection, public_key: Path) -> int | None:
+    """``flwr supernode register KEY CONNECTION``: the node ID, or None if the key already was.
+
+    Raises FlowerError on any other refusal (``flwr`` exits 0 then too: the JSON says so).
+    """
+    args = ["supernode", "register", str(public_key), connection.name, "--format", "json"]
+    done = flwr_cli(args, connection)
+    text = done.stdout
+    start, end = text.find("{"), text.rfind("}")
+    data: dict[str, Any] = json.loads(text[start : end + 1]) if 0 <= start < end else {}
+    if data.get("success"):
+        return int(data["node-id"])
+    message = str(data.get("error-message", text.strip() or done.stderr.strip()))
+    if "already in use" in message:  # registered by an earlier run on the same database
+        return None
+    raise FlowerError(f"`flwr supernode register {public_key}` failed: {message}")
 
 
 def deploy_local(
@@ -109,22 +178,44 @@ def deploy_local(
     run_config: Mapping[str, ConfigValue],
     timeout: float = 3600.0,
     echo: bool = True,
+    secure: bool = False,
 ) -> FederationResult:
-    """A real ``flower-superlink`` and ``sites`` real ``flower-supernode`` processes on 127.0.0.1."""
+    """A real ``flower-superlink`` and ``sites`` real ``flower-supernode`` processes on 127.0.0.1.
+
+    ``secure``: deploy/pki.sh writes a CA, the SuperLink certificate and one key per site into
+    ``out_dir``/pki; the SuperLink runs with TLS and ``--enable-supernode-auth``, every site's
+    public key is registered with ``flwr supernode register``, and each SuperNode connects with
+    the CA certificate and its own private key.
+    """
     home = _with_home(out_dir)
     run_dir = home / "run"
     config = {"min-sites": sites, **run_config, "run-dir": str(run_dir)}
     flower = home / "flower"
-    with LocalSuperLink(flower, database=flower / "state.db") as link:
+    names = [site_name(i) for i in range(sites)]
+    pki = make_pki(home / "pki", names) if secure else None
+    link = LocalSuperLink(
+        flower,
+        database=flower / "state.db",
+        tls=pki.tls if pki is not None else None,
+        enable_supernode_auth=pki is not None,
+        startup_timeout=STARTUP_TIMEOUT,
+    )
+    with link:
+        if pki is not None:
+            for name in names:
+                register_supernode(link.connection, pki.public_key(name))
         nodes = [
             LocalSuperNode(
                 link.address,
                 flower,
-                name=f"site-{i}",
+                name=name,
                 home=link.home,
                 node_config=site_node_config(home, i, sites),
+                root_certificates=pki.ca_cert if pki is not None else None,
+                auth_private_key=pki.private_key(name) if pki is not None else None,
+                startup_timeout=STARTUP_TIMEOUT,
             )
-            for i in range(sites)
+            for i, name in enumerate(names)
         ]
         try:
             for node in nodes:
@@ -142,12 +233,18 @@ def deploy_local(
         finally:
             for node in nodes:
                 node.stop()
-    return FederationResult(result, run_dir, home, _read_history(run_dir))
+    return FederationResult(
+        result, run_dir, home, _read_history(run_dir), pki.root if pki is not None else None
+    )
 
 
 def summarize(fed: FederationResult) -> str:
     """A short human summary: verdict, rounds, per-round metrics, final head location."""
     lines = [f"Flower run {fed.result.run_id}: {fed.result.status} in {fed.result.elapsed:.0f} s"]
+    if fed.pki_dir is not None:
+        lines.append(
+            f"  TLS + SuperNode authentication; CA, certificates and site keys in {fed.pki_dir}"
+        )
     for entry in fed.history:
         metrics = {**entry.get("site_metrics_mean", {}), **entry.get("server_metrics", {})}
         shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "seconds" not in k)

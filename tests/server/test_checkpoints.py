@@ -42,3 +42,13 @@ def test_truncating_history_drops_rounds_after_the_checkpoint(tmp_path: Path) ->
         handle.write('{"round": 6, "cut')  # a line cut by a crash
     store.truncate_history(3)
     assert [e["round"] for e in store.read_history()] == [1, 2, 3]
+
+
+def test_a_fresh_run_archives_the_previous_one_instead_of_mixing_histories(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "run")
+    store.save_checkpoint(1, _arrays(1), {})
+    store.append_history({"round": 1})
+    archived = store.archive_previous()
+    assert archived is not None and (archived / "history.jsonl").exists()
+    assert store.read_history() == [] and store.latest_checkpoint() is None
+    assert RunStore(tmp_path / "empty").archive_previous() is None

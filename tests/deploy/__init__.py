@@ -1,0 +1,1 @@
+"""Tests of the deployment tooling: deploy/pki.sh, secure deploy-local and the operator runbook."""
