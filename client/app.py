@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.clipping import clip_update_mod, requested_clipping_norm
 from common.config import SiteSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 
@@ -29,28 +30,38 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round: load the global head, (optionally) score it locally, train, reply with the new head."""
+    """One round: load the global head, (optionally) score it locally, train, reply with the new head.
+
+    Under client-level DP the server's config carries a clipping norm and the update is clipped
+    (client/clipping.py) before it is audited and sent: the audit log holds exactly what leaves.
+    """
     site = SiteSettings.from_node_config(dict(context.node_config))
-    result = _execute("train", msg, context, site)
+    result: dict[str, Any] = {}
+
+    def local_round(message: Message, ctx: Context) -> Message:
+        result.update(_execute("train", message, ctx, site))
+        if result.get("declined"):
+            return Message(
+                Error(code=DECLINED_ERROR_CODE, reason=f"site declined: {result['reason']}"),
+                reply_to=message,
+            )
+        arrays, metrics = result["arrays"], result["metrics"]
+        content = RecordDict(
+            {"arrays": record_from_arrays(arrays), "metrics": metric_record(metrics)}
+        )
+        return Message(content=content, reply_to=message)
+
+    reply = clip_update_mod(msg, context, local_round)
+    privacy = dict(result.get("privacy") or {})
     if result.get("declined"):
-        _audit(
-            context,
-            msg,
-            site,
-            {},
-            {},
-            message_type="train",
-            declined=True,
-            privacy=result.get("privacy"),
-        )
-        return Message(
-            Error(code=DECLINED_ERROR_CODE, reason=f"site declined: {result['reason']}"),
-            reply_to=msg,
-        )
-    arrays, metrics = result["arrays"], result["metrics"]
-    _audit(context, msg, site, arrays, metrics, message_type="train", privacy=result.get("privacy"))
-    content = RecordDict({"arrays": record_from_arrays(arrays), "metrics": metric_record(metrics)})
-    return Message(content=content, reply_to=msg)
+        _audit(context, msg, site, {}, {}, message_type="train", declined=True, privacy=privacy)
+    elif not reply.has_error():
+        norm = requested_clipping_norm(msg)
+        if norm is not None:
+            privacy["client-dp-clipping-norm"] = norm
+        sent = arrays_from_record(reply.content.array_records["arrays"])
+        _audit(context, msg, site, sent, result["metrics"], message_type="train", privacy=privacy)
+    return reply
 
 
 @app.evaluate()

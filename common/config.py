@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -120,6 +121,9 @@ def resolve_path(value: str, default: str) -> Path:
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+CLIENT_DP_MODES = ("off", "client-side", "server-side")
+# Strategies that aggregate with FedAvg's mean, the only aggregation Flower's DP accountant covers.
+CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
 
 T = TypeVar("T")
 
@@ -201,6 +205,11 @@ class RunSettings:
     max_update_norm: float = 100.0
     round_timeout: float = 600.0
     seed: int = 0
+    # Client-level DP of the global head (server/privacy.py), valid for any loss; "off" by default.
+    client_dp: str = "off"
+    client_dp_noise_multiplier: float = 1.0
+    client_dp_clipping_norm: float = 1.0
+    client_dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -211,6 +220,41 @@ class RunSettings:
             raise ConfigError("run-config: num-server-rounds and min-sites must be >= 1")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("run-config: fraction-train must be in (0, 1]")
+        self._check_client_dp()
+
+    def _check_client_dp(self) -> None:
+        if self.client_dp not in CLIENT_DP_MODES:
+            raise ConfigError(
+                f"run-config: client-dp '{self.client_dp}' is not one of {', '.join(CLIENT_DP_MODES)}"
+            )
+        sigma, clip, delta = (
+            self.client_dp_noise_multiplier,
+            self.client_dp_clipping_norm,
+            self.client_dp_delta,
+        )
+        if not (math.isfinite(sigma) and sigma >= 0.0):
+            raise ConfigError(f"run-config: client-dp-noise-multiplier must be >= 0, got {sigma}")
+        if not (math.isfinite(clip) and clip > 0.0):
+            raise ConfigError(f"run-config: client-dp-clipping-norm must be > 0, got {clip}")
+        if not 0.0 < delta < 1.0:
+            raise ConfigError(f"run-config: client-dp-delta must be in (0, 1), got {delta}")
+        if self.client_dp == "off":
+            return
+        if sigma == 0.0:
+            raise ConfigError(
+                "run-config: client-dp-noise-multiplier must be > 0 when client-dp is on "
+                "(without noise there is no privacy)"
+            )
+        if self.strategy not in CLIENT_DP_STRATEGIES:
+            raise ConfigError(
+                f"run-config: client-dp needs strategy {' or '.join(CLIENT_DP_STRATEGIES)} "
+                f"(the guarantee covers FedAvg's mean of clipped updates), not '{self.strategy}'"
+            )
+        if self.fraction_train != 1.0:
+            raise ConfigError(
+                "run-config: client-dp samples exactly min-sites sites per round; "
+                "leave fraction-train = 1.0"
+            )
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, Any]) -> RunSettings:

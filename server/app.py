@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 from server.checkpoints import RunStore
+from server.privacy import client_dp
 from server.strategy import Accounting, RoundLog, UpdateCheck, build_strategy, metrics_mean
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,31 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
     start_round, arrays = 0, state_arrays(model)
     checkpoint = store.latest_checkpoint() if run.resume else None
     if checkpoint is not None:
-        start_round, arrays = checkpoint.round, checkpoint.arrays
-        load_state_arrays(model, arrays, source=f"checkpoint of round {start_round}")
+        start_round = checkpoint.round
+        load_state_arrays(model, checkpoint.arrays, source=f"checkpoint of round {start_round}")
+        arrays = state_arrays(model)  # the head's key order: DP clipping pairs arrays by position
         store.truncate_history(start_round)
         print(f"[fedembed] resuming run from round {start_round} ({store.root})", flush=True)
     else:
+        archived = store.archive_previous()
+        if archived is not None:
+            print(f"[fedembed] an earlier run in {store.root} was moved to {archived}", flush=True)
         store.save_checkpoint(0, arrays, meta)
     store.write_run_info({"flower_run_id": run_id, "started_round": start_round, **meta})
     evaluator = ServerEvaluator(run) if run.server_eval else None
     accounting = Accounting()
     remaining = run.num_server_rounds - start_round
     if remaining > 0:
+        dp = client_dp(run, history=store.read_history() if start_round > 0 else ())
         strategy = build_strategy(
             run,
-            check=UpdateCheck(shapes=shapes, max_update_norm=run.max_update_norm),
+            check=UpdateCheck(
+                shapes=shapes,
+                max_update_norm=dp.update_norm_bound if dp else run.max_update_norm,
+            ),
             accounting=accounting,
             round_offset=start_round,
+            aggregator=dp.strategy if dp else None,
         )
 
         def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord | None:
@@ -69,7 +79,7 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
             if server_round > 0:
                 store.save_checkpoint(absolute, current, meta)
                 entry = accounting.current(absolute)
-                _log_round(store, entry, server_metrics)
+                _log_round(store, entry, server_metrics, dp.round_record() if dp else None)
             return metric_record(server_metrics) if server_metrics else None
 
         result = strategy.start(
@@ -114,7 +124,12 @@ def _evaluation_spec(run: RunSettings) -> dict[str, Any]:
     ).to_dict()
 
 
-def _log_round(store: RunStore, entry: RoundLog, server_metrics: dict[str, float]) -> None:
+def _log_round(
+    store: RunStore,
+    entry: RoundLog,
+    server_metrics: dict[str, float],
+    client_dp: dict[str, Any] | None,
+) -> None:
     wall = time.time() - entry.started
     record: dict[str, Any] = {
         "round": entry.round,
@@ -129,12 +144,19 @@ def _log_round(store: RunStore, entry: RoundLog, server_metrics: dict[str, float
         "server_metrics": server_metrics,
         "time": time.time(),
     }
+    if client_dp is not None:
+        record["client_dp"] = client_dp
     store.append_history(record)
     shown = ", ".join(
         f"{k}={v:.3f}"
         for k, v in {**record["site_metrics_mean"], **server_metrics}.items()
         if "seconds" not in k
     )
+    if client_dp is not None:
+        shown += (
+            f"; client-level DP: epsilon={client_dp['epsilon']:.4g} at delta={client_dp['delta']:g}"
+            f"{'' if client_dp['released'] else ' (nothing released this round)'}"
+        )
     print(
         f"[fedembed] round {entry.round}: {len(entry.sites)} sites aggregated, {len(entry.rejected)} rejected, "
         f"{len(entry.failed)} failed, {sum(entry.bytes_received.values())} B in, {wall:.1f} s; {shown}",

@@ -50,7 +50,7 @@ class UpdateCheck:
         if reply.has_error():
             return [f"site error: {reply.error.reason}"]
         content = reply.content
-        if set(content.array_records) != {"arrays"} or "metrics" not in content.metric_records:
+        if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
             return [f"unexpected records {sorted(content.keys())} (want 'arrays' and 'metrics')"]
         if content.config_records:
             return ["train replies must not carry config records"]
@@ -61,6 +61,8 @@ class UpdateCheck:
                 sorted(set(record) - set(self.shapes)),
             )
             return [f"head keys differ (missing {missing[:3]}, unexpected {extra[:3]})"]
+        if list(record) != list(self.shapes):  # Flower's DP clipping pairs arrays by position
+            return ["head keys are in another order than the global head's"]
         issues: list[str] = []
         arrays = arrays_from_record(record)
         for name, value in arrays.items():
@@ -117,80 +119,114 @@ def build_strategy(
     check: UpdateCheck,
     accounting: Accounting,
     round_offset: int = 0,
+    aggregator: Strategy | None = None,
 ) -> Strategy:
-    """Flower's strategy named by ``run.strategy``, wrapped to validate, account and skip evaluation."""
-    base = BASES[run.strategy]
-    evaluate_every = run.eval_every
-    last_round = run.num_server_rounds
+    """Flower's strategy named by ``run.strategy``, wrapped to validate, account and skip evaluation.
 
-    class FedEmbedStrategy(base):  # type: ignore[valid-type, misc]
-        """``base`` with update validation, byte accounting and sparse federated evaluation."""
+    ``aggregator`` replaces that strategy (server/privacy.py passes Flower's client-level DP wrapper
+    around FedAvg): every reply is still validated here first, and only valid ones reach it.
+    """
+    inner = aggregator if aggregator is not None else BASES[run.strategy](**strategy_kwargs(run))
+    return FedEmbedStrategy(
+        inner,
+        check=check,
+        accounting=accounting,
+        round_offset=round_offset,
+        evaluate_every=run.eval_every,
+        last_round=run.num_server_rounds,
+    )
 
-        def configure_train(
-            self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-        ) -> Iterable[Message]:
-            accounting.global_arrays = arrays_from_record(arrays)
-            config["round-offset"] = round_offset
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-            self._sent = messages  # the Grid fills in their message ids when it pushes them
-            entry = accounting.current(server_round + round_offset)
-            entry.bytes_sent = {m.metadata.dst_node_id: record_nbytes(arrays) for m in messages}
-            return messages
 
-        def aggregate_train(
-            self, server_round: int, replies: Iterable[Message]
-        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            entry = accounting.current(server_round + round_offset)
-            # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
-            target = {
-                m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])
+class FedEmbedStrategy(Strategy):
+    """Flower strategy ``inner`` with update validation, byte accounting and sparse federated evaluation."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        check: UpdateCheck,
+        accounting: Accounting,
+        round_offset: int,
+        evaluate_every: int,
+        last_round: int,
+    ) -> None:
+        self.inner = inner
+        self.check = check
+        self.accounting = accounting
+        self.round_offset = round_offset
+        self.evaluate_every = evaluate_every
+        self.last_round = last_round
+        self._sent: list[Message] = []
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.accounting.global_arrays = arrays_from_record(arrays)
+        config["round-offset"] = self.round_offset
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sent = messages  # the Grid fills in their message ids when it pushes them
+        entry = self.accounting.current(server_round + self.round_offset)
+        entry.bytes_sent = {m.metadata.dst_node_id: record_nbytes(arrays) for m in messages}
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        entry = self.accounting.current(server_round + self.round_offset)
+        # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
+        target = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        accepted = []
+        for reply in replies:
+            node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                entry.failed[node] = str(reply.error.reason)
+                log.warning("round %d: site %d failed: %s", entry.round, node, reply.error.reason)
+                continue
+            entry.bytes_received[node] = _reply_bytes(reply)
+            issues = self.check.problems(reply, self.accounting.global_arrays)
+            if issues:
+                entry.rejected[node] = "; ".join(issues)
+                log.warning(
+                    "round %d: rejected update from site %d: %s",
+                    entry.round,
+                    node,
+                    entry.rejected[node],
+                )
+                continue
+            accepted.append(reply)
+            entry.sites.append(node)
+            entry.site_metrics[node] = {
+                k: float(v)
+                for k, v in reply.content.metric_records["metrics"].items()
+                if isinstance(v, (int, float))
             }
-            accepted = []
-            for reply in replies:
-                node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-                if reply.has_error():
-                    entry.failed[node] = str(reply.error.reason)
-                    log.warning(
-                        "round %d: site %d failed: %s", entry.round, node, reply.error.reason
-                    )
-                    continue
-                entry.bytes_received[node] = _reply_bytes(reply)
-                issues = check.problems(reply, accounting.global_arrays)
-                if issues:
-                    entry.rejected[node] = "; ".join(issues)
-                    log.warning(
-                        "round %d: rejected update from site %d: %s",
-                        entry.round,
-                        node,
-                        entry.rejected[node],
-                    )
-                    continue
-                accepted.append(reply)
-                entry.sites.append(node)
-                entry.site_metrics[node] = {
-                    k: float(v)
-                    for k, v in reply.content.metric_records["metrics"].items()
-                    if isinstance(v, (int, float))
-                }
-            if not accepted:
-                log.warning("round %d: no valid update; the global head is unchanged", entry.round)
-                return None, None
-            return super().aggregate_train(server_round, accepted)
+        if not accepted:
+            log.warning("round %d: no valid update; the global head is unchanged", entry.round)
+            return None, None
+        return self.inner.aggregate_train(server_round, accepted)
 
-        def configure_evaluate(
-            self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-        ) -> Iterable[Message]:
-            absolute = server_round + round_offset
-            due = absolute == last_round or (evaluate_every > 0 and absolute % evaluate_every == 0)
-            if not due:
-                return []
-            config["round-offset"] = round_offset
-            return super().configure_evaluate(server_round, arrays, config, grid)
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        absolute = server_round + self.round_offset
+        due = absolute == self.last_round or (
+            self.evaluate_every > 0 and absolute % self.evaluate_every == 0
+        )
+        if not due:
+            return []
+        config["round-offset"] = self.round_offset
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    return FedEmbedStrategy(**_strategy_kwargs(run))
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
 
 
-def _strategy_kwargs(run: RunSettings) -> dict[str, Any]:
+def strategy_kwargs(run: RunSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "fraction_train": run.fraction_train,
         "fraction_evaluate": 1.0,
