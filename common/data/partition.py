@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import io
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,7 +64,7 @@ def partition_indices(
         )
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    from datasets import Dataset  # flwr-datasets partitions Hugging Face datasets
+    from datasets import Dataset, disable_progress_bars  # flwr-datasets partitions HF datasets
     from flwr_datasets import partitioner as fp
 
     columns: dict[str, list[Any]] = {"row": list(range(len(dataset)))}
@@ -91,6 +93,7 @@ def partition_indices(
         part = fp.LinearPartitioner(num_partitions=num_partitions)
     else:
         part = fp.NaturalIdPartitioner(partition_by="site")
+    disable_progress_bars()
     table = Dataset.from_dict(columns)
     if scheme in ("iid", "quantity"):  # these partitioners cut contiguous shards: shuffle first
         table = table.shuffle(seed=seed)
@@ -99,5 +102,13 @@ def partition_indices(
         raise ConfigError(
             f"{dataset.name} has {part.num_partitions} sites in its site column, not {num_partitions}"
         )
-    rows = np.asarray(part.load_partition(partition_id)["row"], dtype=np.int64)
+    with _quiet_progress():
+        rows = np.asarray(part.load_partition(partition_id)["row"], dtype=np.int64)
     return np.sort(rows)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Partitioning a few thousand rows is instant: hide the libraries' progress bars (stderr)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
