@@ -23,7 +23,7 @@ def register_demo(sub: Any) -> None:
     p.add_argument(
         "--n", type=int, default=1200, help="examples to generate (default: %(default)s)"
     )
-    p.add_argument("--rounds", type=int, default=5, help="federated rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=20, help="federated rounds (default: %(default)s)")
     p.add_argument(
         "--sites", type=int, default=4, help="simulated hospitals (default: %(default)s)"
     )

@@ -11,7 +11,7 @@ from simulations.experiment import compare, ratios
 
 
 def run_demo(
-    *, out_dir: str | Path = "runs/demo", n: int = 1200, rounds: int = 5, sites: int = 4
+    *, out_dir: str | Path = "runs/demo", n: int = 1200, rounds: int = 20, sites: int = 4
 ) -> Path:
     """Embed (cached), train every baseline, run a real Flower simulation, print one table."""
     out = Path(out_dir).resolve()
