@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,6 +265,3 @@ def metrics_mean(
             totals[key] = totals.get(key, 0.0) + weight * value
             weights[key] = weights.get(key, 0.0) + weight
     return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
-
-
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
