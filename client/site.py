@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import atomic_write_bytes
 from common.config import RunSettings, SiteSettings
 from common.embedding import EmbeddedDataset
 from common.errors import CacheError
 from common.pipeline import DataSpec
+from common.tensorfile import read_tensorfile, write_tensorfile
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,6 @@ def load_site(settings: SiteSettings, run: RunSettings) -> Site:
 def _write_bundle(
     path: Path, train: EmbeddedDataset, test: EmbeddedDataset, encoders: dict[str, Any]
 ) -> None:
-    from safetensors.numpy import save
-
     tensors: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"version": BUNDLE_VERSION, "encoders": encoders}
     for split, data in (("train", train), ("test", test)):
@@ -81,18 +79,14 @@ def _write_bundle(
                 tensors[f"{split}.{field}"] = np.ascontiguousarray(value)
         if data.prompts is not None:
             tensors["prompts"] = np.ascontiguousarray(data.prompts)
-    atomic_write_bytes(path, save(tensors, metadata={"fedembed": json.dumps(meta)}))
+    write_tensorfile(path, tensors, key="fedembed", document=meta)
 
 
 def _read_bundle(path: Path, name: str, spec: DataSpec) -> Site | None:
     if not path.exists():
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            meta = json.loads((handle.metadata() or {})["fedembed"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        tensors, meta = read_tensorfile(path, key="fedembed")
         if meta.get("version") != BUNDLE_VERSION:
             return None
         splits = [_split_from(tensors, meta, split) for split in ("train", "test")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,12 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_numpy_bytes
-from safetensors.numpy import save as save_numpy_bytes
 
-from common.atomic import atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_json
 from common.errors import ConfigError
+from common.tensorfile import read_tensorfile, write_tensorfile
 from common.training import HeadModel
 
 WEIGHTS_FILE = "head.safetensors"
@@ -61,10 +58,7 @@ def save_head(
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     config = {"model": model.describe(), **dict(metadata)}
-    payload = save_numpy_bytes(
-        state_arrays(model), metadata={_META_KEY: json.dumps(config, sort_keys=True)}
-    )
-    atomic_write_bytes(target / WEIGHTS_FILE, payload)
+    write_tensorfile(target / WEIGHTS_FILE, state_arrays(model), key=_META_KEY, document=config)
     atomic_write_json(target / CONFIG_FILE, config)
     return target
 
@@ -78,13 +72,9 @@ def load_head(path: str | os.PathLike[str]) -> tuple[HeadModel, dict[str, Any]]:
         raise ConfigError(
             f"no saved head at {file} (expected a directory written by 'fedembed train')"
         )
-    raw = file.read_bytes()
     try:
-        arrays = load_numpy_bytes(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-        config = json.loads(header["__metadata__"][_META_KEY])
-    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        arrays, config = read_tensorfile(file, key=_META_KEY)
+    except ValueError as exc:
         raise ConfigError(f"{file} is not a valid fedembed head file ({exc})") from exc
     model = HeadModel.from_description(config["model"])
     load_state_arrays(model, arrays, source=str(file))

@@ -33,16 +33,6 @@ class TrainConfig:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
             raise ConfigError(f"invalid training config: {self}")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a dict of known keys (kebab-case accepted); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        clean = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid: {sorted(known)}")
-        return cls(**clean)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -90,12 +80,7 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DataSpec:
-        known = {f.name for f in fields(cls)}
-        clean = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise ConfigError(f"unknown data option(s) {unknown}; valid: {sorted(known)}")
-        return cls(**clean)
+        return _coerce(cls, values, source="data spec")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

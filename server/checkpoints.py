@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_numpy_bytes
-from safetensors.numpy import save as save_numpy_bytes
 
-from common.atomic import append_line, atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.atomic import append_line, atomic_write_json, atomic_write_text
 from common.errors import ConfigError
+from common.tensorfile import read_tensorfile, write_tensorfile
 
 _CHECKPOINT = re.compile(r"round-(\d{4,})\.safetensors$")
 
@@ -62,14 +60,7 @@ class RunStore:
         self, server_round: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
     ) -> Path:
         path = self.checkpoints / f"round-{server_round:04d}.safetensors"
-        payload = save_numpy_bytes(
-            {k: np.array(v, order="C") for k, v in arrays.items()},
-            metadata={
-                "round": str(server_round),
-                "meta": json.dumps(dict(meta), sort_keys=True, default=str),
-            },
-        )
-        atomic_write_bytes(path, payload)
+        write_tensorfile(path, arrays, key="meta", document=dict(meta))
         return path
 
     def latest_checkpoint(self) -> Checkpoint | None:
@@ -90,12 +81,9 @@ class RunStore:
 
     @staticmethod
     def load_checkpoint(path: Path, server_round: int) -> Checkpoint:
-        raw = path.read_bytes()
         try:
-            arrays = load_numpy_bytes(raw)
-            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-            meta = json.loads(header["__metadata__"]["meta"])
-        except (SafetensorError, ValueError, KeyError) as exc:
+            arrays, meta = read_tensorfile(path, key="meta")
+        except ValueError as exc:
             raise ConfigError(f"checkpoint {path} is unreadable: {exc}") from exc
         return Checkpoint(round=server_round, arrays=dict(arrays), meta=meta)
 

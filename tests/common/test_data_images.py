@@ -19,8 +19,7 @@ from common.errors import DataError
 def _testdata(name: str) -> Path:
     """A DICOM test file shipped with pydicom or pydicom-data (never downloaded)."""
     path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"{name} not installed (pydicom-data)")
+    assert path is not None, f"{name} missing: the Makefile installs pydicom-data"
     return Path(str(path))
 
 
