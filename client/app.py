@@ -18,6 +18,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.clipping import clip_update_mod, requested_clipping_norm
+from client.identity import site_identity_mod
+from client.secagg import is_secagg_message, secagg_train
 from common.config import SiteSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DECLINED_ERROR_CODE = 4001  # a site declined the round (privacy budget); not a failure of the site
 
-app = ClientApp()
+app = ClientApp(mods=[site_identity_mod])  # names the site in train replies and errors
 
 
 @app.train()
@@ -34,8 +36,20 @@ def train(msg: Message, context: Context) -> Message:
 
     Under client-level DP the server's config carries a clipping norm and the update is clipped
     (client/clipping.py) before it is audited and sent: the audit log holds exactly what leaves.
+    Under secure aggregation the messages are SecAgg+ stages (client/secagg.py): the same local
+    round runs in the "collect masked vectors" stage and only the masked head leaves.
     """
     site = SiteSettings.from_node_config(dict(context.node_config))
+    if is_secagg_message(msg):
+        return secagg_train(
+            msg,
+            context,
+            site=site,
+            local_round=lambda incoming, config: _run(
+                _request("train", incoming, config, context), site
+            ),
+            declined_code=DECLINED_ERROR_CODE,
+        )
     result: dict[str, Any] = {}
 
     def local_round(message: Message, ctx: Context) -> Message:
@@ -74,14 +88,25 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _execute(op: str, msg: Message, context: Context, site: SiteSettings) -> dict[str, Any]:
-    request = {
+    incoming = arrays_from_record(msg.content.array_records["arrays"])
+    return _run(_request(op, incoming, _config(msg), context), site)
+
+
+def _request(
+    op: str, incoming: Mapping[str, np.ndarray], config: Mapping[str, Any], context: Context
+) -> dict[str, Any]:
+    """A request for client/training.py ``execute`` (here or in the site worker)."""
+    return {
         "op": op,
-        "incoming": arrays_from_record(msg.content.array_records["arrays"]),
+        "incoming": dict(incoming),
         "run": dict(context.run_config),
         "site": dict(context.node_config),
-        "config": _config(msg),
+        "config": dict(config),
         "run_id": int(context.run_id),
     }
+
+
+def _run(request: dict[str, Any], site: SiteSettings) -> dict[str, Any]:
     if _use_worker(site):
         from client.worker import WorkerFailed, WorkerUnavailable, call_worker
 

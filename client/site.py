@@ -59,6 +59,8 @@ def load_site(settings: SiteSettings, run: RunSettings) -> Site:
         from common.pipeline import prepare_site_data  # heavy: transformers + encoders
 
         data = prepare_site_data(spec, cache_dir=settings.cache_path)
+        for line in data.report.summary():  # skip-and-report mode (node-config on-bad-row)
+            log.warning("site %s: %s", settings.name, line)
         _write_bundle(path, data.train, data.test, data.encoders)
         site = Site(settings.name, spec, data.train, data.test, data.encoders, source="embedded")
     _LOADED[key] = Site(site.name, spec, site.train, site.test, site.encoders, source="memory")

@@ -10,8 +10,10 @@ An entry is keyed by the encoder's identity (model, weights fingerprint, pooling
 the content hash of the input, so a changed file or a changed encoder is never served a stale vector.
 New embeddings are computed in chunks; each chunk is written as a shard (the ``.npy`` first, then its
 ``.json`` index, both atomically), so an interrupted run keeps every finished chunk and resumes from
-there. Each shard's SHA-256 is checked the first time it is read; a corrupt shard is moved aside
-(``*.corrupt``), reported, and recomputed.
+there, even after ``kill -9``: a shard whose ``.json`` was never written is not part of the
+cache, and the resumed run rewrites the same chunk under the same name. Each shard's SHA-256 is
+checked the first time it is read; a corrupt shard is moved aside (``*.corrupt``), reported, and
+recomputed. ``EmbeddingCache.verify()`` checks every shard without changing anything.
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ class CacheStats:
     misses: int = 0
     shards_written: int = 0
     corrupt_shards: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CacheCheck:
+    """What ``EmbeddingCache.verify`` found: committed shards, and anything that is not one."""
+
+    shards: int = 0
+    entries: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    uncommitted: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every committed shard matches its checksum, shape and dtype."""
+        return not self.corrupt
 
 
 def encoder_fingerprint(identity: dict[str, Any]) -> str:
@@ -112,8 +129,41 @@ class EmbeddingCache:
 
     def contains(self, encoder: SupportsEmbed, keys: Sequence[str]) -> bool:
         """True if every key is cached for this encoder (no shard is read)."""
+        return not self.missing(encoder, keys)
+
+    def missing(self, encoder: SupportsEmbed, keys: Sequence[str]) -> list[int]:
+        """Positions of ``keys`` not cached for this encoder (no shard is read or changed)."""
         index = self._load_index(self._encoder_dir(encoder), CacheStats(), verify=False)
-        return all(k in index for k in keys)
+        return [position for position, key in enumerate(keys) if key not in index]
+
+    def verify(self) -> CacheCheck:
+        """Check every committed shard of every encoder (checksum, dtype, shape); change nothing.
+
+        ``uncommitted`` lists data files without an index and temporary files: what a killed
+        writer leaves; they are never read, and are rewritten or cleaned up by later runs.
+        """
+        check = CacheCheck()
+        for shards in sorted(self.root.glob("*/shards")):
+            for meta_path in sorted(shards.glob("*.json")):
+                npy_path = meta_path.with_suffix(".npy")
+                try:
+                    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                    keys = meta["keys"]
+                    valid = self._shard_ok(npy_path, meta, remember=False)
+                except (OSError, ValueError, KeyError, TypeError):
+                    valid = False
+                if not valid:
+                    check.corrupt.append(str(meta_path))
+                    continue
+                check.shards += 1
+                check.entries += len(keys)
+            check.uncommitted += [
+                str(path)
+                for path in sorted(shards.iterdir())
+                if path.name.endswith(".tmp")
+                or (path.suffix == ".npy" and not path.with_suffix(".json").exists())
+            ]
+        return check
 
     # ------------------------------------------------------------------ internals
     def _encoder_dir(self, encoder: SupportsEmbed) -> Path:
@@ -149,8 +199,8 @@ class EmbeddingCache:
                 index.setdefault(key, (npy_path, row))
         return index
 
-    def _shard_ok(self, npy_path: Path, meta: dict[str, Any]) -> bool:
-        if npy_path in self._verified:
+    def _shard_ok(self, npy_path: Path, meta: dict[str, Any], *, remember: bool = True) -> bool:
+        if remember and npy_path in self._verified:
             return True
         if not npy_path.exists() or sha256_file(npy_path) != meta.get("sha256"):
             return False
@@ -160,7 +210,8 @@ class EmbeddingCache:
             return False
         if array.dtype != np.float32 or array.shape != (len(meta["keys"]), meta.get("dim")):
             return False
-        self._verified.add(npy_path)
+        if remember:
+            self._verified.add(npy_path)
         return True
 
     def _quarantine(self, meta_path: Path, npy_path: Path, reason: str, stats: CacheStats) -> None:
@@ -271,12 +322,14 @@ def _check_vectors(vectors: np.ndarray, count: int, dim: int) -> None:
 
 
 def _remove_stale_tmp(directory: Path) -> None:
-    """Delete temporary files left by a killed writer (old enough not to belong to a live one)."""
+    """Delete what a killed writer left (old enough not to belong to a live one): temporary files,
+    and shard data whose index was never written (never read: the index is the commit marker)."""
     now = time.time()
-    for tmp in directory.glob(".*.tmp"):
+    orphans = [npy for npy in directory.glob("*.npy") if not npy.with_suffix(".json").exists()]
+    for leftover in [*directory.glob(".*.tmp"), *orphans]:
         try:
-            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
-                tmp.unlink()
+            if now - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
+                leftover.unlink()
         except OSError:
             continue
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.data.manifest import ON_ERROR_CHOICES
 from common.data.partition import PARTITION_SCHEMES
 from common.errors import ConfigError
 
@@ -61,8 +62,12 @@ class DataSpec:
     num_partitions: int = 1
     partition_id: int = 0
     alpha: float = 0.5
+    # Bad manifest rows / unreadable images: "raise" (stop, naming file, line, field) or "skip"
+    # (leave them out and report them; see common.embedding.embed_dataset).
+    on_bad_row: str = "raise"
 
     def __post_init__(self) -> None:
+        _check_on_bad_row(self.on_bad_row, source="data spec")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.partition != "none" and self.partition not in PARTITION_SCHEMES:
@@ -84,6 +89,13 @@ class DataSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_on_bad_row(value: str, *, source: str) -> None:
+    if value not in ON_ERROR_CHOICES:
+        raise ConfigError(
+            f"{source}: on-bad-row must be {' or '.join(ON_ERROR_CHOICES)}, not {value!r}"
+        )
 
 
 HOME_ENV = "FEDEMBED_HOME"
@@ -189,12 +201,20 @@ class RunSettings:
     resume: bool = False
     max_update_norm: float = 100.0
     round_timeout: float = 600.0
+    reply_poll_interval: float = 0.2
     seed: int = 0
     # Client-level DP of the global head (server/privacy.py), valid for any loss; "off" by default.
     client_dp: str = "off"
     client_dp_noise_multiplier: float = 1.0
     client_dp_clipping_norm: float = 1.0
     client_dp_delta: float = 1e-5
+    # Secure aggregation (SecAgg+, server/secagg.py): the server learns only the sum of the sites' heads.
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 0  # 0: every site of the round holds a share of every key
+    secagg_reconstruction_threshold: int = 0  # 0: a majority of the shares
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_max_weight: float = 10000.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -205,7 +225,10 @@ class RunSettings:
             raise ConfigError("run-config: num-server-rounds and min-sites must be >= 1")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("run-config: fraction-train must be in (0, 1]")
+        if self.reply_poll_interval <= 0 or self.round_timeout <= 0:
+            raise ConfigError("run-config: reply-poll-interval and round-timeout must be > 0")
         self._check_client_dp()
+        self._check_secure_aggregation()
 
     def _check_client_dp(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:
@@ -240,6 +263,62 @@ class RunSettings:
                 "run-config: client-dp samples exactly min-sites sites per round; "
                 "leave fraction-train = 1.0"
             )
+
+    @property
+    def secagg_shares(self) -> int:
+        """Shares of each site's keys in a SecAgg+ round (a round trains exactly ``min-sites`` sites)."""
+        return self.secagg_num_shares or self.min_sites
+
+    @property
+    def secagg_threshold(self) -> int:
+        """Shares needed to rebuild a key: the configured value, else a majority (at least 2)."""
+        return self.secagg_reconstruction_threshold or max(2, self.secagg_shares // 2 + 1)
+
+    def _check_secure_aggregation(self) -> None:
+        if not self.secure_aggregation:
+            return
+        sites, shares, threshold = self.min_sites, self.secagg_shares, self.secagg_threshold
+        if sites < 2:
+            raise ConfigError(
+                "run-config: secure-aggregation needs min-sites >= 2 (SecAgg+ sums sites)"
+            )
+        if self.strategy not in CLIENT_DP_STRATEGIES:
+            raise ConfigError(
+                f"run-config: secure-aggregation computes only the weighted mean of the sites' heads: "
+                f"strategy must be {' or '.join(CLIENT_DP_STRATEGIES)}, not '{self.strategy}'"
+            )
+        if self.client_dp == "server-side":
+            raise ConfigError(
+                "run-config: client-dp = server-side cannot be combined with secure-aggregation "
+                "(the server never sees an update to clip); use client-dp = client-side"
+            )
+        if self.resume:
+            raise ConfigError("run-config: resume is not supported with secure-aggregation")
+        if self.secagg_num_shares and not 3 <= shares <= sites:
+            raise ConfigError(
+                f"run-config: secagg-num-shares = {shares} must be 0 (every site of the round) "
+                f"or between 3 and min-sites = {sites} (each round trains exactly min-sites sites)"
+            )
+        if shares < sites and shares % 2 == 0:
+            raise ConfigError(
+                f"run-config: secagg-num-shares = {shares} must be odd when below min-sites = {sites} "
+                "(each site shares its keys with the same number of neighbours on either side)"
+            )
+        if self.secagg_reconstruction_threshold and not 2 <= threshold <= shares:
+            raise ConfigError(
+                f"run-config: secagg-reconstruction-threshold = {threshold} must be between 2 and "
+                f"the {shares} shares of each key (secagg-num-shares, else min-sites = {sites}); "
+                "with more, no key could ever be rebuilt and no round could finish"
+            )
+        if not (math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0):
+            raise ConfigError("run-config: secagg-clipping-range must be > 0")
+        if not 0 < self.secagg_quantization_range * sites < 2**32:
+            raise ConfigError(
+                "run-config: secagg-quantization-range must be > 0 and "
+                "min-sites x secagg-quantization-range < 2**32 (the masks' modulus)"
+            )
+        if not self.secagg_max_weight >= 1:
+            raise ConfigError("run-config: secagg-max-weight must be >= 1")
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, Any]) -> RunSettings:
@@ -285,8 +364,10 @@ class SiteSettings:
     state_dir: str = ""
     site_name: str = ""
     worker: str = "auto"
+    on_bad_row: str = "raise"  # "skip": leave unusable manifest rows out and report them
 
     def __post_init__(self) -> None:
+        _check_on_bad_row(self.on_bad_row, source="node-config")
         if self.worker not in ("auto", "on", "off"):
             raise ConfigError(f"node-config: worker must be auto, on or off, not '{self.worker}'")
 
@@ -333,6 +414,7 @@ class SiteSettings:
             num_partitions=self.num_partitions if partitioned else 1,
             partition_id=self.partition_id if partitioned else 0,
             alpha=self.alpha if self.alpha > 0 else run.alpha,
+            on_bad_row=self.on_bad_row,
         )
 
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from common.cache import CacheStats, EmbeddingCache, SupportsEmbed
-from common.data.dataset import SiteDataset, text_key
-from common.errors import DataError
+from common.cache import DEFAULT_SHARD_SIZE, CacheStats, EmbeddingCache, SupportsEmbed
+from common.data.dataset import SiteDataset, SkippedRow, text_key
+from common.data.manifest import ON_ERROR_CHOICES, verify_images
+from common.errors import ConfigError, DataError
 
 
 @dataclass
@@ -83,14 +84,30 @@ class EmbeddedDataset:
 
 @dataclass
 class EmbedReport:
-    """Cache statistics of one embed_dataset call, per modality."""
+    """What one embed_dataset call did: cache statistics per modality, and the rows it left out.
+
+    ``skipped`` (skip-and-report mode) holds every unusable row with its reason: those dropped
+    while reading the manifest and those whose image could not be decoded.
+    """
 
     stats: dict[str, CacheStats] = field(default_factory=dict)
+    skipped: list[SkippedRow] = field(default_factory=list)
+    kept: int = 0
 
     @property
     def encoded(self) -> int:
         """How many inputs went through an encoder (0 on a fully cached re-run)."""
         return sum(s.misses for s in self.stats.values())
+
+    def summary(self, *, limit: int = 5) -> list[str]:
+        """Lines for a person: kept/skipped counts, then the first ``limit`` reasons."""
+        if not self.skipped:
+            return []
+        lines = [f"kept {self.kept} rows, skipped {len(self.skipped)} bad rows:"]
+        lines += [f"  {row.describe()}" for row in self.skipped[:limit]]
+        if len(self.skipped) > limit:
+            lines.append(f"  ... and {len(self.skipped) - limit} more")
+        return lines
 
 
 def embed_dataset(
@@ -101,10 +118,23 @@ def embed_dataset(
     text_encoder: SupportsEmbed | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    on_bad_row: str = "raise",
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> tuple[EmbeddedDataset, EmbedReport]:
-    """Embed every modality of ``dataset`` that has an encoder, reusing and filling the cache."""
-    cache = EmbeddingCache(cache_dir)
-    report = EmbedReport()
+    """Embed every modality of ``dataset`` that has an encoder, reusing and filling the cache.
+
+    Before anything is embedded, every image not cached yet is decoded once: an unreadable,
+    truncated or changed file raises DataError naming its manifest line and field
+    (``on_bad_row="raise"``), or its row is left out and listed in ``report.skipped``
+    (``"skip"``), together with the rows the manifest reader skipped. The embeddings of the
+    kept rows are those of a dataset holding only those rows.
+    """
+    if on_bad_row not in ON_ERROR_CHOICES:
+        raise ConfigError(f"on-bad-row must be {' or '.join(ON_ERROR_CHOICES)}, got {on_bad_row!r}")
+    cache = EmbeddingCache(cache_dir, shard_size=shard_size)
+    if dataset.images is not None and image_encoder is not None:
+        dataset = _check_images(dataset, cache, image_encoder, on_bad_row)
+    report = EmbedReport(skipped=list(dataset.skipped), kept=len(dataset))
     out = EmbeddedDataset(
         ids=list(dataset.ids),
         labels=None if dataset.labels is None else np.asarray(dataset.labels, dtype=np.int64),
@@ -144,6 +174,16 @@ def embed_dataset(
         )
     out.validate(source=dataset.name)
     return out, report
+
+
+def _check_images(
+    dataset: SiteDataset, cache: EmbeddingCache, encoder: SupportsEmbed, on_bad_row: str
+) -> SiteDataset:
+    """Decode the images the cache does not hold yet; raise at a bad one, or leave its row out."""
+    keys = [ref.key for ref in dataset.images or ()]
+    uncached = {keys[i] for i in cache.missing(encoder, keys)}
+    cached = {key for key in keys if key not in uncached}
+    return verify_images(dataset, on_error=on_bad_row, known_good=cached).dataset
 
 
 def _group_ids(keys: Sequence[Any]) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from common.config import DataSpec
 from common.data.dataset import SiteDataset
 from common.data.partition import concat_datasets, partition_indices
-from common.data.registry import DEFAULT_SYNTHETIC_SIZE, load_dataset
+from common.data.registry import BUILTIN_DATASETS, DEFAULT_SYNTHETIC_SIZE, load_dataset
 from common.embedding import EmbeddedDataset, EmbedReport, embed_dataset
 from common.encoders import Encoder, load_encoder
 
@@ -48,12 +48,42 @@ def _enabled(spec: str | None) -> bool:
     return bool(spec) and str(spec).lower() not in {"none", "off", "-"}
 
 
+_POOLS: dict[tuple[Any, ...], SiteDataset] = {}
+
+
 def load_pooled_dataset(spec: DataSpec) -> SiteDataset:
     """The whole dataset before partitioning.
 
     For ``synthetic-radiology`` split over P sites, the pool holds n/P examples from each of P
     site profiles (acquisition shifts), so the "site" partition is the natural, heterogeneous one.
+
+    A partitioned built-in dataset is a pure function of the spec, so a process keeps the last
+    pool it built: the simulation engine runs many virtual sites in one process, and each takes
+    its partition of the same pool (generated once, not once per site). Manifests are re-read.
     """
+    if not spec.partitioned or spec.dataset not in BUILTIN_DATASETS:
+        return _build_pool(spec)
+    key = _pool_key(spec)
+    if key not in _POOLS:
+        _POOLS.clear()  # one pool at a time: a process serves one run's dataset
+        _POOLS[key] = _build_pool(spec)
+    return _POOLS[key]
+
+
+def _pool_key(spec: DataSpec) -> tuple[Any, ...]:
+    """What the pool depends on (not the partition id: every site of a run shares the pool)."""
+    return (
+        spec.dataset,
+        spec.n,
+        spec.seed,
+        spec.site,
+        spec.task,
+        spec.image_size,
+        spec.num_partitions,
+    )
+
+
+def _build_pool(spec: DataSpec) -> SiteDataset:
     if spec.partitioned and spec.dataset == "synthetic-radiology":
         total = spec.n or DEFAULT_SYNTHETIC_SIZE
         per_site = max(1, total // spec.num_partitions)
@@ -72,6 +102,7 @@ def load_pooled_dataset(spec: DataSpec) -> SiteDataset:
         site=spec.site,
         task=spec.task,
         image_size=spec.image_size,
+        on_error=spec.on_bad_row,
     )
 
 
@@ -112,6 +143,7 @@ def embed_site(
         image_encoder=image_encoder,
         text_encoder=text_encoder,
         progress=progress,
+        on_bad_row=spec.on_bad_row,
     )
     return embedded, report, identities
 

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 from server.checkpoints import RunStore
+from server.grid import PromptGrid
 from server.privacy import client_dp
 from server.strategy import Accounting, RoundLog, UpdateCheck, build_strategy, metrics_mean
 
@@ -25,6 +26,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run-config."""
     run = RunSettings.from_run_config(dict(context.run_config))
+    if run.secure_aggregation:  # Flower's legacy SecAgg+ workflow (server/secagg.py)
+        from server.secagg import run_secure_federation
+
+        run_secure_federation(grid, context, run, data_spec=_evaluation_spec(run))
+        return
     run_federation(grid, run, run_id=context.run_id)
 
 
@@ -77,13 +83,15 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
             current = arrays_from_record(record)
             server_metrics = evaluator.evaluate(current) if evaluator else {}
             if server_round > 0:
-                store.save_checkpoint(absolute, current, meta)
+                # History first: a crash between the two leaves round r in the history but not
+                # checkpointed, and resume trims the history back to the last checkpoint.
                 entry = accounting.current(absolute)
                 _log_round(store, entry, server_metrics, dp.round_record() if dp else None)
+                store.save_checkpoint(absolute, current, meta)
             return metric_record(server_metrics) if server_metrics else None
 
         result = strategy.start(
-            grid=grid,
+            grid=PromptGrid(grid, poll_interval=run.reply_poll_interval),
             initial_arrays=record_from_arrays(arrays),
             num_rounds=remaining,
             timeout=run.round_timeout,
@@ -130,15 +138,28 @@ def _log_round(
     server_metrics: dict[str, float],
     client_dp: dict[str, Any] | None,
 ) -> None:
+    """Append the round to history.jsonl and print it, naming every site that did not contribute.
+
+    Per-node dicts are keyed by node id (a restarted SuperNode has a new one); ``site_names`` maps
+    ids to the names sites gave, and ``outcomes`` says per site name: aggregated, rejected, declined,
+    failed, dropped (no reply in time / node dead) or skipped (quarantined after a drop).
+    """
     wall = time.time() - entry.started
     record: dict[str, Any] = {
         "round": entry.round,
         "wall_seconds": round(wall, 3),
         "sites": entry.sites,
+        "sampled": entry.sampled,
+        "site_names": entry.names,
+        "outcomes": entry.outcomes(),
         "bytes_received": entry.bytes_received,
         "bytes_sent": entry.bytes_sent,
         "rejected": entry.rejected,
         "failed": entry.failed,
+        "declined": entry.declined,
+        "dropped": entry.dropped,
+        "skipped": entry.skipped,
+        "evaluate_rejected": entry.evaluate_rejected,
         "site_metrics": entry.site_metrics,
         "site_metrics_mean": metrics_mean(entry.site_metrics),
         "server_metrics": server_metrics,
@@ -157,8 +178,20 @@ def _log_round(
             f"; client-level DP: epsilon={client_dp['epsilon']:.4g} at delta={client_dp['delta']:g}"
             f"{'' if client_dp['released'] else ' (nothing released this round)'}"
         )
+    counts = ", ".join(
+        f"{len(found)} {kind}"
+        for kind, found in (
+            ("rejected", entry.rejected),
+            ("declined", entry.declined),
+            ("failed", entry.failed),
+            ("dropped", entry.dropped),
+        )
+    )
     print(
-        f"[fedembed] round {entry.round}: {len(entry.sites)} sites aggregated, {len(entry.rejected)} rejected, "
-        f"{len(entry.failed)} failed, {sum(entry.bytes_received.values())} B in, {wall:.1f} s; {shown}",
+        f"[fedembed] round {entry.round}: {len(entry.sites)} sites aggregated, {counts}, "
+        f"{sum(entry.bytes_received.values())} B in, {wall:.1f} s; {shown}",
         flush=True,
     )
+    for node, outcome in entry.outcomes_by_node().items():
+        if outcome != "aggregated":
+            print(f"[fedembed] round {entry.round}: {entry.display(node)} {outcome}", flush=True)

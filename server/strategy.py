@@ -1,15 +1,32 @@
-"""Flower strategies for fedembed: Flower's own aggregation, plus update validation and per-round accounting."""
+"""Flower strategies for fedembed: Flower's own aggregation, plus update validation and per-round accounting.
+
+Every reply is classified per site before anything is aggregated:
+
+- aggregated: a valid update that went into the global head;
+- rejected: the reply broke the update contract (keys, shapes, dtypes, finite values, norm bound,
+  records, metrics) and was dropped without being decoded further than needed;
+- declined: the site said no (error code 4001, e.g. its privacy budget is spent);
+- failed: the site's ClientApp raised (an error reply from the site);
+- dropped: no reply within the round timeout, or Flower reports the node unavailable (dead).
+
+Sites name themselves (client/identity.py): a ``site`` ConfigRecord ``{"name": ...}`` beside the
+update, and a ``[site NAME]`` prefix on error reasons. Node ids change when a SuperNode restarts;
+names do not, so history and logs show both.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -21,6 +38,7 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.supercore.run import Run
 
 from common.config import RunSettings
 from common.flower import arrays_from_record, record_nbytes
@@ -37,6 +55,34 @@ BASES: dict[str, type[FedAvg]] = {
     "krum": Krum,
 }
 
+DECLINED_ERROR_CODE = 4001  # client/app.py's code for "the site declined this round"
+NODE_UNAVAILABLE_CODE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE (dead SuperNode)
+SUPERLINK_NODE_ID = 1  # replies Flower makes up for an unreachable node come from the SuperLink
+SITE_RECORD = "site"  # the optional ConfigRecord naming the site: {"name": "<site name>"}
+SITE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_SITE_NAME = re.compile(SITE_NAME_PATTERN)
+_SITE_PREFIX = re.compile(r"\[site (" + SITE_NAME_PATTERN + r")\] ")
+MAX_METRICS = 64  # scalar metrics a reply may carry
+NPY_HEADER_SLACK = 4096  # bytes an array's serialized form may exceed its raw data by
+MAX_REASON = 300  # characters of a site's error text kept in history and logs
+
+
+def site_name(reply: Message) -> str | None:
+    """The name the site gave in this reply (record or error prefix), if well formed."""
+    if reply.has_error():
+        found = _SITE_PREFIX.match(str(reply.error.reason))
+        return found.group(1) if found else None
+    if SITE_RECORD not in reply.content.config_records:
+        return None
+    record = reply.content.config_records[SITE_RECORD]
+    name = record.get("name") if set(record) == {"name"} else None
+    return name if isinstance(name, str) and _SITE_NAME.fullmatch(name) else None
+
+
+def _short(text: str) -> str:
+    text = _SITE_PREFIX.sub("", str(text), count=1).replace("\n", " ")
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
 
 @dataclass
 class UpdateCheck:
@@ -46,37 +92,53 @@ class UpdateCheck:
     max_update_norm: float
 
     def problems(self, reply: Message, global_arrays: Mapping[str, np.ndarray] | None) -> list[str]:
-        """Why this reply must not be aggregated (empty when it is valid)."""
+        """Why this reply must not be aggregated (empty when it is valid).
+
+        Sizes, shapes and dtypes are checked on the arrays' descriptions before any is decoded,
+        so an oversized or malformed payload costs no more than its transfer.
+        """
         if reply.has_error():
-            return [f"site error: {reply.error.reason}"]
-        content = reply.content
+            return [f"site error: {_short(str(reply.error.reason))}"]
+        try:
+            return self._problems(reply.content, global_arrays)
+        except Exception as exc:  # a malformed payload must never take the coordinator down
+            return [f"undecodable update: {type(exc).__name__}: {_short(str(exc))}"]
+
+    def _problems(
+        self, content: RecordDict, global_arrays: Mapping[str, np.ndarray] | None
+    ) -> list[str]:
         if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
-            return [f"unexpected records {sorted(content.keys())} (want 'arrays' and 'metrics')"]
-        if content.config_records:
-            return ["train replies must not carry config records"]
+            return [
+                f"unexpected records {sorted(content.keys())[:5]} (want 'arrays' and 'metrics')"
+            ]
+        if set(content.config_records) - {SITE_RECORD}:
+            return [f"unexpected config records {sorted(content.config_records)[:5]}"]
+        if SITE_RECORD in content.config_records:
+            site = content.config_records[SITE_RECORD]
+            name = site.get("name") if set(site) == {"name"} else None
+            if not (isinstance(name, str) and _SITE_NAME.fullmatch(name)):
+                return [f"the '{SITE_RECORD}' record must be exactly {{'name': <site name>}}"]
         record = content.array_records["arrays"]
         if set(record) != set(self.shapes):
-            missing, extra = (
-                sorted(set(self.shapes) - set(record)),
-                sorted(set(record) - set(self.shapes)),
-            )
+            missing = sorted(set(self.shapes) - set(record))
+            extra = sorted(set(record) - set(self.shapes))
             return [f"head keys differ (missing {missing[:3]}, unexpected {extra[:3]})"]
         if list(record) != list(self.shapes):  # Flower's DP clipping pairs arrays by position
             return ["head keys are in another order than the global head's"]
-        issues: list[str] = []
+        issues = [issue for name in self.shapes if (issue := self._describe(name, record[name]))]
+        if issues:
+            return issues
         arrays = arrays_from_record(record)
         for name, value in arrays.items():
-            if value.dtype != np.float32:
-                issues.append(f"{name}: dtype {value.dtype}, want float32")
-            elif tuple(value.shape) != self.shapes[name]:
-                issues.append(f"{name}: shape {tuple(value.shape)}, want {self.shapes[name]}")
+            if value.dtype != np.float32 or tuple(value.shape) != self.shapes[name]:
+                issues.append(f"{name}: payload holds {value.dtype} {tuple(value.shape)}")
             elif not np.isfinite(value).all():
                 issues.append(f"{name}: NaN or inf values")
         if issues:
             return issues
-        examples = content.metric_records["metrics"].get("num-examples")
-        if not isinstance(examples, (int, float)) or not examples > 0 or not np.isfinite(examples):
-            return [f"num-examples is {examples!r}, want a positive number"]
+        metric_issue = metric_problem(content.metric_records["metrics"])
+        if metric_issue:
+            return [metric_issue]
         if global_arrays is not None:
             norm = float(
                 np.sqrt(sum(float(((arrays[k] - global_arrays[k]) ** 2).sum()) for k in arrays))
@@ -85,32 +147,105 @@ class UpdateCheck:
                 return [f"update norm {norm:.3g} exceeds the bound {self.max_update_norm:.3g}"]
         return []
 
+    def _describe(self, name: str, array: Any) -> str | None:
+        """What is wrong with one array's declared dtype, shape and size (None if nothing)."""
+        shape = tuple(int(d) for d in array.shape)
+        if str(array.dtype) != "float32":
+            return f"{name}: dtype {array.dtype}, want float32"
+        if shape != self.shapes[name]:
+            return f"{name}: shape {shape}, want {self.shapes[name]}"
+        limit = 4 * math.prod(self.shapes[name]) + NPY_HEADER_SLACK
+        if len(array.data) > limit:
+            return f"{name}: {len(array.data)} bytes for a {shape} float32 array"
+        return None
+
+
+def metric_problem(metrics: MetricRecord) -> str | None:
+    """Why a reply's metrics are unusable: too many, not finite scalars, or no positive num-examples."""
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics (at most {MAX_METRICS})"
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric '{key[:40]}' is not a scalar"
+        if not math.isfinite(value):
+            return f"metric '{key[:40]}' is not finite"
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, (int, float)) or not examples > 0:
+        return f"num-examples is {examples!r}, want a positive number"
+    return None
+
 
 @dataclass
 class RoundLog:
-    """What happened in one round, as written to the run's history."""
+    """What happened in one round, as written to the run's history (all dicts keyed by node id)."""
 
     round: int
     started: float
+    sampled: list[int] = field(default_factory=list)
     sites: list[int] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
     bytes_received: dict[int, int] = field(default_factory=dict)
     bytes_sent: dict[int, int] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    declined: dict[int, str] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
+    evaluate_rejected: dict[int, str] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def label(self, node: int) -> str:
+        """The site's name when known, else ``node <id>``."""
+        return self.names.get(node) or f"node {node}"
+
+    def display(self, node: int) -> str:
+        """``name (node id)`` for logs."""
+        name = self.names.get(node)
+        return f"{name} (node {node})" if name else f"node {node}"
+
+    def outcomes_by_node(self) -> dict[int, str]:
+        """Each node's outcome: aggregated, or ``rejected|declined|failed|dropped|skipped: reason``."""
+        result = {n: "aggregated" for n in self.sites}
+        for kind, entries in (
+            ("rejected", self.rejected),
+            ("declined", self.declined),
+            ("failed", self.failed),
+            ("dropped", self.dropped),
+            ("skipped", self.skipped),
+        ):
+            for node, reason in entries.items():
+                result[node] = f"{kind}: {reason}"
+        return result
+
+    def outcomes(self) -> dict[str, str]:
+        """The same, keyed by site name (``node <id>`` for a site that never named itself)."""
+        return {self.label(n): outcome for n, outcome in self.outcomes_by_node().items()}
 
 
 class Accounting:
-    """Per-round bookkeeping shared by the strategy wrapper and the ServerApp."""
+    """Per-round bookkeeping shared by the strategy wrapper and the ServerApp.
+
+    ``names`` maps node ids to site names for the whole run (a restarted site has a new node id
+    and the same name); ``quarantine`` holds nodes that missed a deadline, with the SuperLink's
+    ``online_until`` for them at that moment: they are not sampled again until a heartbeat moves
+    it (a dead SuperNode never does), so a crashed site costs one round timeout, not one per round.
+    """
 
     def __init__(self) -> None:
         self.rounds: dict[int, RoundLog] = {}
         self.global_arrays: dict[str, np.ndarray] | None = None
+        self.names: dict[int, str] = {}
+        self.quarantine: dict[int, float] = {}
 
     def current(self, server_round: int) -> RoundLog:
         if server_round not in self.rounds:
             self.rounds[server_round] = RoundLog(round=server_round, started=time.time())
         return self.rounds[server_round]
+
+    def learn_name(self, node: int, reply: Message) -> None:
+        name = site_name(reply)
+        if name is not None:
+            self.names[node] = name
 
 
 def build_strategy(
@@ -134,11 +269,12 @@ def build_strategy(
         round_offset=round_offset,
         evaluate_every=run.eval_every,
         last_round=run.num_server_rounds,
+        min_available=run.min_sites,
     )
 
 
 class FedEmbedStrategy(Strategy):
-    """Flower strategy ``inner`` with update validation, byte accounting and sparse federated evaluation."""
+    """Flower strategy ``inner`` with update validation, per-site outcomes, and sparse evaluation."""
 
     def __init__(
         self,
@@ -149,6 +285,7 @@ class FedEmbedStrategy(Strategy):
         round_offset: int,
         evaluate_every: int,
         last_round: int,
+        min_available: int = 1,
     ) -> None:
         self.inner = inner
         self.check = check
@@ -156,7 +293,9 @@ class FedEmbedStrategy(Strategy):
         self.round_offset = round_offset
         self.evaluate_every = evaluate_every
         self.last_round = last_round
+        self.min_available = min_available
         self._sent: list[Message] = []
+        self._grid: Grid | None = None
 
     def summary(self) -> None:
         self.inner.summary()
@@ -166,9 +305,12 @@ class FedEmbedStrategy(Strategy):
     ) -> Iterable[Message]:
         self.accounting.global_arrays = arrays_from_record(arrays)
         config["round-offset"] = self.round_offset
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._sent = messages  # the Grid fills in their message ids when it pushes them
         entry = self.accounting.current(server_round + self.round_offset)
+        self._grid = grid
+        view = self._sampling_view(grid, entry)
+        messages = list(self.inner.configure_train(server_round, arrays, config, view))
+        self._sent = messages  # the Grid fills in their message ids when it pushes them
+        entry.sampled = [m.metadata.dst_node_id for m in messages]
         entry.bytes_sent = {m.metadata.dst_node_id: record_nbytes(arrays) for m in messages}
         return messages
 
@@ -178,23 +320,19 @@ class FedEmbedStrategy(Strategy):
         entry = self.accounting.current(server_round + self.round_offset)
         # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
         target = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-        accepted = []
+        accepted: list[Message] = []
+        answered: set[int] = set()
         for reply in replies:
             node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
+            self.accounting.learn_name(node, reply)
             if reply.has_error():
-                entry.failed[node] = str(reply.error.reason)
-                log.warning("round %d: site %d failed: %s", entry.round, node, reply.error.reason)
+                self._record_error(entry, node, reply)
                 continue
             entry.bytes_received[node] = _reply_bytes(reply)
             issues = self.check.problems(reply, self.accounting.global_arrays)
             if issues:
                 entry.rejected[node] = "; ".join(issues)
-                log.warning(
-                    "round %d: rejected update from site %d: %s",
-                    entry.round,
-                    node,
-                    entry.rejected[node],
-                )
                 continue
             accepted.append(reply)
             entry.sites.append(node)
@@ -203,10 +341,20 @@ class FedEmbedStrategy(Strategy):
                 for k, v in reply.content.metric_records["metrics"].items()
                 if isinstance(v, (int, float))
             }
+        for node in entry.sampled:
+            if node not in answered:
+                entry.dropped[node] = "no reply within the round timeout"
+        self._quarantine(entry)
+        entry.names = {
+            n: self.accounting.names[n]
+            for n in {*entry.sampled, *answered, *entry.skipped}
+            if n in self.accounting.names
+        }
+        self._log_outcomes(entry)
         if not accepted:
             log.warning("round %d: no valid update; the global head is unchanged", entry.round)
             return None, None
-        return self.inner.aggregate_train(server_round, accepted)
+        return self.inner.aggregate_train(server_round, _uniform_metrics(accepted))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -218,12 +366,150 @@ class FedEmbedStrategy(Strategy):
         if not due:
             return []
         config["round-offset"] = self.round_offset
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        view = self._sampling_view(grid, None)
+        return self.inner.configure_evaluate(server_round, arrays, config, view)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        """Aggregate the valid evaluate replies (finite scalar metrics, positive num-examples)."""
+        entry = self.accounting.current(server_round + self.round_offset)
+        valid = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                problem: str | None = f"site error: {_short(str(reply.error.reason))}"
+            elif (
+                set(reply.content.keys()) - {SITE_RECORD} != {"metrics"}
+                or "metrics" not in reply.content.metric_records
+            ):
+                problem = f"unexpected records {sorted(reply.content.keys())[:5]}"
+            else:
+                problem = metric_problem(reply.content.metric_records["metrics"])
+            if problem is None:
+                valid.append(reply)
+            else:
+                entry.evaluate_rejected[node] = problem
+                log.warning(
+                    "round %d: evaluate reply of %s ignored: %s",
+                    entry.round,
+                    entry.display(node),
+                    problem,
+                )
+        if not valid:
+            return None
+        return self.inner.aggregate_evaluate(server_round, _uniform_metrics(valid))
+
+    def _record_error(self, entry: RoundLog, node: int, reply: Message) -> None:
+        code, reason = int(reply.error.code), _short(str(reply.error.reason))
+        if code == DECLINED_ERROR_CODE:
+            entry.declined[node] = reason
+        elif code == NODE_UNAVAILABLE_CODE or reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+            entry.dropped[node] = f"node unavailable: {reason}"
+        else:
+            entry.failed[node] = reason
+
+    def _sampling_view(self, grid: Grid, entry: RoundLog | None) -> Grid:
+        """``grid`` without quarantined nodes, unless that would leave too few to sample."""
+        if not self.accounting.quarantine:
+            return grid
+        nodes = _nodes(grid)
+        if nodes is None:
+            return grid
+        online = {n.node_id: n for n in nodes}
+        for node, seen_until in list(self.accounting.quarantine.items()):
+            info = online.get(node)
+            if info is None or info.online_until > seen_until:  # gone, or a heartbeat came
+                del self.accounting.quarantine[node]
+        held = set(self.accounting.quarantine) & set(online)
+        if not held or len(online) - len(held) < self.min_available:
+            return grid
+        if entry is not None:
+            for node in held:
+                entry.skipped[node] = "missed the last deadline; no heartbeat since"
+        return _FilteredGrid(grid, excluded=held)
+
+    def _quarantine(self, entry: RoundLog) -> None:
+        if not entry.dropped or self._grid is None:
+            return
+        nodes = _nodes(self._grid)
+        if nodes is None:
+            return
+        for info in nodes:
+            if info.node_id in entry.dropped:
+                self.accounting.quarantine[info.node_id] = float(info.online_until)
+
+    def _log_outcomes(self, entry: RoundLog) -> None:
+        for node, outcome in entry.outcomes_by_node().items():
+            if outcome != "aggregated":
+                log.warning("round %d: site %s %s", entry.round, entry.display(node), outcome)
+
+
+class _FilteredGrid(Grid):
+    """A view of a Grid that hides some nodes from sampling; everything else is delegated."""
+
+    def __init__(self, grid: Grid, *, excluded: set[int]) -> None:
+        self.inner = grid
+        self.excluded = excluded
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self.inner.get_node_ids() if n not in self.excluded]
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [n for n in self.inner.get_nodes() if n.node_id not in self.excluded]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+def _nodes(grid: Grid) -> list[NodeInfo] | None:
+    """The SuperLink's node list with liveness (None where the grid cannot tell)."""
+    try:
+        nodes = list(grid.get_nodes())
+    except Exception as exc:  # a grid without node details: no quarantine, never a crash
+        log.debug("node details unavailable: %s", exc)
+        return None
+    return nodes if all(n.HasField("online_until") for n in nodes) else None
+
+
+def _uniform_metrics(replies: list[Message]) -> list[Message]:
+    """The replies with only the metrics every one of them has (Flower's strategies raise, killing
+    the ServerApp, when metric keys differ between replies) and without the site record."""
+    common = set.intersection(*(set(r.content.metric_records["metrics"]) for r in replies))
+    for reply in replies:
+        metrics = reply.content.metric_records["metrics"]
+        content = RecordDict(
+            {"metrics": MetricRecord({k: metrics[k] for k in metrics if k in common})}
+        )
+        for key, record in reply.content.array_records.items():
+            content[key] = record
+        reply.content = content
+    return replies
 
 
 def strategy_kwargs(run: RunSettings) -> dict[str, Any]:

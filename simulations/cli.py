@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from common.errors import FedEmbedError
@@ -68,9 +69,24 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--cache-dir",
-        default=".fedembed/cache",
-        help="embedding cache directory (default: %(default)s)",
+        default=None,
+        help="embedding cache directory (default: $FEDEMBED_HOME/cache, the sites' cache)",
     )
+    group.add_argument(
+        "--on-bad-row",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a manifest row that cannot be used (missing/empty/non-UTF-8 field, duplicate id, "
+        "missing or unreadable image, unknown label): stop with an error naming file, line and "
+        "field (raise), or leave it out and report it (skip) (default: %(default)s)",
+    )
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    """The cache the user named, else the one every site and command shares ($FEDEMBED_HOME/cache)."""
+    from common.config import resolve_path
+
+    return Path(args.cache_dir) if args.cache_dir else resolve_path("", "cache")
 
 
 def _data_spec(args: argparse.Namespace) -> Any:
@@ -86,6 +102,7 @@ def _data_spec(args: argparse.Namespace) -> Any:
         text_encoder=args.text_encoder,
         encoder_image_size=args.encoder_image_size,
         test_fraction=args.test_fraction,
+        on_bad_row=args.on_bad_row,
     )
 
 
@@ -103,12 +120,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from common.pipeline import embed_site
 
     embedded, report, _identities = embed_site(
-        _data_spec(args), cache_dir=args.cache_dir, progress=True
+        _data_spec(args), cache_dir=_cache_dir(args), progress=True
     )
     dims = ", ".join(f"{m} {d}-d" for m, d in embedded.dims.items())
-    print(f"{len(embedded)} examples embedded ({dims}); cache: {args.cache_dir}")
+    print(f"{len(embedded)} examples embedded ({dims}); cache: {_cache_dir(args)}")
     for modality, stats in report.stats.items():
         print(f"  {modality:8s} {stats.hits} from cache, {stats.misses} encoded now")
+    for line in report.summary():
+        print(line)
     return 0
 
 
@@ -125,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"unknown head preset '{args.head}'; choose from {sorted(HEAD_PRESETS)}"
         )
     spec = _data_spec(args)
-    site = prepare_site_data(spec, cache_dir=args.cache_dir, progress=True)
+    site = prepare_site_data(spec, cache_dir=_cache_dir(args), progress=True)
     config = TrainConfig(
         loss=args.loss,
         epochs=args.epochs,
@@ -169,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     spec = DataSpec.from_dict(config["data"])
     if args.data:
         spec.dataset = args.data
-    site = prepare_site_data(spec, cache_dir=args.cache_dir, progress=True)
+    site = prepare_site_data(spec, cache_dir=_cache_dir(args), progress=True)
     classifiers = args.classifiers.split(",") if args.classifiers else None
     report = evaluate_head(model, site.train, site.test, classifiers=classifiers)
     print(report.table())
@@ -244,7 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list: knn,tree,forest,gboost,logreg,logreg_scaled,mlp",
     )
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--cache-dir", default=".fedembed/cache", help="embedding cache directory")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="embedding cache directory (default: $FEDEMBED_HOME/cache)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     for register in _extra_commands():

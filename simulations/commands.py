@@ -31,26 +31,19 @@ def register_demo(sub: Any) -> None:
 
 
 def _parse_pairs(text: str | None) -> dict[str, Any]:
-    """``"key=value key2=value2"`` -> dict (ints, floats and true/false converted)."""
+    """``--run-config`` text -> dict, parsed exactly as ``flwr run --run-config`` parses it (TOML values)."""
+    from click import ClickException
+    from flwr.common.config import parse_config_args
+
     from common.errors import ConfigError
 
-    values: dict[str, Any] = {}
-    for item in (text or "").split():
-        if "=" not in item:
-            raise ConfigError(f"--run-config: expected key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        raw = raw.strip("'\"")
-        value: Any = raw
-        if raw.lower() in {"true", "false"}:
-            value = raw.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    continue
-        values[key] = value
+    try:
+        values = dict(parse_config_args([text] if text else None))
+    except (ClickException, ValueError) as exc:
+        message = exc.message if isinstance(exc, ClickException) else str(exc)
+        raise ConfigError(f"--run-config {text!r}: {message}") from None
+    if text and not values:
+        raise ConfigError(f"--run-config {text!r}: expected key=value pairs")
     return values
 
 
@@ -139,7 +132,9 @@ def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> Non
     p.add_argument("--text-encoder", default="minilm")
     p.add_argument("--encoder-image-size", type=int, default=128)
     p.add_argument(
-        "--run-config", default=None, help="extra run-config overrides: 'key=value key2=value2'"
+        "--run-config",
+        default=None,
+        help="extra run-config overrides, as flwr run takes them: 'rounds=5 strategy=\"fedprox\"'",
     )
     p.add_argument(
         "--out",
@@ -183,14 +178,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not path.exists():
         raise FedEmbedError(f"no audit log at {path} (a site's state-dir holds {AUDIT_FILE})")
     summary = verify_audit_log(path)
+    plain = summary.total_bytes - summary.secagg_bytes
     print(
-        f"{path}: {summary.entries} replies left this site in {len(summary.runs)} run(s), {summary.total_bytes:,} bytes of head weights"
+        f"{path}: {summary.entries} replies left this site in {len(summary.runs)} run(s): "
+        f"{plain:,} bytes of head weights and metrics"
+        + (
+            f", {summary.secagg_bytes:,} bytes in {summary.secagg_replies} SecAgg+ protocol replies"
+            if summary.secagg_replies
+            else ""
+        )
     )
+    spent = summary.epsilon_spent
     print(
-        f"declined rounds: {summary.declined}; epsilon spent: {summary.epsilon_spent if summary.epsilon_spent is not None else 'n/a (no sample-level DP)'}"
+        f"declined rounds: {summary.declined}; epsilon spent: "
+        f"{spent if spent is not None else 'n/a (no sample-level DP)'}"
     )
     if summary.ok:
-        print("verified: every reply carried only float32 head arrays and scalar metrics")
+        print(
+            "verified: every reply carried only float32 head arrays and scalar metrics"
+            + (
+                ", or SecAgg+ protocol payloads (masked head updates, public keys, key shares)"
+                if summary.secagg_replies
+                else ""
+            )
+        )
         return 0
     print(f"{len(summary.violations)} violation(s):")
     for violation in summary.violations:

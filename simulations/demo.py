@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_json, atomic_write_text
 from common.config import RunSettings
-from simulations.experiment import compare, ratios
+from simulations.experiment import compare, plot_comparison, ratios
 
 
 def run_demo(
@@ -39,7 +39,10 @@ def run_demo(
         out / "results.json",
         {"rows": comparison.rows, "seconds": comparison.seconds, "ratios": ratios(comparison)},
     )
-    atomic_write_text(out / "results.md", table + "\n")
+    figures = plot_comparison(comparison, out, prefix="demo")
+    atomic_write_text(
+        out / "results.md", table + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
+    )
     print()
     print(table)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in ratios(comparison).items())
@@ -47,4 +50,5 @@ def run_demo(
     print(
         f"held-out test set: the union of all hospitals' test splits. Results in {out}/ ({time.perf_counter() - started:.0f} s)"
     )
+    print("figures: " + ", ".join(str(p) for p in figures))
     return out

@@ -207,6 +207,23 @@ def descendants(pid: int) -> list[tuple[int, int]]:
     return found
 
 
+def descendants_running(pid: int, command: str) -> list[int]:
+    """PIDs of live descendants of ``pid`` whose command line mentions ``command``.
+
+    E.g. the ServerApp of a SuperLink (``flwr-serverapp``) or the ClientApp a SuperNode runs for
+    the current message (``flwr-clientapp``), to kill one of them by PID in a fault test.
+    """
+    found = []
+    for child, _ in descendants(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if any(command.encode() in part for part in argv[:2]):
+            found.append(child)
+    return found
+
+
 def session_members(session_ids: set[int]) -> list[tuple[int, int]]:
     """(pid, start time) of every live process in one of these sessions (found even if orphaned)."""
     return [(pid, stat[4]) for pid, stat in _live_processes() if stat[3] in session_ids]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import DataError
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -16,13 +18,15 @@ class ImageRef:
 
     ``key`` is a content hash used by the embedding cache; ``load()`` returns the pixels as a
     float32 array in [0, 1] of shape (H, W) (grayscale) or (H, W, 3) (RGB). ``source`` says where
-    the image came from (e.g. "site.csv row 7 (id 'p12')") and prefixes any error from ``load()``.
+    the image came from (e.g. "site.csv line 7 (id 'p12') field 'image'") and prefixes any error
+    from ``load()``; ``row`` is that manifest line.
     """
 
     key: str
     path: Path | None = None
     array: np.ndarray | None = field(default=None, repr=False, compare=False)
     source: str | None = field(default=None, compare=False)
+    row: int | None = field(default=None, compare=False)
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> ImageRef:
@@ -34,14 +38,19 @@ class ImageRef:
         return cls(key=digest.hexdigest(), array=contiguous)
 
     def load(self) -> np.ndarray:
-        """Return the pixels as float32 in [0, 1], (H, W) or (H, W, 3)."""
+        """Return the pixels as float32 in [0, 1], (H, W) or (H, W, 3).
+
+        A file is decoded from the same bytes whose hash must equal ``key``: a file changed or
+        truncated after the manifest was read raises DataError instead of being embedded under
+        the old key.
+        """
         if self.array is not None:
             return _to_unit_float(self.array)
         if self.path is None:
             raise ValueError("ImageRef has neither a path nor an array")
         from common.data.images import read_image  # local import: PIL/pydicom only when needed
 
-        return read_image(self.path, context=self.source)
+        return read_image(self.path, context=self.source, expected_key=self.key)
 
 
 def _to_unit_float(array: np.ndarray) -> np.ndarray:
@@ -51,8 +60,27 @@ def _to_unit_float(array: np.ndarray) -> np.ndarray:
 
 
 def text_key(text: str) -> str:
-    """Content hash of a text, as used by the embedding cache."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """Content hash of a text, as used by the embedding cache (DataError for invalid Unicode)."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"text {text[:40]!r} is not valid Unicode (U+{ord(text[exc.start]):04X} "
+            f"at character {exc.start + 1})"
+        ) from exc
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """An example left out because of ``reason``; ``row`` is its 1-based file line (None: unknown)."""
+
+    row: int | None
+    id: str | None
+    reason: str
+
+    def describe(self) -> str:
+        return self.reason if self.row is None else f"line {self.row}: {self.reason}"
 
 
 @dataclass
@@ -68,6 +96,7 @@ class SiteDataset:
         class_names: names of the classes ``labels`` indexes.
         prompts: one zero-shot text prompt per class (same order as ``class_names``).
         sites: the site each example came from (natural partition), or None.
+        skipped: rows of the source left out as unusable (skip-and-report mode), with reasons.
     """
 
     name: str
@@ -78,6 +107,7 @@ class SiteDataset:
     class_names: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     sites: list[str] | None = None
+    skipped: list[SkippedRow] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -119,4 +149,5 @@ class SiteDataset:
             class_names=list(self.class_names),
             prompts=list(self.prompts),
             sites=None if self.sites is None else [self.sites[i] for i in idx],
+            skipped=list(self.skipped),
         )

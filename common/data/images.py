@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +15,16 @@ import numpy as np
 
 from common.errors import DataError
 
+log = logging.getLogger(__name__)
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _DICOM_MAGIC_OFFSET = 128
 _HASH_CHUNK = 1 << 20
 
 
-def read_image(path: str | os.PathLike[str], *, context: str | None = None) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike[str], *, context: str | None = None, expected_key: str | None = None
+) -> np.ndarray:
     """Return the pixels of an image file as float32 in [0, 1], shape (H, W) or (H, W, 3).
 
     PNG/JPEG/other Pillow formats: 8-bit data is divided by 255 and 16-bit grayscale by 65535
@@ -28,16 +35,33 @@ def read_image(path: str | os.PathLike[str], *, context: str | None = None) -> n
     result is min-max scaled to [0, 1]. A multi-frame DICOM (a volume or cine) yields its middle
     frame (index ``frames // 2``).
 
-    Raises DataError naming ``path`` (prefixed by ``context``, e.g. the manifest row) when the
-    file is missing, unreadable, truncated or not an image.
+    The file is read once; with ``expected_key`` (its ``file_key`` when the manifest was read)
+    those bytes must hash to it, so a file replaced or cut short since then is an error, never
+    the embedding of other pixels under the old key. Raises DataError naming ``path`` (prefixed
+    by ``context``, e.g. the manifest line and field) when the file is missing, unreadable,
+    truncated, changed or not an image.
     """
     file = Path(path)
     if not file.is_file():
         reason = "is a directory, not an image file" if file.is_dir() else "image file not found"
         raise DataError(_message(context, f"{reason}: {file}"))
-    if is_dicom(file):
-        return _read_dicom(file, context)
-    return _read_pillow(file, context)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise DataError(
+            _message(context, f"cannot read image file {file}: {_first_line(exc)}")
+        ) from exc
+    if expected_key is not None and hashlib.sha256(data).hexdigest() != expected_key:
+        raise DataError(
+            _message(context, f"image file {file} changed since the manifest was read; reload it")
+        )
+    if file.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(data):
+        return _read_dicom(file, data, context)
+    return _read_pillow(file, data, context)
+
+
+def _has_dicom_preamble(data: bytes) -> bool:
+    return data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
 def is_dicom(path: str | os.PathLike[str]) -> bool:
@@ -76,11 +100,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _read_pillow(file: Path, context: str | None) -> np.ndarray:
+def _read_pillow(file: Path, data: bytes, context: str | None) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(file) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             return _pillow_to_unit(ImageOps.exif_transpose(opened))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -106,17 +130,21 @@ def _pillow_to_unit(image: Any) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def _read_dicom(file: Path, context: str | None) -> np.ndarray:
+def _read_dicom(file: Path, data: bytes, context: str | None) -> np.ndarray:
     import pydicom
 
-    try:
-        dataset = pydicom.dcmread(file)
-        pixels = _dicom_pixels(dataset)
-    # pydicom signals bad files and missing decoders with many exception types
-    except Exception as exc:
-        raise DataError(
-            _message(context, f"cannot decode DICOM {file}: {_first_line(exc)}")
-        ) from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(data))
+            pixels = _dicom_pixels(dataset)
+        # pydicom signals bad files and missing decoders with many exception types
+        except Exception as exc:
+            raise DataError(
+                _message(context, f"cannot decode DICOM {file}: {_first_line(exc)}")
+            ) from exc
+    for warning in caught:  # pydicom's own warnings would break the CLI's one-line errors
+        log.debug("%s: pydicom: %s", _message(context, str(file)), warning.message)
     return pixels
 
 

@@ -7,20 +7,21 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.data.dataset import ImageRef, SiteDataset
+from common.data.dataset import ImageRef, SiteDataset, SkippedRow
 from common.data.images import file_key
 from common.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("raise", "skip")
+__all__ = ["LoadReport", "SkippedRow", "load_manifest", "read_manifest", "verify_images"]
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 DEFAULT_COLUMNS = {"id": "id", "image": "image", "text": "text", "label": "label", "site": "site"}
 
@@ -28,15 +29,6 @@ DEFAULT_COLUMNS = {"id": "id", "image": "image", "text": "text", "label": "label
 def default_prompt(class_name: str) -> str:
     """The zero-shot prompt used for a class that was declared without one."""
     return f"a report describing {class_name.replace('_', ' ').strip()}"
-
-
-@dataclass(frozen=True)
-class SkippedRow:
-    """A row left out because of ``reason``; ``row`` is its 1-based line number (None: unknown)."""
-
-    row: int | None
-    id: str | None
-    reason: str
 
 
 @dataclass
@@ -57,7 +49,7 @@ class LoadReport:
 
 
 def _describe_skip(row: SkippedRow) -> str:
-    return row.reason if row.row is None else f"line {row.row}: {row.reason}"
+    return row.describe()
 
 
 def load_manifest(
@@ -122,9 +114,13 @@ def read_manifest(
 
     A column argument left as None means "use the standard column name if present"; a name
     given explicitly must exist. ``on_error="raise"`` raises DataError at the first bad row;
-    ``"skip"`` leaves bad rows out and lists them in the report. File-level problems (missing
-    file or column, non-UTF-8 bytes, broken CSV quoting, bad sidecar) always raise. Image files
-    must exist and are hashed (their ImageRef key) but not decoded: see ``verify_images``.
+    ``"skip"`` leaves bad rows out and lists them in the report (and in ``dataset.skipped``).
+    A bad row is one with a missing, empty or non-UTF-8 field, a missing or unreadable image
+    file, a duplicate id, an undeclared label, too few or too many CSV fields, or broken JSON.
+    File-level problems (missing file or column, a non-UTF-8 header, broken CSV quoting, bad
+    sidecar) always raise. Every message names the file, the 1-based line and the field. Image
+    files must exist and are hashed (their ImageRef key) but not decoded: see ``verify_images``
+    (``embed_dataset`` decodes every image it has not cached yet before embedding any).
     """
     _check_on_error(on_error)
     file = Path(path)
@@ -133,7 +129,7 @@ def read_manifest(
     if not raw_rows:
         raise DataError(f"{file}: no data rows" + _first_skip_hint(collector.skipped))
     columns = _resolve_columns(
-        file,
+        _header_where(file),
         found,
         {
             "id": id_column,
@@ -144,7 +140,7 @@ def read_manifest(
         },
     )
     examples = [ex for raw in raw_rows if (ex := _convert_row(file, raw, columns, collector))]
-    examples = _drop_duplicate_ids(examples, collector)
+    examples = _drop_duplicate_ids(examples, columns.get("id"), collector)
     class_names, class_prompts = _declared_classes(file, classes, prompts)
     if "label" in columns:
         if class_names is None:
@@ -154,13 +150,18 @@ def read_manifest(
     if not examples:
         raise DataError(f"{file}: no usable rows" + _first_skip_hint(collector.skipped))
     dataset = _build_dataset(file, name, examples, columns, class_names or [], class_prompts or [])
+    dataset.skipped = list(collector.skipped)
     return LoadReport(dataset=dataset, skipped=collector.skipped)
 
 
-def verify_images(dataset: SiteDataset, *, on_error: str = "raise") -> LoadReport:
-    """Decode every image once; raise at the first bad one, or skip bad examples.
+def verify_images(
+    dataset: SiteDataset, *, on_error: str = "raise", known_good: Container[str] = ()
+) -> LoadReport:
+    """Decode every image file once (except keys in ``known_good``); raise at the first bad one,
+    or skip. In-memory arrays cannot fail and are not touched.
 
-    Messages name the image path and, for manifest data, the manifest line and id.
+    Messages name the manifest file, line, id and field, and the image path. In skip mode the
+    returned dataset leaves the bad examples out and adds them to its ``skipped`` list.
     """
     _check_on_error(on_error)
     if dataset.images is None:
@@ -168,18 +169,29 @@ def verify_images(dataset: SiteDataset, *, on_error: str = "raise") -> LoadRepor
     keep: list[int] = []
     skipped: list[SkippedRow] = []
     for index, image in enumerate(dataset.images):
-        try:
-            image.load()
-        except DataError as exc:
-            if on_error == "raise":
-                raise
-            skipped.append(SkippedRow(row=None, id=dataset.ids[index], reason=str(exc)))
-            continue
+        if image.path is not None and image.key not in known_good:
+            try:
+                image.load()
+            except DataError as exc:
+                if on_error == "raise":
+                    raise
+                reason = _without_location(str(exc), image.row)
+                skipped.append(SkippedRow(row=image.row, id=dataset.ids[index], reason=reason))
+                continue
         keep.append(index)
     if not keep:
         raise DataError(f"{dataset.name}: no readable images" + _first_skip_hint(skipped))
-    kept = dataset if len(keep) == len(dataset) else dataset.subset(keep)
+    if not skipped:
+        return LoadReport(dataset=dataset)
+    kept = dataset.subset(keep)
+    kept.skipped = [*dataset.skipped, *skipped]
     return LoadReport(dataset=kept, skipped=skipped)
+
+
+def _without_location(message: str, row: int | None) -> str:
+    """``message`` after its "<manifest> line N " prefix (a SkippedRow names its line itself)."""
+    location = f" line {row} "
+    return message.split(location, 1)[1] if row is not None and location in message else message
 
 
 def _check_on_error(on_error: str) -> None:
@@ -245,17 +257,22 @@ def _parse(file: Path, collector: _Collector) -> tuple[list[str], list[_RawRow]]
 
 
 def _decode_utf8(file: Path) -> str:
-    data = file.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line_start = data.rfind(b"\n", 0, exc.start) + 1
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - line_start + 1
-        raise DataError(
-            f"{file} line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
-            "save the manifest as UTF-8"
-        ) from exc
+    """The file's text; bytes that are not UTF-8 become lone surrogates, rejected per field."""
+    return file.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+
+
+def _encoding_problem(value: str) -> str | None:
+    """Why ``value`` is not valid text (a non-UTF-8 byte or a lone surrogate), else None."""
+    for position, char in enumerate(value, start=1):
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:
+            return (
+                f"not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {position}); "
+                "save the manifest as UTF-8"
+            )
+        if 0xD800 <= code <= 0xDFFF:
+            return f"invalid Unicode (lone surrogate U+{code:04X} at character {position})"
+    return None
 
 
 def _parse_csv(file: Path, text: str, collector: _Collector) -> tuple[list[str], list[_RawRow]]:
@@ -271,7 +288,16 @@ def _parse_csv(file: Path, text: str, collector: _Collector) -> tuple[list[str],
         if extra:
             collector.problem(
                 line,
-                f"{len(record)} fields but the header has {len(header)} (unquoted comma in a text?)",
+                f"{len(record)} fields but the header has {len(header)}: extra value "
+                f"{extra[0][:30]!r} after field {header[-1]!r} (unquoted comma in a text?)",
+            )
+            continue
+        absent = [name for name in header[len(record) :] if name]
+        if absent:
+            collector.problem(
+                line,
+                f"{len(record)} fields but the header has {len(header)}: missing field "
+                f"{absent[0]!r} (row cut short?)",
             )
             continue
         values = {name: cell for name, cell in zip(header, record, strict=False) if name}
@@ -299,7 +325,10 @@ def _csv_records(file: Path, text: str) -> Iterator[tuple[int, list[str]]]:
 def _csv_header(file: Path, line: int, record: list[str]) -> list[str]:
     header = [cell.strip() for cell in record]
     seen: set[str] = set()
-    for name in header:
+    for position, name in enumerate(header, start=1):
+        problem = _encoding_problem(name)
+        if problem:
+            raise DataError(f"{file} line {line} (header): column {position} name is {problem}")
         if name and name in seen:
             raise DataError(f"{file} line {line}: duplicate column {name!r} in the header")
         seen.add(name)
@@ -320,6 +349,10 @@ def _parse_jsonl(text: str, collector: _Collector) -> tuple[list[str], list[_Raw
         if not isinstance(value, dict):
             collector.problem(line, f"expected a JSON object, got {type(value).__name__}")
             continue
+        bad_key = next((key for key in value if _encoding_problem(key)), None)
+        if bad_key is not None:
+            collector.problem(line, f"a field name is {_encoding_problem(bad_key)}")
+            continue
         found.update(dict.fromkeys(value))
         rows.append(_RawRow(line=line, values=value))
     return list(found), rows
@@ -328,8 +361,13 @@ def _parse_jsonl(text: str, collector: _Collector) -> tuple[list[str], list[_Raw
 # ----------------------------------------------------------------------------- columns and rows
 
 
+def _header_where(file: Path) -> str:
+    """Where a column is missing: the CSV header line, or (JSONL) every row of the file."""
+    return f"{file} line 1 (header)" if file.suffix.lower() == ".csv" else f"{file} (all rows)"
+
+
 def _resolve_columns(
-    file: Path, found: list[str], requested: dict[str, str | None]
+    where: str, found: list[str], requested: dict[str, str | None]
 ) -> dict[str, str]:
     """Map roles (id, image, text, label, site) to column names present in the file."""
     columns: dict[str, str] = {}
@@ -337,14 +375,14 @@ def _resolve_columns(
     for role, explicit in requested.items():
         if explicit is not None and explicit not in found:
             raise DataError(
-                f"{file}: no column {explicit!r} (the {role} column); columns found: {listing}"
+                f"{where}: no column {explicit!r} (the {role} column); columns found: {listing}"
             )
         column = explicit or DEFAULT_COLUMNS[role]
         if column in found:
             columns[role] = column
     if "image" not in columns and "text" not in columns:
         raise DataError(
-            f"{file}: needs an image column ({DEFAULT_COLUMNS['image']!r}) or a text column "
+            f"{where}: needs an image column ({DEFAULT_COLUMNS['image']!r}) or a text column "
             f"({DEFAULT_COLUMNS['text']!r}); columns found: {listing}"
         )
     return columns
@@ -384,8 +422,15 @@ def _cell_string(raw: _RawRow, column: str, *, what: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _RowProblem(f"field {column!r} must be {what}, got JSON {type(value).__name__}")
-    text = str(value).strip()
+    text = _checked(str(value), column).strip()
     return text or None
+
+
+def _checked(value: str, column: str) -> str:
+    problem = _encoding_problem(value)
+    if problem:
+        raise _RowProblem(f"field {column!r} is {problem}")
+    return value
 
 
 def _cell_id(raw: _RawRow, columns: dict[str, str]) -> str:
@@ -409,7 +454,7 @@ def _cell_text(raw: _RawRow, columns: dict[str, str]) -> str | None:
         raise _RowProblem(
             f"missing field {column!r}" if missing else f"empty text in field {column!r}"
         )
-    return value.strip()
+    return _checked(value, column).strip()
 
 
 def _cell_label(raw: _RawRow, columns: dict[str, str]) -> str | None:
@@ -448,13 +493,22 @@ def _cell_image(
         raise _RowProblem(f"{exc} (field {column!r})") from exc
 
 
-def _drop_duplicate_ids(examples: list[_Example], collector: _Collector) -> list[_Example]:
+def _image_source(file: Path, ex: _Example, column: str) -> str:
+    """How an image's errors name it: manifest, line, id and field."""
+    return f"{file} line {ex.line} (id {ex.id!r}) field {column!r}"
+
+
+def _drop_duplicate_ids(
+    examples: list[_Example], column: str | None, collector: _Collector
+) -> list[_Example]:
     first_line: dict[str, int] = {}
     kept: list[_Example] = []
     for ex in examples:
         if ex.id in first_line:
             collector.problem(
-                ex.line, f"duplicate id {ex.id!r} (first at line {first_line[ex.id]})", ex.id
+                ex.line,
+                f"duplicate id {ex.id!r} in field {column!r} (first at line {first_line[ex.id]})",
+                ex.id,
             )
             continue
         first_line[ex.id] = ex.line
@@ -562,7 +616,10 @@ def _build_dataset(
     if "image" in columns:
         images = [
             ImageRef(
-                key=str(ex.image_key), path=ex.image, source=f"{file} line {ex.line} (id {ex.id!r})"
+                key=str(ex.image_key),
+                path=ex.image,
+                source=_image_source(file, ex, columns["image"]),
+                row=ex.line,
             )
             for ex in examples
         ]

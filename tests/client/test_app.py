@@ -18,7 +18,6 @@ from client.site import load_site
 from client.training import build_site_model
 from common.artifacts import state_arrays
 from common.config import RunSettings, SiteSettings
-from common.errors import ConfigError
 from common.flower import arrays_from_record, record_from_arrays
 
 
@@ -95,8 +94,10 @@ def test_train_reply_holds_only_the_head_arrays_and_scalar_metrics(
     reply = app(_train_message(initial), context)
     assert not reply.has_error(), reply.error if reply.has_error() else None
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
-    assert not content.config_records
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    # beside the head and scalars, only the site's configured name (node ids change on restart)
+    site_name = SiteSettings.from_node_config(dict(context.node_config)).name
+    assert dict(content.config_records["site"]) == {"name": site_name}
     sent = arrays_from_record(content.array_records["arrays"])
     assert list(sent) == list(initial)  # exactly the head's state-dict keys, in order
     for name, value in sent.items():
@@ -111,6 +112,7 @@ def test_train_reply_holds_only_the_head_arrays_and_scalar_metrics(
     entries = [json.loads(line) for line in audit_path(tmp_path / "state").read_text().splitlines()]
     assert len(entries) == 1
     assert entries[0]["sha256"] == payload_digest(sent)
+    assert entries[0]["site"] == site_name  # the name that was sent is in the audit line
     assert entries[0]["total_bytes"] == total_sent
     summary = verify_audit_log(
         audit_path(tmp_path / "state"), allowed_arrays={k: v.shape for k, v in initial.items()}
@@ -146,5 +148,7 @@ def test_a_head_with_other_shapes_is_refused_by_the_site(
     wrong = dict(initial)
     name = next(iter(wrong))
     wrong[name] = np.zeros((3, 3), dtype=np.float32)
-    with pytest.raises(ConfigError, match=f"site-0: '{name}' has shape"):
-        app(_train_message(wrong), context)  # the Flower runtime turns this into an error reply
+    reply = app(_train_message(wrong), context)  # an error reply that names the site, no crash
+    assert reply.has_error()
+    assert reply.error.reason.startswith("[site site-0] ConfigError")
+    assert f"site-0: '{name}' has shape" in reply.error.reason

@@ -137,12 +137,13 @@ def test_missing_column_names_file_column_and_found_columns(site: Path) -> None:
     manifest = _csv(site, GOOD_ROWS)
     with pytest.raises(
         DataError,
-        match=r"site\.csv: no column 'report' \(the text column\); columns found: id, image, text, label",
+        match=r"site\.csv line 1 \(header\): no column 'report' \(the text column\); "
+        r"columns found: id, image, text, label",
     ):
         load_manifest(manifest, text_column="report")
     no_content = _csv(site, "p1,normal\n", header="id,label")
     with pytest.raises(
-        DataError, match=r"site\.csv: needs an image column .* columns found: id, label"
+        DataError, match=r"site\.csv line 1 \(header\): needs an image column .* found: id, label"
     ):
         load_manifest(no_content)
 
@@ -162,11 +163,12 @@ def test_missing_image_names_file_line_and_path(site: Path) -> None:
         load_manifest(manifest)
 
 
-def test_non_utf8_names_file_and_line(site: Path) -> None:
+def test_non_utf8_names_file_line_and_field(site: Path) -> None:
     manifest = site / "site.csv"
     manifest.write_bytes(b"id,text\np1,fine\np2,caf\xe9 au lait\n")
     with pytest.raises(
-        DataError, match=r"site\.csv line 3: not valid UTF-8 \(byte 0xe9 at column 7\)"
+        DataError,
+        match=r"site\.csv line 3: field 'text' is not valid UTF-8 \(byte 0xe9 at character 4\)",
     ):
         load_manifest(manifest)
 
@@ -206,7 +208,9 @@ def test_jsonl_wrong_types_and_missing_field(site: Path) -> None:
 
 def test_duplicate_ids(site: Path) -> None:
     manifest = _csv(site, GOOD_ROWS + "p2,images/a.png,Again.,normal\n")
-    with pytest.raises(DataError, match=r"site\.csv line 5: duplicate id 'p2' \(first at line 3\)"):
+    with pytest.raises(
+        DataError, match=r"site\.csv line 5: duplicate id 'p2' in field 'id' \(first at line 3\)"
+    ):
         load_manifest(manifest)
 
 
@@ -271,12 +275,13 @@ def test_corrupt_image_found_by_verify_images_and_on_load(site: Path) -> None:
     png.write_bytes(png.read_bytes()[:60])
     dataset = load_manifest(_csv(site, GOOD_ROWS))  # existence is checked, content is not
     with pytest.raises(
-        DataError, match=r"site\.csv line 2 \(id 'p1'\): cannot decode image .*a\.png"
+        DataError, match=r"site\.csv line 2 \(id 'p1'\) field 'image': cannot decode image .*a\.png"
     ):
         verify_images(dataset)
     report = verify_images(dataset, on_error="skip")
     assert report.dataset.ids == ["p2", "p3"]
-    assert report.skipped[0].id == "p1" and "line 2" in report.skipped[0].reason
+    assert report.skipped[0].id == "p1" and report.skipped[0].row == 2
+    assert report.dataset.skipped == report.skipped
     assert dataset.images is not None
     with pytest.raises(DataError, match=r"site\.csv line 2 \(id 'p1'\)"):
         dataset.images[0].load()

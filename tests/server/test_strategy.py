@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
+from client.identity import site_identity_mod
 from common.config import RunSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
-from server.strategy import Accounting, UpdateCheck, build_strategy, metrics_mean
+from server.strategy import (
+    DECLINED_ERROR_CODE,
+    SITE_RECORD,
+    Accounting,
+    UpdateCheck,
+    build_strategy,
+    metrics_mean,
+    site_name,
+)
 
 SHAPES = {"head.w": (4, 3), "head.b": (4,), "loss.logit_scale": ()}
 
@@ -145,3 +159,262 @@ def test_example_weighted_metric_mean() -> None:
         2: {"num-examples": 30.0, "eval-R@5": 0.6},
     }
     assert metrics_mean(site_metrics)["eval-R@5"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- per-site outcomes and names
+
+
+def _incoming(node: int, *, dst: int | None = None, message_type: str = "train") -> Message:
+    """A message the server sent to ``node`` (id ``m<node>``), as the Grid leaves it after pushing."""
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=0,
+        dst_node_id=node if dst is None else dst,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(metadata=metadata, content=RecordDict())  # type: ignore[call-overload]
+
+
+def _named(node: int, name: str, arrays: dict[str, np.ndarray], **metrics: float) -> Message:
+    content = RecordDict(
+        {
+            "arrays": record_from_arrays(arrays),
+            "metrics": metric_record({"num-examples": 10, **metrics}),
+            SITE_RECORD: ConfigRecord({"name": name}),
+        }
+    )
+    return Message(content=content, reply_to=_incoming(node))
+
+
+class _Nodes(Grid):
+    """The SuperLink's node list with liveness (``online_until``), all a strategy's sampling reads."""
+
+    def __init__(self, online_until: dict[int, float]) -> None:
+        self.online_until = online_until
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.online_until)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=n, online_until=t) for n, t in self.online_until.items()]
+
+    def _unused(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("not used by configure_train")
+
+    set_run = create_message = push_messages = pull_messages = send_and_receive = _unused
+    run = property(_unused)
+
+
+@pytest.fixture
+def serverapp_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's runtime sets the identity of a ServerApp process; configure_train's messages need it."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def _strategy(run: RunSettings | None = None) -> tuple[Any, Accounting]:
+    accounting = Accounting()
+    strategy = build_strategy(run or RunSettings(min_sites=2), check=CHECK, accounting=accounting)
+    return strategy, accounting
+
+
+def _configure(strategy: Any, server_round: int, grid: Grid) -> list[int]:
+    sent = list(
+        strategy.configure_train(server_round, record_from_arrays(_global()), ConfigRecord(), grid)
+    )
+    # The Grid gives pushed messages their ids; a unit test has to stand in for it.
+    strategy._sent = [_incoming(m.metadata.dst_node_id) for m in sent]
+    return [m.metadata.dst_node_id for m in sent]
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_every_site_gets_a_named_outcome() -> None:
+    strategy, accounting = _strategy()
+    grid = _Nodes({11: 100.0, 12: 100.0, 13: 100.0, 14: 100.0, 15: 100.0})
+    assert sorted(_configure(strategy, 1, grid)) == [11, 12, 13, 14, 15]
+    declined = Message(
+        Error(code=DECLINED_ERROR_CODE, reason="[site beta] site declined: privacy budget"),
+        reply_to=_incoming(12),
+    )
+    crashed = Message(Error(code=2, reason="[site gamma] ValueError: boom"), reply_to=_incoming(13))
+    dead = Message(  # Flower's own reply for a node that stopped heartbeating comes from node 1
+        Error(code=5, reason="Node Unavailable"), reply_to=_incoming(14, dst=1)
+    )
+    arrays, _ = strategy.aggregate_train(
+        1, [_named(11, "alpha", _filled(1.0)), declined, crashed, dead]
+    )
+    assert arrays is not None
+    entry = accounting.rounds[1]
+    assert entry.sites == [11]
+    assert entry.declined == {12: "site declined: privacy budget"}
+    assert entry.failed == {13: "ValueError: boom"}
+    assert entry.dropped[14].startswith("node unavailable") and entry.dropped[15].startswith(
+        "no reply"
+    )
+    assert entry.outcomes() == {
+        "alpha": "aggregated",
+        "beta": "declined: site declined: privacy budget",
+        "gamma": "failed: ValueError: boom",
+        "node 14": "dropped: node unavailable: Node Unavailable",
+        "node 15": "dropped: no reply within the round timeout",
+    }
+    # Names persist across rounds: a site that dropped later is still named.
+    _configure(strategy, 2, grid)
+    strategy.aggregate_train(2, [_named(12, "beta", _filled(1.0))])
+    assert accounting.rounds[2].outcomes()["alpha"] == "dropped: no reply within the round timeout"
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_a_dropped_node_is_not_sampled_until_it_heartbeats_again() -> None:
+    strategy, accounting = _strategy()
+    grid = _Nodes({1_001: 50.0, 1_002: 50.0, 1_003: 50.0})
+    _configure(strategy, 1, grid)
+    strategy.aggregate_train(
+        1, [_named(1_001, "a", _filled(1.0)), _named(1_002, "b", _filled(1.0))]
+    )
+    assert accounting.quarantine == {1_003: 50.0}
+    # Round 2: no heartbeat from 1003 since (online_until unchanged): it is skipped, not waited for.
+    assert sorted(_configure(strategy, 2, grid)) == [1_001, 1_002]
+    assert 1_003 in accounting.rounds[2].skipped
+    # A heartbeat moves online_until: the node is alive after all and is sampled again.
+    grid.online_until[1_003] = 80.0
+    assert sorted(_configure(strategy, 3, grid)) == [1_001, 1_002, 1_003]
+    assert not accounting.quarantine
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_quarantine_never_starves_sampling_below_min_sites() -> None:
+    strategy, accounting = _strategy(RunSettings(min_sites=3))
+    grid = _Nodes({1: 50.0, 2: 50.0, 3: 50.0})
+    _configure(strategy, 1, grid)
+    strategy.aggregate_train(1, [_named(1, "a", _filled(1.0)), _named(2, "b", _filled(1.0))])
+    assert accounting.quarantine == {3: 50.0}
+    assert sorted(_configure(strategy, 2, grid)) == [
+        1,
+        2,
+        3,
+    ]  # 2 left would block Flower's sampling
+
+
+def test_site_record_must_be_exactly_a_name() -> None:
+    good = _named(1, "site-0", _filled(1.0))
+    assert CHECK.problems(good, _global()) == [] and site_name(good) == "site-0"
+    for record in (
+        ConfigRecord({"name": "x" * 200}),
+        ConfigRecord({"name": "a b"}),
+        ConfigRecord({"name": "ok", "note": "patient 123"}),
+    ):
+        content = RecordDict(
+            {
+                "arrays": record_from_arrays(_filled(1.0)),
+                "metrics": metric_record({"num-examples": 5}),
+                SITE_RECORD: record,
+            }
+        )
+        reply = _reply(1, {}, extra=content)
+        assert CHECK.problems(reply, _global()) and site_name(reply) is None
+
+
+def test_oversized_payload_is_rejected_before_it_is_decoded() -> None:
+    reply = _reply(1, _filled(1.0))
+    array = reply.content.array_records["arrays"]["head.w"]
+    array.data = array.data + b"\0" * 10_000_000  # declared (4, 3) float32, 10 MB of bytes
+    problems = CHECK.problems(reply, _global())
+    assert problems == [f"head.w: {len(array.data)} bytes for a (4, 3) float32 array"]
+
+
+def test_garbage_bytes_are_rejected_not_raised() -> None:
+    reply = _reply(1, _filled(1.0))
+    reply.content.array_records["arrays"]["head.b"].data = b"not an npy file"
+    assert "undecodable" in " ".join(CHECK.problems(reply, _global()))
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ({f"m{i}": 1.0 for i in range(80)}, "metrics (at most"),
+        ({"train-loss": [1.0, 2.0]}, "not a scalar"),
+        ({"train-loss": float("nan")}, "not finite"),
+    ],
+)
+def test_unusable_metrics_are_rejected(metrics: dict[str, Any], expected: str) -> None:
+    content = RecordDict(
+        {
+            "arrays": record_from_arrays(_filled(1.0)),
+            "metrics": MetricRecord({"num-examples": 5, **metrics}),
+        }
+    )
+    assert expected in " ".join(CHECK.problems(_reply(1, {}, extra=content), _global()))
+
+
+def test_different_metric_keys_do_not_crash_flowers_aggregation() -> None:
+    """Flower's FedAvg raises InconsistentMessageReplies (killing the ServerApp) when replies carry
+    different metric keys; the wrapper passes only the keys every valid reply has."""
+    strategy, accounting = _strategy()
+    replies = [
+        _named(1, "a", _filled(1.0), **{"train-loss": 1.0}),
+        _named(2, "b", _filled(3.0), **{"train-loss": 2.0, "surprise": 7.0}),
+    ]
+    accounting.global_arrays = _global()
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    np.testing.assert_allclose(arrays_from_record(arrays)["head.w"], 2.0)
+    assert set(metrics) == {"train-loss"}
+    assert accounting.rounds[1].site_metrics[2]["surprise"] == 7.0  # still recorded per site
+
+
+def test_invalid_evaluate_replies_are_ignored_and_recorded() -> None:
+    strategy, accounting = _strategy(RunSettings(min_sites=2, num_server_rounds=1))
+
+    def evaluate_reply(node: int, metrics: dict[str, Any]) -> Message:
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=_incoming(node, message_type="evaluate"))
+
+    replies = [
+        evaluate_reply(1, {"num-examples": 10, "recall": 0.5}),
+        evaluate_reply(2, {"num-examples": 30, "recall": 0.7, "extra": 1.0}),
+        evaluate_reply(3, {"num-examples": 0, "recall": 0.9}),
+    ]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None and metrics["recall"] == pytest.approx(0.65)
+    assert set(accounting.rounds[1].evaluate_rejected) == {3}
+
+
+def test_declined_code_matches_the_client() -> None:
+    from client.app import DECLINED_ERROR_CODE as CLIENT_CODE
+
+    assert DECLINED_ERROR_CODE == CLIENT_CODE
+
+
+def test_identity_mod_names_replies_and_errors() -> None:
+    context = Context(
+        run_id=1, node_id=5, node_config={"site-name": "st-mary"}, state=RecordDict(), run_config={}
+    )
+    request = _incoming(5)
+
+    def ok(msg: Message, ctx: Context) -> Message:
+        content = RecordDict(
+            {
+                "arrays": record_from_arrays(_filled(1.0)),
+                "metrics": metric_record({"num-examples": 3}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    def declines(msg: Message, ctx: Context) -> Message:
+        return Message(Error(code=DECLINED_ERROR_CODE, reason="budget"), reply_to=msg)
+
+    def raises(msg: Message, ctx: Context) -> Message:
+        raise ValueError("disk full")
+
+    named = site_identity_mod(request, context, ok)
+    assert site_name(named) == "st-mary" and CHECK.problems(named, _global()) == []
+    declined = site_identity_mod(request, context, declines)
+    assert declined.error.code == DECLINED_ERROR_CODE and site_name(declined) == "st-mary"
+    crashed = site_identity_mod(request, context, raises)
+    assert site_name(crashed) == "st-mary" and "disk full" in str(crashed.error.reason)

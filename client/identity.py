@@ -1,0 +1,40 @@
+"""A ClientApp mod that names the site in its train replies, so the server's history can say which site did what."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from common.config import SiteSettings
+
+log = logging.getLogger(__name__)
+
+SITE_RECORD = "site"  # server/strategy.py accepts exactly {"name": <site name>} under this key
+# flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION: what Flower sends for an exception
+CLIENT_APP_RAISED_EXCEPTION = 2
+
+
+def site_identity_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Add ``site = {"name": <site name>}`` to a train reply, or ``[site NAME]`` before an error's reason.
+
+    Node ids change whenever a SuperNode restarts; the site name (node-config ``site-name``) does
+    not. An exception in the handler becomes the same error reply Flower would send, named.
+    Nothing else is added: the name is the only thing this sends beside the head and metrics.
+    """
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    name = SiteSettings.from_node_config(dict(context.node_config)).name
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:  # what Flower would send, with the site's name in front
+        log.exception("site %s: the train handler raised", name)
+        reason = f"[site {name}] {type(exc).__name__}: {exc}"
+        return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+    if reply.has_error():
+        reason = f"[site {name}] {reply.error.reason}"
+        return Message(Error(code=reply.error.code, reason=reason), reply_to=msg)
+    if "arrays" in reply.content.array_records:
+        reply.content[SITE_RECORD] = ConfigRecord({"name": name})
+    return reply

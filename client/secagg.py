@@ -1,0 +1,231 @@
+"""The site's side of secure aggregation: Flower's ``secaggplus_mod`` around the site's usual local round.
+
+Under ``secure-aggregation`` the server runs Flower's legacy SecAgg+ workflow (server/secagg.py), which
+sends four "train" messages per round in Flower's legacy FitIns/FitRes layout, each with a
+``secaggplus_configs`` record naming the protocol stage. ``secaggplus_mod`` answers the key-exchange
+stages itself; in the "collect masked vectors" stage it calls the handler below, which runs the same
+local round as a normal run (client/training.py, via the site worker). The site's head update
+(trained head minus the head it received) is then quantized and masked, so only the masked update
+leaves the site; the server adds the mean update to the global head. Updates, not heads, are masked
+because SecAgg+ quantizes values in [-secagg-clipping-range, secagg-clipping-range]: updates are
+small and bounded, while a head can hold large values (InfoNCE's logit scale). Under client-level
+DP, Flower's legacy ``fixedclipping_mod`` clips the update before it is masked (as in Flower's
+``fl-dp-sa`` example).
+
+The head travels as a list in the server's key order (``head-keys`` in the fit config), with 0-d
+parameters as shape (1,) so that clipping and masking cover them (see common/dp_clipping.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Error, Message
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+
+from client.clipping import requested_clipping_norm
+from common.config import RunSettings, SiteSettings
+from common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+HEAD_KEYS = "head-keys"  # fit config: JSON list of the head's parameter names, in sending order
+HEAD_SHAPES = "head-shapes"  # fit config: JSON {name: shape} (0-d parameters travel as shape (1,))
+
+# incoming head arrays + the round's config -> the local round's result (client/training.py execute)
+LocalRound = Callable[[dict[str, np.ndarray], dict[str, Any]], dict[str, Any]]
+
+
+class SiteDeclined(Exception):
+    """The site declined the round (its sample-level privacy budget); it drops out of SecAgg+."""
+
+    def __init__(self, reason: str, privacy: Mapping[str, Any]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.privacy = dict(privacy)
+
+
+def is_secagg_message(msg: Message) -> bool:
+    """Whether ``msg`` is a stage of Flower's SecAgg+ protocol (not a Message-API train message)."""
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def secagg_train(
+    msg: Message,
+    context: Context,
+    *,
+    site: SiteSettings,
+    local_round: LocalRound,
+    declined_code: int,
+) -> Message:
+    """Answer one SecAgg+ stage; log exactly what the reply carries in the site's audit log."""
+    from client.audit import record_egress
+
+    run = RunSettings.from_run_config(dict(context.run_config))
+    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
+    server_round = int(msg.metadata.group_id or 0)
+    clip_norm = requested_clipping_norm(msg)
+    outcome: dict[str, Any] = {}
+
+    def fit(message: Message, ctx: Context) -> Message:
+        outcome.update(_fit(message, run=run, site=site, local_round=local_round))
+        return outcome.pop("reply")
+
+    def update(message: Message, ctx: Context) -> Message:
+        reply = fixedclipping_mod(message, ctx, fit) if clip_norm is not None else fit(message, ctx)
+        return _as_update(reply, message, run=run, site=site)
+
+    try:
+        reply = secaggplus_mod(msg, context, update)
+    except SiteDeclined as declined:
+        record_egress(
+            site.state_path,
+            run_id=context.run_id,
+            server_round=server_round,
+            message_type="train",
+            site=site.name,
+            arrays={},
+            metrics={},
+            declined=True,
+            privacy=declined.privacy,
+        )
+        return Message(
+            Error(code=declined_code, reason=f"site declined: {declined.reason}"), reply_to=msg
+        )
+    fields, metrics, arrays = _reply_payload(reply)
+    privacy = dict(outcome.get("privacy") or {})
+    if clip_norm is not None:
+        privacy["client-dp-clipping-norm"] = clip_norm
+    record_egress(
+        site.state_path,
+        run_id=context.run_id,
+        server_round=server_round,
+        message_type="train",
+        site=site.name,
+        arrays=arrays,
+        metrics=metrics,
+        privacy=privacy,
+        protocol=(stage, fields),
+    )
+    return reply
+
+
+def _fit(
+    message: Message, *, run: RunSettings, site: SiteSettings, local_round: LocalRound
+) -> dict[str, Any]:
+    """NumPyClient-style fit: the site's normal local round on the head the server sent."""
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    config = dict(fitins.config)
+    names: list[str] = json.loads(str(config[HEAD_KEYS]))
+    shapes: dict[str, list[int]] = json.loads(str(config[HEAD_SHAPES]))
+    received = parameters_to_ndarrays(fitins.parameters)
+    if len(received) != len(names):
+        raise ConfigError(
+            f"site {site.name}: the server sent {len(received)} arrays for {len(names)} head keys"
+        )
+    incoming = {n: a.reshape(shapes[n]) for n, a in zip(names, received, strict=True)}
+    round_config = {
+        "server-round": int(config["server-round"]),
+        "round-offset": 0,
+        "proximal-mu": float(config.get("proximal-mu", 0.0)),
+    }
+    result = local_round(incoming, round_config)
+    if result.get("declined"):
+        raise SiteDeclined(str(result.get("reason", "")), result.get("privacy") or {})
+    trained: dict[str, np.ndarray] = result["arrays"]
+    if list(trained) != names:
+        raise ConfigError(f"site {site.name}: the trained head's keys differ from the server's")
+    metrics = dict(result["metrics"])
+    examples = int(metrics.get("num-examples", 0))
+    # SecAgg+ weighs each masked head by num_examples / max_weight; under client-level DP the noise
+    # is calibrated to the plain mean, so every site weighs 1 (server/secagg.py sets max_weight 1).
+    weight = 1 if run.client_dp != "off" else max(1, min(examples, int(run.secagg_max_weight)))
+    if run.client_dp == "off" and examples > run.secagg_max_weight:
+        log.warning(
+            "site %s: %d training examples exceed secagg-max-weight %g; weighing it %d",
+            site.name,
+            examples,
+            run.secagg_max_weight,
+            weight,
+        )
+    # Sent as received: 0-d parameters as shape (1,). Flower 1.41 neither clips (fixedclipping_mod)
+    # nor un-offsets/rescales (SecAggPlusWorkflow.unmask_stage) a 0-d array: both scale in place,
+    # which a numpy scalar ignores.
+    parameters = [np.asarray(trained[n], dtype=np.float32).reshape(shapes[n] or [1]) for n in names]
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(parameters),
+        num_examples=weight,
+        metrics=metrics,
+    )
+    return {
+        "reply": Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message),
+        "privacy": result.get("privacy") or {},
+    }
+
+
+def _as_update(
+    reply: Message, received: Message, *, run: RunSettings, site: SiteSettings
+) -> Message:
+    """The reply with the trained (and clipped) head replaced by its update over the received head.
+
+    SecAgg+ clips values to [-clipping-range, clipping-range] before quantizing them: an update
+    that would be silently altered is refused (the site then drops out of the round).
+    """
+    if reply.has_error():
+        return reply
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    start = parameters_to_ndarrays(
+        compat.recorddict_to_fitins(received.content, keep_input=True).parameters
+    )
+    trained = parameters_to_ndarrays(fitres.parameters)
+    if [t.shape for t in trained] != [s.shape for s in start]:
+        raise ConfigError(
+            f"site {site.name}: the trained head's shapes differ from the received head's"
+        )
+    update = [(t - s).astype(np.float32) for t, s in zip(trained, start, strict=True)]
+    bound = run.secagg_clipping_range
+    for index, array in enumerate(update):
+        peak = float(np.abs(array).max()) if array.size else 0.0
+        if not peak <= bound:
+            raise ConfigError(
+                f"site {site.name}: the update of head array {index} reaches {peak:.4g}, outside "
+                f"secagg-clipping-range {bound:g}; raise secagg-clipping-range in the run-config"
+            )
+    fitres.parameters = ndarrays_to_parameters(update)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=received)
+
+
+def _reply_payload(
+    reply: Message,
+) -> tuple[dict[str, Any], dict[str, float | int], dict[str, np.ndarray]]:
+    """Everything the reply carries: protocol fields, scalar metrics, and any (unmasked) arrays."""
+    content = reply.content
+    fields: dict[str, Any] = {}
+    metrics: dict[str, float | int] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name, config in content.config_records.items():
+        if name == RECORD_KEY_CONFIGS:
+            fields.update(dict(config))
+        elif name == "fitres.status":
+            fields.update({f"status.{k}": v for k, v in config.items()})
+        elif name == "fitres.metrics":
+            metrics.update({k: v for k, v in config.items() if isinstance(v, int | float)})
+            fields.update({f"metric:{k}": v for k, v in config.items() if k not in metrics})
+        else:
+            fields[f"record:{name}"] = str(dict(config))
+    for name, record in content.metric_records.items():
+        if name == "fitres.num_examples":  # the site's SecAgg+ weight, sent in the clear
+            metrics.update({k: v for k, v in record.items() if isinstance(v, int | float)})
+        else:
+            fields[f"record:{name}"] = str(dict(record))
+    for name, array_record in content.array_records.items():
+        arrays.update({f"{name}/{k}": a.numpy() for k, a in array_record.items()})
+    return fields, metrics, arrays

@@ -1,0 +1,76 @@
+"""A Grid wrapper that collects site replies as soon as they arrive instead of on Flower's fixed 3 s cadence."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+DEFAULT_POLL_INTERVAL = 0.2
+
+
+class PromptGrid(Grid):
+    """Delegates everything to Flower's grid, but polls for replies every ``poll_interval`` seconds.
+
+    Flower 1.41's deployment grid sleeps a fixed 3 s between pulls, so every message exchange lasts
+    a multiple of 3 s however fast the sites answer. This wrapper uses only the Grid's public
+    ``push_messages`` / ``pull_messages``: the semantics of ``send_and_receive`` (replies that are not
+    in by ``timeout`` are simply missing) are unchanged.
+    """
+
+    def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be > 0")
+        self.inner = grid
+        self.poll_interval = poll_interval
+        self.pulls = 0
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push ``messages``; return the replies received before ``timeout`` seconds (all, if None)."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            received = list(self.pull_messages(pending))
+            replies.extend(received)
+            pending.difference_update(m.metadata.reply_to_message_id for m in received)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval)
+        return replies

@@ -1,0 +1,410 @@
+"""Secure aggregation run mode (SecAgg+): Flower's legacy SecAgg+ workflow, so the server learns only the sum.
+
+With ``secure-aggregation = true`` the ServerApp hands over to Flower's ``DefaultWorkflow`` with a
+``SecAggPlusWorkflow`` fit step (Flower 1.41 offers SecAgg+ only in its legacy ServerApp API). Each
+round is four message exchanges with the sampled sites: public keys, encrypted key shares, the sites'
+masked head updates (quantized to integers and masked with pairwise and private masks), and the
+shares the server needs to remove the masks of the sum. The server sees no individual update, only
+the example-weighted mean, which it adds to the global head (= FedAvg); only head arrays are ever
+masked and sent (client/secagg.py).
+
+Each round trains exactly ``min-sites`` sites (drawn at random among the connected ones), so the
+protocol's number of shares and reconstruction threshold are fixed by the run-config. With
+``client-dp = client-side`` sites clip their update before masking (Flower's legacy
+``fixedclipping_mod``), every site weighs 1, and the server adds Gaussian noise to the unmasked mean
+and accounts with Flower's RDP accountant (server/privacy.py): a round where fewer than ``min-sites``
+sites' heads were summed releases nothing (the noise is calibrated to exactly ``min-sites``).
+
+Limits: the server that removes the masks sees the exact (clipped) sum before it adds the noise, as in
+Flower's ``fl-dp-sa`` example; site metrics and weights travel in the clear as in normal runs; and
+Flower 1.41 derives masks from 32-bit seeds (``numpy.random.RandomState``), far below cryptographic
+strength. Resuming a run is not supported in this mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.common import (
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ClientManager, LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.serverapp import GaussianPrivacyEvent, Grid
+from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
+
+from common.config import RunSettings
+from common.flower import record_nbytes
+from server.checkpoints import RunStore
+from server.grid import PromptGrid
+from server.privacy import ClientDp, client_dp
+from server.strategy import metrics_mean
+
+log = logging.getLogger(__name__)
+
+HEAD_KEYS = "head-keys"  # must match client/secagg.py
+HEAD_SHAPES = "head-shapes"
+MODULUS_RANGE = 2**32  # Flower's default mask modulus
+
+
+def secagg_protocol(run: RunSettings) -> dict[str, Any]:
+    """The SecAgg+ parameters of ``run`` (as recorded in run.json and the history)."""
+    return {
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow)",
+        "sites_per_round": run.min_sites,
+        "num_shares": run.secagg_shares,
+        "reconstruction_threshold": run.secagg_threshold,
+        "clipping_range": run.secagg_clipping_range,
+        "quantization_range": run.secagg_quantization_range,
+        "modulus_range": MODULUS_RANGE,
+        "max_weight": 1.0 if run.client_dp != "off" else run.secagg_max_weight,
+    }
+
+
+def secagg_workflow(run: RunSettings) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow for exactly ``min-sites`` sites per round.
+
+    Shares: ``1.0`` (Flower: every sampled site) when they equal the sites per round, else the
+    (odd) number. The threshold is passed as a fraction of the shares, which Flower turns back into
+    the same integer without its "threshold < shares" rule for integer pairs.
+    """
+    protocol = secagg_protocol(run)
+    shares = run.secagg_shares
+    return SecAggPlusWorkflow(
+        num_shares=1.0 if shares == run.min_sites else shares,
+        reconstruction_threshold=run.secagg_threshold / shares,
+        max_weight=protocol["max_weight"],
+        clipping_range=run.secagg_clipping_range,
+        quantization_range=run.secagg_quantization_range,
+        modulus_range=MODULUS_RANGE,
+        timeout=run.round_timeout,
+    )
+
+
+@dataclass
+class RoundTraffic:
+    """What one SecAgg+ round exchanged, per site (bytes of every stage; stage errors)."""
+
+    started: float = field(default_factory=time.time)
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    bytes_received: dict[int, int] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class ProtocolGrid(PromptGrid):
+    """``PromptGrid`` that also counts each round's protocol bytes per site and records site errors."""
+
+    def __init__(self, grid: Grid, *, poll_interval: float) -> None:
+        super().__init__(grid, poll_interval=poll_interval)
+        self.traffic: dict[int, RoundTraffic] = {}
+
+    def round_traffic(self, server_round: int) -> RoundTraffic:
+        return self.traffic.setdefault(server_round, RoundTraffic())
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        stages: dict[int, str] = {}
+        for message in messages:
+            node = message.metadata.dst_node_id
+            traffic = self.round_traffic(int(message.metadata.group_id or 0))
+            traffic.bytes_sent[node] = traffic.bytes_sent.get(node, 0) + content_nbytes(
+                message.content
+            )
+            configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+            stages[node] = str(configs.get(Key.STAGE, "")) if configs is not None else ""
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
+        target = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
+            node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            traffic = self.round_traffic(int(reply.metadata.group_id or 0))
+            if reply.has_error():
+                traffic.failed[node] = f"{stages.get(node, '?')}: {reply.error.reason}"
+            else:
+                traffic.bytes_received[node] = traffic.bytes_received.get(node, 0) + content_nbytes(
+                    reply.content
+                )
+        return replies
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message: arrays (npy bytes), bytes/str values, 8 per number."""
+    total = sum(record_nbytes(record) for record in content.array_records.values())
+    for config in content.config_records.values():
+        total += sum(_value_nbytes(value) for value in config.values())
+    for metrics in content.metric_records.values():
+        total += sum(_value_nbytes(value) for value in metrics.values())
+    return total
+
+
+def _value_nbytes(value: Any) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):
+        return sum(_value_nbytes(item) for item in value)
+    return 8
+
+
+class HeadCodec:
+    """The head as SecAgg+ carries it: a list in key order, 0-d parameters as shape (1,)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.shapes = {name: tuple(np.shape(a)) for name, a in arrays.items()}
+
+    def encode(self, arrays: Mapping[str, np.ndarray]) -> Parameters:
+        return ndarrays_to_parameters(
+            [
+                np.asarray(arrays[n], dtype=np.float32).reshape(s or (1,))
+                for n, s in self.shapes.items()
+            ]
+        )
+
+    def decode(self, ndarrays: NDArrays) -> dict[str, np.ndarray]:
+        if len(ndarrays) != len(self.shapes):
+            raise ValueError(f"{len(ndarrays)} aggregated arrays for {len(self.shapes)} head keys")
+        return {
+            name: np.asarray(a, dtype=np.float32).reshape(shape)
+            for (name, shape), a in zip(self.shapes.items(), ndarrays, strict=True)
+        }
+
+    def fit_config(self) -> dict[str, Scalar]:
+        return {
+            HEAD_KEYS: json.dumps(list(self.shapes)),
+            HEAD_SHAPES: json.dumps({n: list(s) for n, s in self.shapes.items()}),
+        }
+
+
+class SecAggFedAvg(FedAvg):
+    """Flower's legacy FedAvg sampling exactly ``min-sites`` sites, with the round's fit config,
+    recording each round's summed sites and metrics for the history. Sites send their update, so
+    the aggregate (their weighted mean update) is added to the round's global head."""
+
+    def __init__(self, run: RunSettings, codec: HeadCodec, **kwargs: Any) -> None:
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=run.min_sites,
+            min_evaluate_clients=run.min_sites,
+            min_available_clients=run.min_sites,
+            on_fit_config_fn=self._fit_config,
+            **kwargs,
+        )
+        self.codec = codec
+        self.proximal_mu = run.proximal_mu if run.strategy == "fedprox" else 0.0
+        self.summed: dict[int, dict[int, dict[str, float]]] = {}
+        self.current: NDArrays = []
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self.current = parameters_to_ndarrays(parameters)
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        return self.min_fit_clients, self.min_available_clients
+
+    def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        config: dict[str, Scalar] = {"server-round": server_round, **self.codec.fit_config()}
+        if self.proximal_mu > 0:
+            config["proximal-mu"] = self.proximal_mu
+        return config
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.summed[server_round] = {
+            proxy.node_id: {
+                **{k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float)},
+                "secagg-weight": float(res.num_examples),
+            }
+            for proxy, res in results
+        }
+        mean_update, metrics = super().aggregate_fit(server_round, results, failures)
+        if mean_update is None:
+            return None, metrics
+        head = [
+            (g + u).astype(np.float32)
+            for g, u in zip(self.current, parameters_to_ndarrays(mean_update), strict=True)
+        ]
+        return ndarrays_to_parameters(head), metrics
+
+
+class StrictClientSideDp(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's legacy client-side fixed-clipping wrapper (it asks sites to clip), releasing a noisy
+    mean only when exactly ``min-sites`` sites were summed, and charging each release to ``dp``."""
+
+    def __init__(self, strategy: SecAggFedAvg, dp: ClientDp) -> None:
+        super().__init__(strategy, dp.noise_multiplier, dp.clipping_norm, dp.sites_per_round)
+        self.dp = dp
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        aggregated, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        if aggregated is None or len(results) != self.num_sampled_clients:
+            log.warning(
+                "round %d: %d of %d sites summed; nothing released (no privacy spent)",
+                server_round,
+                len(results),
+                self.num_sampled_clients,
+            )
+            return None, {}
+        np.random.seed(np.frombuffer(os.urandom(32), dtype=np.uint32))  # Flower's noise: global RNG
+        noisy = add_gaussian_noise_to_params(
+            aggregated, self.noise_multiplier, self.clipping_norm, self.num_sampled_clients
+        )
+        self.dp.accountant.compose(
+            GaussianPrivacyEvent(
+                noise_multiplier=self.noise_multiplier,
+                sample_size=self.num_sampled_clients,
+                population_size=self.num_sampled_clients,
+            )
+        )
+        return noisy, metrics
+
+
+def run_secure_federation(
+    grid: Grid, context: Context, run: RunSettings, *, data_spec: Mapping[str, Any]
+) -> Path:
+    """Train the global head with SecAgg+ for ``run.num_server_rounds`` rounds; return the run dir."""
+    from common.artifacts import load_state_arrays, save_head, state_arrays
+    from server.model import ServerEvaluator, initial_model
+
+    store = RunStore(run.run_path)
+    model, task = initial_model(run)
+    arrays = state_arrays(model)
+    codec = HeadCodec(arrays)
+    protocol = secagg_protocol(run)
+    meta = {"model": model.describe(), "run": run.to_dict(), "task": task, "data": dict(data_spec)}
+    archived = store.archive_previous()
+    if archived is not None:
+        print(f"[fedembed] an earlier run in {store.root} was moved to {archived}", flush=True)
+    store.save_checkpoint(0, arrays, meta)
+    store.write_run_info(
+        {
+            "flower_run_id": context.run_id,
+            "started_round": 0,
+            "secure_aggregation": protocol,
+            **meta,
+        }
+    )
+    evaluator = ServerEvaluator(run) if run.server_eval else None
+    protocol_grid = ProtocolGrid(grid, poll_interval=run.reply_poll_interval)
+    dp = client_dp(run)
+
+    def evaluate_fn(
+        server_round: int, ndarrays: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        if server_round == 0:
+            return None
+        current = codec.decode(ndarrays)
+        server_metrics = evaluator.evaluate(current) if evaluator else {}
+        store.save_checkpoint(server_round, current, meta)
+        _log_round(
+            store,
+            server_round,
+            protocol_grid.round_traffic(server_round),
+            fedavg.summed.get(server_round, {}),
+            server_metrics,
+            dp.round_record() if dp else None,
+            protocol,
+        )
+        return None
+
+    fedavg = SecAggFedAvg(
+        run, codec, initial_parameters=codec.encode(arrays), evaluate_fn=evaluate_fn
+    )
+    strategy = StrictClientSideDp(fedavg, dp) if dp else fedavg
+    legacy = LegacyContext(
+        context,
+        config=ServerConfig(num_rounds=run.num_server_rounds, round_timeout=run.round_timeout),
+        strategy=strategy,
+    )
+    print(
+        f"[fedembed] secure aggregation (SecAgg+): {run.min_sites} sites per round, "
+        f"{protocol['num_shares']} shares, threshold {protocol['reconstruction_threshold']}",
+        flush=True,
+    )
+    DefaultWorkflow(fit_workflow=secagg_workflow(run))(protocol_grid, legacy)
+    final = parameters_to_ndarrays(
+        compat.arrayrecord_to_parameters(
+            legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        )
+    )
+    load_state_arrays(model, codec.decode(final), source="final global head")
+    path = save_head(
+        store.root / "final",
+        model,
+        metadata={**meta, "rounds": run.num_server_rounds, "secure_aggregation": protocol},
+    )
+    print(f"[fedembed] final head exported to {path}", flush=True)
+    return store.root
+
+
+def _log_round(
+    store: RunStore,
+    server_round: int,
+    traffic: RoundTraffic,
+    summed: Mapping[int, Mapping[str, float]],
+    server_metrics: Mapping[str, float],
+    client_dp_record: Mapping[str, Any] | None,
+    protocol: Mapping[str, Any],
+) -> None:
+    wall = time.time() - traffic.started
+    site_metrics = {node: dict(m) for node, m in summed.items()}
+    record: dict[str, Any] = {
+        "round": server_round,
+        "wall_seconds": round(wall, 3),
+        "sites": sorted(summed),
+        "bytes_received": traffic.bytes_received,
+        "bytes_sent": traffic.bytes_sent,
+        "rejected": {},
+        "failed": traffic.failed,
+        "site_metrics": site_metrics,
+        "site_metrics_mean": metrics_mean(site_metrics),
+        "server_metrics": dict(server_metrics),
+        "secure_aggregation": dict(protocol),
+        "time": time.time(),
+    }
+    if client_dp_record is not None:
+        record["client_dp"] = dict(client_dp_record)
+    store.append_history(record)
+    shown = ""
+    if client_dp_record is not None:
+        shown = f"; client-level DP: epsilon={client_dp_record['epsilon']:.4g}"
+    print(
+        f"[fedembed] round {server_round}: {len(summed)} sites securely summed, "
+        f"{len(traffic.failed)} failed, {sum(traffic.bytes_received.values())} B in, "
+        f"{wall:.1f} s{shown}",
+        flush=True,
+    )

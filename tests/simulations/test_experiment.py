@@ -1,0 +1,154 @@
+"""The comparison's DP arms end to end (real Flower simulation, Opacus, tiny encoders) and its validation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.privacy import PrivacyLedger, ledger_path
+from common.config import RunSettings
+from common.errors import ConfigError
+from simulations.experiment import (
+    PrivacyArms,
+    _arm_configs,
+    compare,
+    plot_comparison,
+    ratios,
+)
+
+SITES, ROUNDS, TARGET, SIGMA, CLIP, DELTA = 2, 2, 4.0, 1.5, 0.05, 1e-5
+
+
+def _run(tiny: dict[str, Path], **extra: Any) -> RunSettings:
+    return RunSettings.from_run_config(
+        {
+            "image-encoder": str(tiny["image"]),
+            "text-encoder": str(tiny["text"]),
+            "encoder-image-size": 0,
+            "dataset-n": 120,
+            "server-eval-n": 40,
+            "local-epochs": 1,
+            "batch-size": 16,
+            "head": "small",
+            "loss": "proxy",
+            "min-sites": SITES,
+            "num-server-rounds": ROUNDS,
+            **extra,
+        }
+    )
+
+
+def _rdp_epsilon(sigma: float, releases: int, delta: float) -> float:
+    """Independent RDP of ``releases`` Gaussian mechanisms (no sampling), Opacus' conversion."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, 1.0, releases)]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+@pytest.fixture(scope="module")
+def with_dp(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, Path]:
+    out = tmp_path_factory.mktemp("comparison")
+    arms = PrivacyArms(
+        target_epsilon=TARGET, delta=DELTA, noise_multiplier=SIGMA, clipping_norm=CLIP
+    )
+    return compare(run=_run(tiny_model_dirs), sites=SITES, out_dir=out, privacy=arms), out
+
+
+@pytest.mark.slow
+def test_dp_arms_report_the_epsilon_their_accountants_spent(with_dp: tuple[Any, Path]) -> None:
+    comparison, out = with_dp
+    rows = {r["method"].strip(): r for r in comparison.rows}
+    (sample,) = [r for r in comparison.rows if r.get("privacy") == "sample-level"]
+    (client,) = [r for r in comparison.rows if r.get("privacy") == "client-level"]
+    # Sample-level: every site's accountant stays within the stated target, and the row shows the
+    # largest one, which equals an independent RDP computation from the site's own ledger.
+    assert set(sample["epsilon_per_site"]) == {"site-0", "site-1"}
+    assert sample["epsilon"] == max(sample["epsilon_per_site"].values())
+    assert 0.5 * TARGET < sample["epsilon"] <= TARGET
+    for name, spent in sample["epsilon_per_site"].items():
+        ledger = PrivacyLedger(ledger_path(out / "arms" / "sample-dp" / "sites" / name))
+        assert len(ledger.entries()) == ROUNDS
+        assert spent == pytest.approx(ledger.epsilon(DELTA), rel=1e-9)
+    # Client-level: Flower's RDP accountant after one release per round, as the history says.
+    assert client["releases"] == ROUNDS and client["delta"] == DELTA
+    assert client["epsilon"] == pytest.approx(_rdp_epsilon(SIGMA, ROUNDS, DELTA), rel=1e-6)
+    # Same evaluation as the other rows: the same headline metrics, non-DP rows carry no epsilon.
+    federated = next(r for m, r in rows.items() if m.startswith("federated (fedavg"))
+    assert "epsilon" not in federated
+    for row in (sample, client):
+        assert {"mean_R@5", "zs_acc", "probe_f1_macro"} <= set(row)
+    assert ratios(comparison)  # the plain federated row is still the one ratios use
+    assert comparison.table().splitlines()[0].split("|")[2].strip() == "epsilon"
+
+
+@pytest.mark.slow
+def test_histories_per_site_and_figures(with_dp: tuple[Any, Path], tmp_path: Path) -> None:
+    comparison, _ = with_dp
+    labels = list(comparison.histories)
+    assert len(labels) == 3  # loss is already proxy: no extra no-DP proxy baseline arm
+    for history in comparison.histories.values():
+        assert [e["round"] for e in history] == list(range(1, ROUNDS + 1))
+        # server evaluation was switched on for synthetic data (disjoint coordinator set)
+        assert all("server-R@5" in e["server_metrics"] for e in history)
+    assert set(comparison.per_site) == {"site 0", "site 1"}
+    for per_method in comparison.per_site.values():
+        assert list(per_method)[:2] == ["this site alone", "centralized"]
+        assert set(labels) <= set(per_method)
+    from simulations.plots import round_series
+
+    figures = plot_comparison(comparison, tmp_path, prefix="iid")
+    assert sorted(p.name for p in figures) == [
+        "iid_metric_vs_round.png",
+        "iid_per_site.png",
+        "iid_utility_vs_epsilon.png",
+    ]
+    for path in figures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(round_series(h)[0] == "server" for h in comparison.histories.values())
+
+
+def test_arms_add_the_proxy_baseline_and_validate_before_running(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    arms = PrivacyArms()
+    infonce = _arm_configs(_run(tiny_model_dirs, loss="infonce"), federated=True, privacy=arms)
+    assert list(infonce) == ["federated", "federated-proxy", "sample-dp", "client-dp"]
+    assert infonce["sample-dp"][1]["loss"] == "proxy"
+    assert infonce["sample-dp"][1]["dp-target-epsilon"] == arms.target_epsilon
+    assert infonce["client-dp"][1]["loss"] == "infonce"  # client-level DP holds for any loss
+    assert all(c["server-eval"] == "synthetic-radiology" for _, c in infonce.values())
+    assert list(_arm_configs(_run(tiny_model_dirs), federated=True, privacy=None)) == ["federated"]
+    with pytest.raises(ConfigError, match="client-dp needs strategy"):
+        _arm_configs(_run(tiny_model_dirs, strategy="fedadam"), federated=True, privacy=arms)
+    with pytest.raises(ConfigError, match="dp-delta"):
+        _arm_configs(_run(tiny_model_dirs), federated=True, privacy=PrivacyArms(delta=2.0))
+    with pytest.raises(ConfigError, match="federated"):
+        _arm_configs(_run(tiny_model_dirs), federated=False, privacy=arms)
+    assert math.isfinite(PrivacyArms().target_epsilon)
+
+
+def test_frozen_row_of_text_only_data_has_the_probe_and_no_retrieval() -> None:
+    import numpy as np
+
+    from common.embedding import EmbeddedDataset
+    from simulations.experiment import _row
+
+    rng = np.random.default_rng(0)
+
+    def part(n: int) -> EmbeddedDataset:
+        labels = np.arange(n) % 2
+        text = rng.normal(size=(n, 8)).astype(np.float32) + 3.0 * labels[:, None]
+        return EmbeddedDataset(
+            ids=[str(i) for i in range(n)], text=text, labels=labels, class_names=["a", "b"]
+        )
+
+    row = _row("frozen", None, part(60), part(30))
+    assert row["probe_f1_macro"] > 0.9  # separable classes: the frozen probe finds them
+    assert not any(k.startswith("mean_R@") for k in row)  # no image side: no retrieval
