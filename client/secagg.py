@@ -9,8 +9,9 @@ local round as a normal run (client/training.py, via the site worker). The site'
 leaves the site; the server adds the mean update to the global head. Updates, not heads, are masked
 because SecAgg+ quantizes values in [-secagg-clipping-range, secagg-clipping-range]: updates are
 small and bounded, while a head can hold large values (InfoNCE's logit scale). Under client-level
-DP, Flower's legacy ``fixedclipping_mod`` clips the update before it is masked (as in Flower's
-``fl-dp-sa`` example).
+DP, Flower's legacy ``fixedclipping_mod`` clips the update, then the site adds its share of the
+Gaussian noise (std sigma * C / sqrt(min-sites)) before masking: the shares sum to the central
+mechanism's noise, so the server only ever unmasks a noisy sum (distributed DP).
 
 The head travels as a list in the server's key order (``head-keys`` in the fit config), with 0-d
 parameters as shape (1,) so that clipping and masking cover them (see common/dp_clipping.py).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -79,8 +81,7 @@ def secagg_train(
         return outcome.pop("reply")
 
     def update(message: Message, ctx: Context) -> Message:
-        reply = fixedclipping_mod(message, ctx, fit) if clip_norm is not None else fit(message, ctx)
-        return _as_update(reply, message, run=run, site=site)
+        return site_update(message, ctx, fit, run=run, site=site, clipping_norm=clip_norm)
 
     try:
         reply = secaggplus_mod(msg, context, update)
@@ -115,6 +116,48 @@ def secagg_train(
         protocol=(stage, fields),
     )
     return reply
+
+
+def site_update(
+    message: Message,
+    context: Context,
+    fit: Callable[[Message, Context], Message],
+    *,
+    run: RunSettings,
+    site: SiteSettings,
+    clipping_norm: float | None,
+) -> Message:
+    """What ``secaggplus_mod`` masks: the trained head's update over the received head; under
+    client-level DP clipped to ``clipping_norm`` (Flower's ``fixedclipping_mod``) plus this site's
+    share of the Gaussian noise."""
+    if clipping_norm is None:
+        return _as_update(fit(message, context), message, run=run, site=site)
+    clipped = fixedclipping_mod(message, context, fit)
+    noisy = _add_noise_share(clipped, message, std=noise_share_std(run, clipping_norm))
+    return _as_update(noisy, message, run=run, site=site)
+
+
+def noise_share_std(run: RunSettings, clipping_norm: float) -> float:
+    """Each site's Gaussian noise std under SecAgg+ with client-level DP: sigma * C / sqrt(m).
+
+    The m = ``min-sites`` shares sum to noise of std sigma * C on the sum of m clipped updates,
+    exactly the central mechanism's, so the server that unmasks the sum only ever sees it noisy.
+    """
+    return run.client_dp_noise_multiplier * clipping_norm / math.sqrt(run.min_sites)
+
+
+def _add_noise_share(reply: Message, received: Message, *, std: float) -> Message:
+    """The clipped fit reply with this site's share of the Gaussian noise added (fresh OS entropy)."""
+    if reply.has_error():
+        return reply
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    rng = np.random.default_rng()  # seeded from the OS, never from the run's seed
+    noisy = [
+        (a + rng.normal(0.0, std, size=a.shape)).astype(np.float32)
+        for a in parameters_to_ndarrays(fitres.parameters)
+    ]
+    fitres.parameters = ndarrays_to_parameters(noisy)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=received)
 
 
 def _fit(

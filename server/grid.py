@@ -13,21 +13,11 @@ from flwr.supercore.run import Run
 DEFAULT_POLL_INTERVAL = 0.2
 
 
-class PromptGrid(Grid):
-    """Delegates everything to Flower's grid, but polls for replies every ``poll_interval`` seconds.
+class DelegatingGrid(Grid):
+    """A Grid that forwards every call to ``inner``; subclasses override what they change."""
 
-    Flower 1.41's deployment grid sleeps a fixed 3 s between pulls, so every message exchange lasts
-    a multiple of 3 s however fast the sites answer. This wrapper uses only the Grid's public
-    ``push_messages`` / ``pull_messages``: the semantics of ``send_and_receive`` (replies that are not
-    in by ``timeout`` are simply missing) are unchanged.
-    """
-
-    def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be > 0")
+    def __init__(self, grid: Grid) -> None:
         self.inner = grid
-        self.poll_interval = poll_interval
-        self.pulls = 0
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -54,6 +44,31 @@ class PromptGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(DelegatingGrid):
+    """Delegates everything to Flower's grid, but polls for replies every ``poll_interval`` seconds.
+
+    Flower 1.41's deployment grid sleeps a fixed 3 s between pulls, so every message exchange lasts
+    a multiple of 3 s however fast the sites answer. This wrapper uses only the Grid's public
+    ``push_messages`` / ``pull_messages``: the semantics of ``send_and_receive`` (replies that are not
+    in by ``timeout`` are simply missing) are unchanged.
+    """
+
+    def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be > 0")
+        super().__init__(grid)
+        self.poll_interval = poll_interval
+        self.pulls = 0
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.pulls += 1

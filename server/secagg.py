@@ -10,22 +10,23 @@ masked and sent (client/secagg.py).
 
 Each round trains exactly ``min-sites`` sites (drawn at random among the connected ones), so the
 protocol's number of shares and reconstruction threshold are fixed by the run-config. With
-``client-dp = client-side`` sites clip their update before masking (Flower's legacy
-``fixedclipping_mod``), every site weighs 1, and the server adds Gaussian noise to the unmasked mean
-and accounts with Flower's RDP accountant (server/privacy.py): a round where fewer than ``min-sites``
-sites' heads were summed releases nothing (the noise is calibrated to exactly ``min-sites``).
+``client-dp = client-side`` sites clip their update (Flower's legacy ``fixedclipping_mod``), every
+site weighs 1, and each site adds its share of the Gaussian noise before masking (std sigma * C /
+sqrt(min-sites); the shares sum to the central mechanism's noise std sigma * C on the sum), so the
+server only ever unmasks a noisy sum (distributed DP). The server accounts with Flower's RDP
+accountant (server/privacy.py): a round where fewer than ``min-sites`` sites' updates (and so noise
+shares) were summed releases nothing.
 
-Limits: the server that removes the masks sees the exact (clipped) sum before it adds the noise, as in
-Flower's ``fl-dp-sa`` example; site metrics and weights travel in the clear as in normal runs; and
-Flower 1.41 derives masks from 32-bit seeds (``numpy.random.RandomState``), far below cryptographic
-strength. Resuming a run is not supported in this mode.
+Limits: the guarantee assumes the sites follow the protocol (if k of m sites skip their noise share,
+the effective noise multiplier falls to sigma * sqrt((m - k) / m)); site metrics and weights travel
+in the clear as in normal runs; and Flower 1.41 derives masks from 32-bit seeds
+(``numpy.random.RandomState``), far below cryptographic strength. Resuming a run is not supported in this mode.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,6 @@ from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Fed
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import GaussianPrivacyEvent, Grid
-from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
 from common.config import RunSettings
 from common.flower import record_nbytes
@@ -257,8 +257,9 @@ class SecAggFedAvg(FedAvg):
 
 
 class StrictClientSideDp(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's legacy client-side fixed-clipping wrapper (it asks sites to clip), releasing a noisy
-    mean only when exactly ``min-sites`` sites were summed, and charging each release to ``dp``."""
+    """Flower's legacy client-side fixed-clipping wrapper (it asks sites to clip) for distributed
+    noise: sites add the noise before masking, so this only checks that exactly ``min-sites`` noise
+    shares were summed (else nothing is released) and charges each release to ``dp``."""
 
     def __init__(self, strategy: SecAggFedAvg, dp: ClientDp) -> None:
         super().__init__(strategy, dp.noise_multiplier, dp.clipping_norm, dp.sites_per_round)
@@ -279,10 +280,8 @@ class StrictClientSideDp(DifferentialPrivacyClientSideFixedClipping):
                 self.num_sampled_clients,
             )
             return None, {}
-        np.random.seed(np.frombuffer(os.urandom(32), dtype=np.uint32))  # Flower's noise: global RNG
-        noisy = add_gaussian_noise_to_params(
-            aggregated, self.noise_multiplier, self.clipping_norm, self.num_sampled_clients
-        )
+        # No noise is added here: each site added its share (client/secagg.py noise_share_std)
+        # before masking, so ``aggregated`` is already the noisy mean the central mechanism releases.
         self.dp.accountant.compose(
             GaussianPrivacyEvent(
                 noise_multiplier=self.noise_multiplier,
@@ -290,7 +289,7 @@ class StrictClientSideDp(DifferentialPrivacyClientSideFixedClipping):
                 population_size=self.num_sampled_clients,
             )
         )
-        return noisy, metrics
+        return aggregated, metrics
 
 
 def run_secure_federation(

@@ -38,10 +38,10 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-from flwr.supercore.run import Run
 
 from common.config import RunSettings
 from common.flower import arrays_from_record, record_nbytes
+from server.grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
 
@@ -445,46 +445,18 @@ class FedEmbedStrategy(Strategy):
                 log.warning("round %d: site %s %s", entry.round, entry.display(node), outcome)
 
 
-class _FilteredGrid(Grid):
+class _FilteredGrid(DelegatingGrid):
     """A view of a Grid that hides some nodes from sampling; everything else is delegated."""
 
     def __init__(self, grid: Grid, *, excluded: set[int]) -> None:
-        self.inner = grid
+        super().__init__(grid)
         self.excluded = excluded
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.inner.get_node_ids() if n not in self.excluded]
 
     def get_nodes(self) -> Iterable[NodeInfo]:
         return [n for n in self.inner.get_nodes() if n.node_id not in self.excluded]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self.inner.send_and_receive(messages, timeout=timeout)
 
 
 def _nodes(grid: Grid) -> list[NodeInfo] | None:

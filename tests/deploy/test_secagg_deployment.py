@@ -199,8 +199,9 @@ def test_secagg_with_client_side_clipping_releases_only_a_noisy_mean(
     assert dp["released"] and dp["releases"] == 1
     assert dp["epsilon"] == pytest.approx(_gaussian_epsilon(sigma, 1, dp["delta"]), rel=1e-6)
 
-    # Sites clipped their updates to `clip` before masking; every site weighs 1; the server added
-    # Gaussian noise of std sigma * clip / sites to the unmasked mean.
+    # Sites clipped their updates to `clip` and each added a noise share of std sigma * clip /
+    # sqrt(sites) before masking; every site weighs 1: the unmasked mean carries Gaussian noise of
+    # std sigma * clip / sites, the central mechanism's, and the server added none.
     initial, released = _checkpoint(run_dir, 0), _checkpoint(run_dir, 1)
     updates = _site_updates(federation.home, config, initial)
     norms = [np.sqrt(sum(float((u[k] ** 2).sum()) for k in u)) for u, _ in updates]

@@ -11,7 +11,6 @@ from typing import Any, cast
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-from flwr.client.mod import fixedclipping_mod
 from flwr.common import (
     Code,
     FitIns,
@@ -31,7 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from client.audit import SECAGG_PAYLOADS, audit_path, record_egress, verify_audit_log
-from client.secagg import LocalRound, _as_update, _fit, is_secagg_message
+from client.secagg import LocalRound, _fit, is_secagg_message, noise_share_std, site_update
 from common.config import RunSettings, SiteSettings
 from common.errors import ConfigError
 from server.privacy import client_dp
@@ -288,7 +287,7 @@ def _results(updates: list[float], codec: HeadCodec) -> list[tuple[ClientProxy, 
     ]
 
 
-def test_server_adds_the_mean_update_and_releases_dp_noise_only_with_all_sites() -> None:
+def test_server_adds_the_mean_update_and_releases_only_with_all_sites_noise_shares() -> None:
     run = RunSettings(
         secure_aggregation=True,
         min_sites=3,
@@ -311,8 +310,9 @@ def test_server_adds_the_mean_update_and_releases_dp_noise_only_with_all_sites()
     released, _ = strategy.aggregate_fit(2, _results([0.1, 0.2, 0.3], codec), [])
     assert released is not None
     head = codec.decode(parameters_to_ndarrays(released))
-    noise = np.concatenate([(head[k] - 2.0 - 0.2).ravel() for k in head])
-    assert np.abs(noise).max() > 0 and np.abs(noise).max() < 6 * dp.noise_std
+    # the sites added the noise before masking: the server releases the unmasked mean as it is
+    for k in head:
+        assert np.allclose(head[k], 2.0 + 0.2, atol=1e-6)
     record = dp.round_record()
     assert record["released"] and record["releases"] == 1 and record["epsilon"] > 0
     assert fedavg._fit_config(2)["server-round"] == 2
@@ -346,14 +346,22 @@ def _send(msg: Message, run: RunSettings, local_round: LocalRound, clip: bool) -
         outcome.update(_fit(message, run=run, site=site, local_round=local_round))
         return cast(Message, outcome.pop("reply"))
 
-    reply = fixedclipping_mod(msg, context, fit) if clip else fit(msg, context)
-    reply = _as_update(reply, msg, run=run, site=site)
+    clipping_norm = (
+        float(compat.recorddict_to_fitins(msg.content, keep_input=True).config[KEY_CLIPPING_NORM])
+        if clip
+        else None
+    )
+    reply = site_update(msg, context, fit, run=run, site=site, clipping_norm=clipping_norm)
     return compat.recorddict_to_fitres(reply.content, keep_input=True)
 
 
 def test_masked_stage_sends_the_clipped_update_with_scalars_lifted_and_weight_one() -> None:
     run = RunSettings(
-        secure_aggregation=True, min_sites=3, client_dp="client-side", client_dp_clipping_norm=0.1
+        secure_aggregation=True,
+        min_sites=3,
+        client_dp="client-side",
+        client_dp_clipping_norm=0.1,
+        client_dp_noise_multiplier=1e-7,  # a negligible noise share: the clipped update itself
     )
     codec = HeadCodec(_head(1.0))
     msg = _fit_message(codec, _head(1.0), **{KEY_CLIPPING_NORM: 0.1})
@@ -365,6 +373,38 @@ def test_masked_stage_sends_the_clipped_update_with_scalars_lifted_and_weight_on
     assert np.sqrt((values.astype(np.float64) ** 2).sum()) == pytest.approx(0.1, rel=1e-5)
     assert np.allclose(values, 0.1 / np.sqrt(values.size), rtol=1e-5)
     assert fitres.num_examples == 1 and fitres.metrics["num-examples"] == 30
+
+
+def test_each_site_adds_a_noise_share_so_the_server_only_unmasks_a_noisy_sum() -> None:
+    sigma, clip, sites = 2.0, 0.1, 3
+    run = RunSettings(
+        secure_aggregation=True,
+        min_sites=sites,
+        client_dp="client-side",
+        client_dp_clipping_norm=clip,
+        client_dp_noise_multiplier=sigma,
+    )
+    codec = HeadCodec(_head(1.0))
+    msg = _fit_message(codec, _head(1.0), **{KEY_CLIPPING_NORM: clip})
+    clipped = None
+    noise = []
+    for _ in range(150):
+        values = np.concatenate(
+            [
+                a.ravel()
+                for a in parameters_to_ndarrays(
+                    _send(msg, run, _local_round(0.5), clip=True).parameters
+                )
+            ]
+        ).astype(np.float64)
+        clipped = np.full(values.size, clip / np.sqrt(values.size))
+        noise.append(values - clipped)
+    samples = np.concatenate(noise)
+    # sigma * C / sqrt(m) per site: m shares sum to the central mechanism's sigma * C on the sum
+    assert noise_share_std(run, clip) == pytest.approx(sigma * clip / np.sqrt(sites))
+    assert samples.std() == pytest.approx(sigma * clip / np.sqrt(sites), rel=0.05)
+    assert abs(samples.mean()) < 5 * samples.std() / np.sqrt(samples.size)
+    assert not np.array_equal(noise[0], noise[1])  # fresh noise every round, never the run's seed
 
 
 def test_masked_stage_weighs_by_examples_up_to_max_weight_and_refuses_out_of_range() -> None:
