@@ -36,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
     """Train the global head for ``run.num_server_rounds`` rounds (resuming if asked); return the run dir."""
-    from common.artifacts import load_state_arrays, save_head, state_arrays
+    from common.artifacts import load_state_arrays, state_arrays
     from server.model import ServerEvaluator, initial_model
 
     store = RunStore(run.run_path)
@@ -57,10 +57,7 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
         store.truncate_history(start_round)
         print(f"[fedembed] resuming run from round {start_round} ({store.root})", flush=True)
     else:
-        archived = store.archive_previous()
-        if archived is not None:
-            print(f"[fedembed] an earlier run in {store.root} was moved to {archived}", flush=True)
-        store.save_checkpoint(0, arrays, meta)
+        store.start_fresh(arrays, meta)
     store.write_run_info({"flower_run_id": run_id, "started_round": start_round, **meta})
     evaluator = ServerEvaluator(run) if run.server_eval else None
     accounting = Accounting()
@@ -106,13 +103,11 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
         }
     else:
         client_eval = {}
-    load_state_arrays(model, arrays, source="final global head")
-    final = save_head(
-        store.root / "final",
+    store.export_final(
         model,
-        metadata={**meta, "rounds": run.num_server_rounds, "site_evaluation": client_eval},
+        arrays,
+        {**meta, "rounds": run.num_server_rounds, "site_evaluation": client_eval},
     )
-    print(f"[fedembed] final head exported to {final}", flush=True)
     return store.root
 
 

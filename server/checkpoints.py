@@ -9,13 +9,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from common.atomic import append_line, atomic_write_json, atomic_write_text
 from common.errors import ConfigError
 from common.tensorfile import read_tensorfile, write_tensorfile
+
+if TYPE_CHECKING:
+    from common.training import HeadModel
 
 _CHECKPOINT = re.compile(r"round-(\d{4,})\.safetensors$")
 
@@ -52,6 +55,24 @@ class RunStore:
         for child in list(self.root.iterdir()):
             os.replace(child, target / child.name)
         return target
+
+    def start_fresh(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Archive an earlier run in this run-dir, then checkpoint the initial head as round 0."""
+        archived = self.archive_previous()
+        if archived is not None:
+            print(f"[fedembed] an earlier run in {self.root} was moved to {archived}", flush=True)
+        self.save_checkpoint(0, arrays, meta)
+
+    def export_final(
+        self, model: HeadModel, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]
+    ) -> Path:
+        """Load ``arrays`` into ``model`` and export it (head + config) to ``<run-dir>/final``."""
+        from common.artifacts import load_state_arrays, save_head
+
+        load_state_arrays(model, arrays, source="final global head")
+        path = save_head(self.root / "final", model, metadata=metadata)
+        print(f"[fedembed] final head exported to {path}", flush=True)
+        return path
 
     def write_run_info(self, info: Mapping[str, Any]) -> None:
         atomic_write_json(self.root / "run.json", dict(info))

@@ -296,7 +296,7 @@ def run_secure_federation(
     grid: Grid, context: Context, run: RunSettings, *, data_spec: Mapping[str, Any]
 ) -> Path:
     """Train the global head with SecAgg+ for ``run.num_server_rounds`` rounds; return the run dir."""
-    from common.artifacts import load_state_arrays, save_head, state_arrays
+    from common.artifacts import state_arrays
     from server.model import ServerEvaluator, initial_model
 
     store = RunStore(run.run_path)
@@ -305,10 +305,7 @@ def run_secure_federation(
     codec = HeadCodec(arrays)
     protocol = secagg_protocol(run)
     meta = {"model": model.describe(), "run": run.to_dict(), "task": task, "data": dict(data_spec)}
-    archived = store.archive_previous()
-    if archived is not None:
-        print(f"[fedembed] an earlier run in {store.root} was moved to {archived}", flush=True)
-    store.save_checkpoint(0, arrays, meta)
+    store.start_fresh(arrays, meta)
     store.write_run_info(
         {
             "flower_run_id": context.run_id,
@@ -328,8 +325,7 @@ def run_secure_federation(
             return None
         current = codec.decode(ndarrays)
         server_metrics = evaluator.evaluate(current) if evaluator else {}
-        store.save_checkpoint(server_round, current, meta)
-        _log_round(
+        _log_round(  # history before checkpoint, as in server/app.py
             store,
             server_round,
             protocol_grid.round_traffic(server_round),
@@ -338,6 +334,7 @@ def run_secure_federation(
             dp.round_record() if dp else None,
             protocol,
         )
+        store.save_checkpoint(server_round, current, meta)
         return None
 
     fedavg = SecAggFedAvg(
@@ -360,13 +357,11 @@ def run_secure_federation(
             legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
         )
     )
-    load_state_arrays(model, codec.decode(final), source="final global head")
-    path = save_head(
-        store.root / "final",
+    store.export_final(
         model,
-        metadata={**meta, "rounds": run.num_server_rounds, "secure_aggregation": protocol},
+        codec.decode(final),
+        {**meta, "rounds": run.num_server_rounds, "secure_aggregation": protocol},
     )
-    print(f"[fedembed] final head exported to {path}", flush=True)
     return store.root
 
 
