@@ -117,7 +117,16 @@ def resolve_path(value: str, default: str) -> Path:
     return path if path.is_absolute() else fedembed_home() / path
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
 CLIENT_DP_MODES = ("off", "client-side", "server-side")
 # Strategies that aggregate with FedAvg's mean, the only aggregation Flower's DP accountant covers.
 CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
@@ -176,6 +185,7 @@ class RunSettings:
     proximal_mu: float = 0.01
     trim_beta: float = 0.2
     server_lr: float = 0.05
+    server_momentum: float = 0.5  # FedAvgM only (its server learning rate stays 1)
     min_sites: int = 2
     fraction_train: float = 1.0
     local_epochs: int = 5
@@ -223,6 +233,10 @@ class RunSettings:
             )
         if self.num_server_rounds < 1 or self.min_sites < 1:
             raise ConfigError("run-config: num-server-rounds and min-sites must be >= 1")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(
+                f"run-config: server-momentum must be in [0, 1), got {self.server_momentum}"
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("run-config: fraction-train must be in (0, 1]")
         if self.reply_poll_interval <= 0 or self.round_timeout <= 0:

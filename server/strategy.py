@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 BASES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
@@ -495,6 +497,8 @@ def strategy_kwargs(run: RunSettings) -> dict[str, Any]:
     }
     if run.strategy == "fedprox":
         kwargs["proximal_mu"] = run.proximal_mu
+    elif run.strategy == "fedavgm":
+        kwargs["server_momentum"] = run.server_momentum
     elif run.strategy in ("fedadam", "fedyogi"):
         kwargs["eta"] = run.server_lr
     elif run.strategy == "fedtrimmedavg":

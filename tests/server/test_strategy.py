@@ -418,3 +418,21 @@ def test_identity_mod_names_replies_and_errors() -> None:
     assert declined.error.code == DECLINED_ERROR_CODE and site_name(declined) == "st-mary"
     crashed = site_identity_mod(request, context, raises)
     assert site_name(crashed) == "st-mary" and "disk full" in str(crashed.error.reason)
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_fedavgm_carries_server_momentum_across_rounds() -> None:
+    strategy, _ = _strategy(RunSettings(strategy="fedavgm", server_momentum=0.5, min_sites=2))
+    grid = _Nodes({1: 100.0, 2: 100.0})
+    merged = _global()
+    for server_round, site_value in ((1, 1.0), (2, 2.0)):
+        list(
+            strategy.configure_train(server_round, record_from_arrays(merged), ConfigRecord(), grid)
+        )
+        strategy._sent = [_incoming(1), _incoming(2)]
+        replies = [_named(n, f"s{n}", _filled(site_value)) for n in (1, 2)]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays is not None
+        merged = arrays_from_record(arrays)
+    # Round 1 step -1 -> 1.0; round 2: momentum 0.5 * -1 + -1 = -1.5 -> 2.5 (FedAvg would give 2.0).
+    np.testing.assert_allclose(merged["head.w"], 2.5, rtol=1e-6)
