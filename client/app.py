@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     Under secure aggregation the messages are SecAgg+ stages (client/secagg.py): the same local
     round runs in the "collect masked vectors" stage and only the masked head leaves.
     """
+    handler_started = time.time()
     site = SiteSettings.from_node_config(dict(context.node_config))
     if is_secagg_message(msg):
         return secagg_train(
@@ -74,7 +77,19 @@ def train(msg: Message, context: Context) -> Message:
         if norm is not None:
             privacy["client-dp-clipping-norm"] = norm
         sent = arrays_from_record(reply.content.array_records["arrays"])
-        _audit(context, msg, site, sent, result["metrics"], message_type="train", privacy=privacy)
+        timing = {"handler_started": handler_started}
+        if (process_started := process_start_time()) is not None:
+            timing["process_started"] = process_started
+        _audit(
+            context,
+            msg,
+            site,
+            sent,
+            result["metrics"],
+            message_type="train",
+            privacy=privacy,
+            timing=timing,
+        )
     return reply
 
 
@@ -121,6 +136,17 @@ def _run(request: dict[str, Any], site: SiteSettings) -> dict[str, Any]:
     return execute(request)
 
 
+def process_start_time() -> float | None:
+    """Wall-clock time this process started (Linux /proc; None elsewhere): Flower starts one per message."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        ticks = float(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime, ticks after boot
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _use_worker(site: SiteSettings) -> bool:
     """Use the site worker unless told not to, or when Flower's simulation engine (Ray) runs us:
     its actor processes already live across messages."""
@@ -144,6 +170,7 @@ def _audit(
     message_type: str,
     declined: bool = False,
     privacy: Mapping[str, Any] | None = None,
+    timing: Mapping[str, float] | None = None,
 ) -> None:
     from client.audit import record_egress
 
@@ -159,4 +186,5 @@ def _audit(
         metrics=metrics,
         declined=declined,
         privacy=privacy,
+        timing=timing,
     )

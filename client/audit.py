@@ -104,8 +104,11 @@ def record_egress(
     declined: bool = False,
     privacy: Mapping[str, Any] | None = None,
     protocol: tuple[str, Mapping[str, Any]] | None = None,
+    timing: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Append what is about to leave the site to its audit log and return the entry.
+
+    ``timing``: local wall-clock times of this message's handling (they stay at the site).
 
     ``protocol``: (SecAgg+ stage, the reply's protocol fields as sent): bytes, lists of bytes or
     ints, npy-serialized masked arrays (``masked_params``), scalars; logged field by field.
@@ -133,6 +136,8 @@ def record_egress(
         "declined": bool(declined),
         "privacy": dict(privacy or {}),
     }
+    if timing:
+        entry["timing"] = {k: float(v) for k, v in timing.items()}
     if protocol is not None:
         entry["secagg"] = {"protocol": SECAGG_PROTOCOL, "stage": protocol[0], "fields": fields}
     append_line(audit_path(state_dir), json.dumps(entry, sort_keys=True))

@@ -142,6 +142,7 @@ def _log_round(
     wall = time.time() - entry.started
     record: dict[str, Any] = {
         "round": entry.round,
+        "started": entry.started,
         "wall_seconds": round(wall, 3),
         "sites": entry.sites,
         "sampled": entry.sampled,
@@ -158,6 +159,8 @@ def _log_round(
         "site_metrics": entry.site_metrics,
         "site_metrics_mean": metrics_mean(entry.site_metrics),
         "server_metrics": server_metrics,
+        "site_timing": {n: {k: round(v, 3) for k, v in t.items()} for n, t in entry.timing.items()},
+        "aggregate_started_seconds": entry.aggregate_started,
         "time": time.time(),
     }
     if client_dp is not None:

@@ -60,7 +60,8 @@ class PromptGrid(DelegatingGrid):
     Flower 1.41's deployment grid sleeps a fixed 3 s between pulls, so every message exchange lasts
     a multiple of 3 s however fast the sites answer. This wrapper uses only the Grid's public
     ``push_messages`` / ``pull_messages``: the semantics of ``send_and_receive`` (replies that are not
-    in by ``timeout`` are simply missing) are unchanged.
+    in by ``timeout`` are simply missing) are unchanged. ``received_at`` maps each message id of the
+    last exchange to the wall-clock time its reply was pulled (the round timing in the history).
     """
 
     def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
@@ -69,6 +70,7 @@ class PromptGrid(DelegatingGrid):
         super().__init__(grid)
         self.poll_interval = poll_interval
         self.pulls = 0
+        self.received_at: dict[str, float] = {}  # last exchange: message id -> when its reply came
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.pulls += 1
@@ -81,8 +83,11 @@ class PromptGrid(DelegatingGrid):
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        self.received_at = {}
         while pending:
             received = list(self.pull_messages(pending))
+            now = time.time()
+            self.received_at.update((m.metadata.reply_to_message_id, now) for m in received)
             replies.extend(received)
             pending.difference_update(m.metadata.reply_to_message_id for m in received)
             if not pending or (deadline is not None and time.monotonic() >= deadline):

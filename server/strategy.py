@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import (
 
 from common.config import RunSettings
 from common.flower import arrays_from_record, record_nbytes
-from server.grid import DelegatingGrid
+from server.grid import DelegatingGrid, PromptGrid
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,10 @@ class RoundLog:
     skipped: dict[int, str] = field(default_factory=dict)
     evaluate_rejected: dict[int, str] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Seconds after ``started``: per node, when the site created its reply ("replied", the site's
+    # clock) and when the ServerApp pulled it ("received"); when aggregation began.
+    timing: dict[int, dict[str, float]] = field(default_factory=dict)
+    aggregate_started: float | None = None
 
     def label(self, node: int) -> str:
         """The site's name when known, else ``node <id>``."""
@@ -320,6 +324,8 @@ class FedEmbedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self.accounting.current(server_round + self.round_offset)
+        entry.aggregate_started = time.time() - entry.started
+        received_at = self._grid.received_at if isinstance(self._grid, PromptGrid) else {}
         # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
         target = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         accepted: list[Message] = []
@@ -327,6 +333,11 @@ class FedEmbedStrategy(Strategy):
         for reply in replies:
             node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
+            entry.timing[node] = {"replied": reply.metadata.created_at - entry.started}
+            if reply.metadata.reply_to_message_id in received_at:
+                entry.timing[node]["received"] = (
+                    received_at[reply.metadata.reply_to_message_id] - entry.started
+                )
             self.accounting.learn_name(node, reply)
             if reply.has_error():
                 self._record_error(entry, node, reply)

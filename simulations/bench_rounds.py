@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -52,6 +53,78 @@ def round_breakdown(
     return rows
 
 
+PHASES = (
+    (
+        "delivery",
+        "round start -> the slowest site's ClientApp process exists (SuperNode poll + spawn)",
+    ),
+    (
+        "start-up",
+        "process start -> our train handler runs (interpreter, Flower's runtime, FAB, app import)",
+    ),
+    ("handler", "train handler -> reply created (site worker IPC + training)"),
+    (
+        "return",
+        "reply created -> ServerApp has it (SuperNode 0.5 s reply loop, upload, reply poll)",
+    ),
+    ("server", "last reply in -> round logged (aggregation, evaluation, checkpoint)"),
+)
+
+
+def audit_timings(home: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """(site name, round) -> the site's local timing of its train message, from its audit log."""
+    found: dict[tuple[str, int], dict[str, float]] = {}
+    for path in sorted(home.glob("sites/*/audit.jsonl")):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("message_type") == "train" and "timing" in entry:
+                found[(entry["site"], int(entry["round"]))] = {
+                    **entry["timing"],
+                    "replied": float(entry["time"]),
+                }
+    return found
+
+
+def phase_breakdown(
+    history: Sequence[dict[str, Any]],
+    timings: dict[tuple[str, int], dict[str, float]],
+    *,
+    skip_first: bool = True,
+) -> list[dict[str, float]]:
+    """Per round, where the time went for the site whose reply arrived last (see ``PHASES``)."""
+    rows = []
+    for entry in history[1:] if skip_first else history:
+        arrivals = {
+            node: t["received"]
+            for node, t in entry.get("site_timing", {}).items()
+            if "received" in t
+        }
+        if not arrivals or "started" not in entry:
+            continue
+        node = max(arrivals, key=lambda n: arrivals[n])
+        site = entry.get("site_names", {}).get(node)
+        local = timings.get((site, int(entry["round"]))) if site else None
+        if local is None or "process_started" not in local:
+            continue
+        start = float(entry["started"])
+        received = arrivals[node]
+        train = float(entry["site_metrics"].get(node, {}).get("train-seconds", 0.0))
+        rows.append(
+            {
+                "round": entry["round"],
+                "site": site,
+                "delivery": local["process_started"] - start,
+                "start-up": local["handler_started"] - local["process_started"],
+                "handler": local["replied"] - local["handler_started"],
+                "training": train,
+                "return": start + received - local["replied"],
+                "server": float(entry["wall_seconds"]) - received,
+                "wall": float(entry["wall_seconds"]),
+            }
+        )
+    return rows
+
+
 def measure(
     *, work_dir: Path, sites: int, rounds: int, run_config: dict[str, Any]
 ) -> dict[str, Any]:
@@ -61,9 +134,17 @@ def measure(
     if not fed.ok:
         raise RuntimeError(f"benchmark run failed: {fed.result.status}; log {fed.result.log_path}")
     rows = round_breakdown(fed.history)
+    phases = phase_breakdown(fed.history, audit_timings(fed.home))
     return {
         "run_config": config,
         "rounds_measured": rows,
+        "phases": phases,
+        "median_phase_seconds": {
+            name: statistics.median(p[name] for p in phases)
+            for name in (*(n for n, _ in PHASES), "training")
+        }
+        if phases
+        else {},
         "median_round_wall_seconds": statistics.median(r["wall_seconds"] for r in rows),
         "median_overhead_seconds": statistics.median(r["overhead_seconds"] for r in rows),
         "median_site_train_seconds": statistics.median(r["max_site_train_seconds"] for r in rows),
@@ -137,6 +218,23 @@ def _markdown(result: dict[str, Any]) -> str:
             f"| {name} | {variant['median_round_wall_seconds']:.2f} | "
             f"{variant['median_site_train_seconds']:.2f} | **{variant['median_overhead_seconds']:.2f}** |"
         )
+    lines += [
+        "",
+        "Where a round's time goes, for the site whose reply arrived last (medians over rounds; "
+        "site timings from its audit log, server timings from history.jsonl):",
+        "",
+        "| reply poll s | " + " | ".join(name for name, _ in PHASES) + " | of which training |",
+        "| ---: | " + " | ".join("---:" for _ in PHASES) + " | ---: |",
+    ]
+    for name, variant in result["variants"].items():
+        median = variant.get("median_phase_seconds") or {}
+        if median:
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{median[p]:.2f}" for p, _ in PHASES)
+                + f" | {median['training']:.2f} |"
+            )
+    lines += ["", *(f"- {name}: {meaning}" for name, meaning in PHASES)]
     names = list(result["variants"])
     if len(names) >= 2:
         first, last = (

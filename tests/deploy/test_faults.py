@@ -58,6 +58,7 @@ def fault_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = tomli.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     flwr = project["tool"]["flwr"]
     flwr["app"]["components"]["clientapp"] = "fault_clientapp:app"
+    flwr["app"].pop("fab-include", None)  # fedembed's patterns name its own packages
     meta = project["project"]
     pyproject = {
         "build-system": project["build-system"],

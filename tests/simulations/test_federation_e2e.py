@@ -10,6 +10,7 @@ import pytest
 
 from client.audit import verify_audit_log
 from common.artifacts import load_head, state_arrays
+from simulations.bench_rounds import audit_timings, phase_breakdown
 from simulations.federate import deploy_local, simulate
 
 pytestmark = pytest.mark.slow
@@ -81,3 +82,9 @@ def test_deployment_real_superlink_and_two_supernodes(
         assert summary.entries == 3  # two train replies and the final evaluate reply
     final = state_arrays(model)
     assert all(np.isfinite(v).all() for v in final.values())
+    # Round timing: the sites' audit logs and the history line up into non-negative phases.
+    phases = phase_breakdown(fed.history, audit_timings(tmp_path), skip_first=False)
+    assert [p["round"] for p in phases] == [1, 2]
+    for p in phases:
+        assert all(p[k] >= 0 for k in ("delivery", "start-up", "handler", "return", "server"))
+        assert p["handler"] >= p["training"] > 0 and p["wall"] <= fed.result.elapsed
