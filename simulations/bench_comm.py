@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -15,20 +14,11 @@ from typing import Any
 from common.atomic import atomic_write_json, atomic_write_text
 from common.config import HOME_ENV
 from simulations.federate import SITE_ENV, site_node_config
+from simulations.machine import load_average, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.1
 PACKAGED = {"image-encoder": "mobilenetv2", "text-encoder": "minilm", "encoder-image-size": 128}
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers came from (the machine may be shared: see the load average)."""
-    return {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
-        "platform": platform.platform(),
-    }
 
 
 def state_bytes(arrays: Mapping[str, Any]) -> int:
@@ -218,7 +208,7 @@ def run_benchmark(
     frozen = sum(e["bytes"] for e in encoders)
     dims = {e["modality"]: e["dim"] for e in encoders}
     loss, layout = str(config.get("loss", "infonce")), str(config.get("layout", "two-tower"))
-    before = machine()
+    before = machine_info()
     rows = []
     for preset in presets:
         reference = head_reference(preset, dims=dims, loss=loss, layout=layout, num_classes=5)
@@ -250,7 +240,7 @@ def run_benchmark(
     result = {
         "benchmark": "communication per site per round",
         "machine": before,
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "load_average_after": load_average(),
         "sites": sites,
         "rounds": rounds,
         "run_config": config,

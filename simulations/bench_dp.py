@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from common.atomic import atomic_write_json, atomic_write_text
 from common.embedding import EmbeddedDataset
 from common.heads import HEAD_PRESETS
 from common.training import HeadModel, TrainConfig, build_head_model, train_head
-from simulations.bench_embedding import machine_info
+from simulations.machine import load_average, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DIMS = {"image": 1280, "text": 384}  # MobileNetV2 pooled features + MiniLM sentence embeddings
@@ -239,7 +238,7 @@ def run(
     error = probe_expanded_weights(data, head=head)
     if error:
         report.invalid_modes["ew"] = error
-    report.machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    report.machine["load_average_after"] = load_average()
     report.notes += [
         f"{repeats} interleaved repeats after one warm-up each; samples/s from medians; "
         "overhead = non-private / private samples per second (1.0 = no cost; lower is better)",

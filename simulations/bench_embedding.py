@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import torch
 
 from common.atomic import atomic_write_json, atomic_write_text
 from common.encoders import HFTextEncoder, ImageEncoder, MobileNetV2Encoder, load_encoder
+from simulations.machine import load_average, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 N_TEXTS, N_IMAGES, BATCH_SIZE, REPEATS, IMAGE_SIZE = 128, 64, 32, 9, 224
@@ -254,33 +252,6 @@ def _embed_call(encoder: Any, items: list[Any], batch_size: int) -> Callable[[],
     return lambda: encoder.embed(items, batch_size=batch_size)
 
 
-def machine_info() -> dict[str, Any]:
-    """Where the numbers came from: CPU, threads, library versions, time."""
-    import transformers
-
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        models = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = models[0] if models else cpu
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def run(
     *,
     n_texts: int = N_TEXTS,
@@ -308,7 +279,7 @@ def run(
             repeats=repeats,
         )
     )
-    report.machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    report.machine["load_average_after"] = load_average()
     report.notes += [
         f"{repeats} interleaved repeats after one warm-up; items/s from the median wall time; "
         "ratio = candidate / baseline throughput from the median wall time, the fastest repeat, "

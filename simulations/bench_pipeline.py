@@ -16,7 +16,7 @@ from common.config import DataSpec, TrainConfig
 from common.heads import HEAD_PRESETS
 from common.pipeline import embed_site, get_encoder
 from common.training import build_head_model, train_head
-from simulations.bench_embedding import machine_info
+from simulations.machine import machine_info
 
 
 def bench_cache(*, n: int, repeats: int, image_size: int) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 
 from common.atomic import atomic_write_json, atomic_write_text
 from simulations.federate import deploy_local
+from simulations.machine import machine_info
 
 FLOWER_POLL_SECONDS = (
     3.0  # Flower 1.41: SuperNode idle loop and ServerApp reply wait (read in its source)
@@ -173,11 +173,7 @@ def run_benchmark(
         for interval in poll_intervals
     }
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": machine_info(),
         "sites": sites,
         "rounds": rounds,
         "variants": variants,

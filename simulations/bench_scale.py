@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import threading
@@ -16,6 +15,7 @@ from typing import Any
 
 from common.atomic import atomic_write_json, atomic_write_text
 from common.config import HOME_ENV, RunSettings, SiteSettings
+from simulations.machine import load_average, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEMORY_TARGET_GIB = 8.0
@@ -305,10 +305,7 @@ def run_benchmark(
     result: dict[str, Any] = {
         "benchmark": "simulated sites on Flower's simulation engine",
         "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
-            "platform": platform.platform(),
+            **machine_info(),
             "memory_total_gib": round(
                 os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1
             ),
@@ -323,7 +320,7 @@ def run_benchmark(
         point = measure_sites(
             sites, work_dir=work_dir, rounds=rounds, run_config=config, timeout=timeout
         )
-        point["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        point["load_average_after"] = load_average()
         result["points"].append(point)
         points = result["points"]
         result["largest_under_target"] = all(

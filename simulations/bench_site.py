@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,8 @@ from common.config import TrainConfig
 from common.heads import HEAD_PRESETS
 from common.training import build_head_model, train_head
 from simulations.bench_dp import synthetic_data, time_baseline, time_private
-from simulations.bench_embedding import machine_info, sample_images, sample_texts
+from simulations.bench_embedding import sample_images, sample_texts
+from simulations.machine import load_average, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENCODERS: tuple[tuple[str, str, int | None], ...] = (
@@ -133,7 +133,7 @@ def run(
             heads = [bench_head(p, repeats=repeats, ledger_dir=Path(ledger)) for p in presets]
     finally:
         torch.set_num_threads(threads)
-    machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    machine["load_average_after"] = load_average()
     return {
         "machine": machine,
         "repeats": repeats,

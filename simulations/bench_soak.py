@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from simulations.localfed import (
     submit_run,
     wait_for_run,
 )
+from simulations.machine import load_average, machine_info
 
 FINAL_KEY = "fedembed"  # common/artifacts.py's metadata key in final/head.safetensors
 CHECKPOINT_KEY = "meta"  # server/checkpoints.py's metadata key in checkpoints
@@ -219,11 +219,7 @@ def run_soak(
     history = _history(run_dir)
     rows = _rounds_table(history, names, kills)
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average_at_end": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "load_average_at_end": load_average()},
         "sites": sites,
         "rounds_planned": rounds,
         "rounds_completed": len(history),
