@@ -211,6 +211,7 @@ class RunSettings:
     resume: bool = False
     max_update_norm: float = 100.0
     round_timeout: float = 600.0
+    first_round_timeout: float = 3600.0  # the first round also embeds each site's data; 0: as above
     reply_poll_interval: float = 0.2
     seed: int = 0
     # Client-level DP of the global head (server/privacy.py), valid for any loss; "off" by default.
@@ -241,6 +242,8 @@ class RunSettings:
             raise ConfigError("run-config: fraction-train must be in (0, 1]")
         if self.reply_poll_interval <= 0 or self.round_timeout <= 0:
             raise ConfigError("run-config: reply-poll-interval and round-timeout must be > 0")
+        if self.first_round_timeout < 0:
+            raise ConfigError("run-config: first-round-timeout must be >= 0 (0: round-timeout)")
         self._check_client_dp()
         self._check_secure_aggregation()
 

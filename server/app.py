@@ -88,7 +88,11 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
             return metric_record(server_metrics) if server_metrics else None
 
         result = strategy.start(
-            grid=PromptGrid(grid, poll_interval=run.reply_poll_interval),
+            grid=PromptGrid(
+                grid,
+                poll_interval=run.reply_poll_interval,
+                first_round_timeout=run.first_round_timeout or None,
+            ),
             initial_arrays=record_from_arrays(arrays),
             num_rounds=remaining,
             timeout=run.round_timeout,

@@ -62,13 +62,26 @@ class PromptGrid(DelegatingGrid):
     ``push_messages`` / ``pull_messages``: the semantics of ``send_and_receive`` (replies that are not
     in by ``timeout`` are simply missing) are unchanged. ``received_at`` maps each message id of the
     last exchange to the wall-clock time its reply was pulled (the round timing in the history).
+
+    ``first_round_timeout`` replaces a shorter ``timeout`` for an exchange that includes a node that
+    has not answered this ServerApp before (a site's first round also embeds its data, and a
+    restarted site has a new node id): a site still embedding is not dropped, and a site that dies
+    later costs its round only the (shorter) round timeout.
     """
 
-    def __init__(self, grid: Grid, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        first_round_timeout: float | None = None,
+    ) -> None:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be > 0")
         super().__init__(grid)
         self.poll_interval = poll_interval
+        self.first_round_timeout = first_round_timeout
+        self.answered: set[int] = set()  # nodes that have replied (a SuperLink error is no reply)
         self.pulls = 0
         self.received_at: dict[str, float] = {}  # last exchange: message id -> when its reply came
 
@@ -80,6 +93,13 @@ class PromptGrid(DelegatingGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push ``messages``; return the replies received before ``timeout`` seconds (all, if None)."""
+        messages = list(messages)
+        if (
+            timeout is not None
+            and self.first_round_timeout is not None
+            and any(m.metadata.dst_node_id not in self.answered for m in messages)
+        ):
+            timeout = max(timeout, self.first_round_timeout)
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -88,6 +108,7 @@ class PromptGrid(DelegatingGrid):
             received = list(self.pull_messages(pending))
             now = time.time()
             self.received_at.update((m.metadata.reply_to_message_id, now) for m in received)
+            self.answered.update(m.metadata.src_node_id for m in received)
             replies.extend(received)
             pending.difference_update(m.metadata.reply_to_message_id for m in received)
             if not pending or (deadline is not None and time.monotonic() >= deadline):

@@ -114,8 +114,10 @@ class RoundTraffic:
 class ProtocolGrid(PromptGrid):
     """``PromptGrid`` that also counts each round's protocol bytes per site and records site errors."""
 
-    def __init__(self, grid: Grid, *, poll_interval: float) -> None:
-        super().__init__(grid, poll_interval=poll_interval)
+    def __init__(
+        self, grid: Grid, *, poll_interval: float, first_round_timeout: float | None = None
+    ) -> None:
+        super().__init__(grid, poll_interval=poll_interval, first_round_timeout=first_round_timeout)
         self.traffic: dict[int, RoundTraffic] = {}
 
     def round_traffic(self, server_round: int) -> RoundTraffic:
@@ -315,7 +317,11 @@ def run_secure_federation(
         }
     )
     evaluator = ServerEvaluator(run) if run.server_eval else None
-    protocol_grid = ProtocolGrid(grid, poll_interval=run.reply_poll_interval)
+    protocol_grid = ProtocolGrid(
+        grid,
+        poll_interval=run.reply_poll_interval,
+        first_round_timeout=run.first_round_timeout or None,
+    )
     dp = client_dp(run)
 
     def evaluate_fn(

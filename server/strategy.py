@@ -224,8 +224,34 @@ class RoundLog:
         return result
 
     def outcomes(self) -> dict[str, str]:
-        """The same, keyed by site name (``node <id>`` for a site that never named itself)."""
-        return {self.label(n): outcome for n, outcome in self.outcomes_by_node().items()}
+        """The same, keyed by site name (``node <id>`` for a site that never named itself).
+
+        A restarted site has a new node id and the same name; while its old id is still listed
+        (dropped or skipped), the site's outcome is that of the node that got furthest.
+        """
+        result: dict[str, str] = {}
+        for node, outcome in self.outcomes_by_node().items():
+            name = self.label(node)
+            if (
+                name not in result
+                or _OUTCOME_RANK[_kind(outcome)] < _OUTCOME_RANK[_kind(result[name])]
+            ):
+                result[name] = outcome
+        return result
+
+
+_OUTCOME_RANK = {
+    "aggregated": 0,
+    "rejected": 1,
+    "declined": 1,
+    "failed": 1,
+    "dropped": 2,
+    "skipped": 3,
+}
+
+
+def _kind(outcome: str) -> str:
+    return outcome.split(":", 1)[0]
 
 
 class Accounting:

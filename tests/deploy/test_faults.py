@@ -42,8 +42,9 @@ FAULT_CLIENTAPP = Path(__file__).with_name("fault_clientapp.py")
 # worker and embeds its data): ~40 s with 3 sites on 2 loaded cores, ~15 s on an idle machine.
 ROUND_TIMEOUT = 120.0
 # A killed SuperNode costs its round this long at most (Flower itself reports the node unavailable
-# after 2 missed 30 s heartbeats, whichever comes first).
-KILL_ROUND_TIMEOUT = 60.0
+# after 2 missed 30 s heartbeats, whichever comes first). A site's first round (and a restarted
+# site's, under its new node id) gets ROUND_TIMEOUT: run-config first-round-timeout.
+KILL_ROUND_TIMEOUT = 20.0
 RUN_TIMEOUT = 300.0
 
 
@@ -89,6 +90,7 @@ def _config(
         "head": "small",
         "min-sites": 2,
         "round-timeout": ROUND_TIMEOUT,
+        "first-round-timeout": ROUND_TIMEOUT,
         "run-dir": str(run_dir),
     }
     return {**config, **(extra or {})}

@@ -99,6 +99,20 @@ def test_missing_replies_are_left_out_at_the_timeout() -> None:
     assert 0.4 <= time.monotonic() - started < 1.5
 
 
+def test_a_sites_first_round_waits_longer_while_it_embeds() -> None:
+    grid = PromptGrid(DelayedGrid({1: 0.5, 2: 0.5}), poll_interval=0.05, first_round_timeout=2.0)
+    started = time.monotonic()
+    assert len(list(grid.send_and_receive(_messages(grid, [1]), timeout=0.2))) == 1
+    assert 0.5 <= time.monotonic() - started < 2.0
+    assert list(grid.received_at) == ["m0"]  # when each reply came: the round timing in history
+    started = time.monotonic()  # node 1 has answered before: the round timeout holds
+    assert list(grid.send_and_receive(_messages(grid, [1]), timeout=0.2)) == []
+    assert time.monotonic() - started < 0.5 and grid.received_at == {}
+    # A new node (a site that joined or restarted) gets the first-round timeout again.
+    replies = list(grid.send_and_receive(_messages(grid, [1, 2]), timeout=0.2))
+    assert len(replies) == 2
+
+
 def test_everything_else_is_delegated() -> None:
     inner = DelayedGrid({7: 0.0, 9: 0.0})
     grid = PromptGrid(inner)

@@ -436,3 +436,13 @@ def test_fedavgm_carries_server_momentum_across_rounds() -> None:
         merged = arrays_from_record(arrays)
     # Round 1 step -1 -> 1.0; round 2: momentum 0.5 * -1 + -1 = -1.5 -> 2.5 (FedAvg would give 2.0).
     np.testing.assert_allclose(merged["head.w"], 2.5, rtol=1e-6)
+
+
+def test_a_restarted_site_is_named_by_its_live_node() -> None:
+    strategy, accounting = _strategy()
+    entry = accounting.current(3)
+    entry.names = {21: "site-2", 22: "site-2", 11: "site-1"}
+    entry.sites = [22, 11]
+    entry.skipped = {21: "missed the last deadline; no heartbeat since"}
+    assert entry.outcomes() == {"site-2": "aggregated", "site-1": "aggregated"}
+    assert entry.outcomes_by_node()[21].startswith("skipped: ")
