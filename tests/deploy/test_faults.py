@@ -44,7 +44,7 @@ ROUND_TIMEOUT = 120.0
 # A killed SuperNode costs its round this long at most (Flower itself reports the node unavailable
 # after 2 missed 30 s heartbeats, whichever comes first). A site's first round (and a restarted
 # site's, under its new node id) gets ROUND_TIMEOUT: run-config first-round-timeout.
-KILL_ROUND_TIMEOUT = 20.0
+KILL_ROUND_TIMEOUT = 30.0
 RUN_TIMEOUT = 300.0
 
 
