@@ -1,4 +1,4 @@
-"""Tiny end-to-end run of simulations.exp_iu_xray with a tiny random BERT in place of MiniLM."""
+"""Tiny end-to-end runs of simulations.exp_iu_xray (central, and federated on Flower's simulation engine) with a tiny random BERT."""
 
 from __future__ import annotations
 
@@ -9,16 +9,33 @@ from typing import Any
 
 import pytest
 
-from common.errors import ConfigError
-from simulations.exp_iu_xray import FROZEN, run_experiment
+from common.data.registry import load_dataset
+from common.errors import ConfigError, DataError
+from common.tensorfile import read_tensorfile
+from simulations.exp_iu_xray import (
+    DATASET,
+    FROZEN,
+    FederationPlan,
+    check_no_leak,
+    run_experiment,
+    split_reports,
+)
 
 CLASSIFIERS = ["knn", "logreg_scaled"]
 TASKS = ["abnormal", "cardiomegaly"]
+N, N_TRAIN = 300, 240
+FED_KEY, MATCHED_KEY = "default/supcon/fed-iid", "default/supcon/matched-iid"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedding cache for the module's runs (the tiny encoder embeds each report once)."""
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
 def result(
-    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, cache: Path
 ) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("results")
     document = run_experiment(
@@ -27,19 +44,47 @@ def result(
         losses=["supcon"],
         heads=["default", "paper"],
         epochs=2,
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        cache_dir=cache,
         out_dir=out,
-        n=300,
+        n=N,
         text_encoder=str(tiny_model_dirs["text"]),
         classifiers=CLASSIFIERS,
     )
     return document, out
 
 
+@pytest.fixture(scope="module")
+def federated(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, cache: Path
+) -> dict[str, Any]:
+    """One task, one seed, the central default head and one FedAvg arm: 2 sites, 2 rounds x 1 epoch."""
+    out, work = tmp_path_factory.mktemp("fed-results"), tmp_path_factory.mktemp("fed-work")
+    plan = FederationPlan(sites=2, rounds=2, partitions=("iid",), losses=("supcon",), work_dir=work)
+    document = run_experiment(
+        tasks=["cardiomegaly"],
+        seeds=[0],
+        losses=["supcon"],
+        heads=["default"],
+        epochs=2,
+        cache_dir=cache,
+        out_dir=out,
+        n=N,
+        text_encoder=str(tiny_model_dirs["text"]),
+        classifiers=CLASSIFIERS,
+        batch_size=32,
+        federation=plan,
+    )
+    split = split_reports(
+        task="cardiomegaly", seed=0, n=N, text_encoder=str(tiny_model_dirs["text"]), cache_dir=cache
+    )
+    return {"document": document, "out": out, "work": work, "split": split}
+
+
 def test_writes_json_equal_to_returned_document(result: tuple[dict[str, Any], Path]) -> None:
     document, out = result
     assert json.loads((out / "iu_xray.json").read_text()) == json.loads(json.dumps(document))
     assert not list(out.glob(".*.tmp"))
+    assert document["config"]["federation"] is None  # central-only mode: no Flower run
 
 
 def test_runs_cover_every_task_variant_and_classifier(result: tuple[dict[str, Any], Path]) -> None:
@@ -73,8 +118,8 @@ def test_summary_matches_single_seed_runs(result: tuple[dict[str, Any], Path]) -
                     runs[(task, key)][name] - runs[(task, FROZEN)][name]
                 )
         split = document["data"][task]["seed0"]
-        total = sum(split["train"].values()) + sum(split["test"].values())
-        assert total == 300
+        assert sum(split["train"].values()) == N_TRAIN
+        assert sum(split["test"].values()) == N - N_TRAIN
 
 
 def test_markdown_has_one_table_per_task(result: tuple[dict[str, Any], Path]) -> None:
@@ -86,9 +131,77 @@ def test_markdown_has_one_table_per_task(result: tuple[dict[str, Any], Path]) ->
     frozen = f"{document['summary']['abnormal'][FROZEN]['knn']['mean']:.3f} ± 0.000"
     assert frozen in text
     assert "paper head 32-16-128, supcon" in text
+    assert "Federated vs central" not in text
 
 
-def test_rejects_unsupervised_loss_and_unknown_head(tmp_path: Path) -> None:
+def test_split_is_the_loaders_seeded_subset_and_its_complement(
+    federated: dict[str, Any],
+) -> None:
+    split = federated["split"]
+    pool = load_dataset(DATASET, n=N_TRAIN, seed=0, task="cardiomegaly")  # what sites partition
+    assert split.train.ids == pool.ids
+    assert len(split.test) == N - N_TRAIN
+    assert not set(split.test.ids) & set(pool.ids)
+
+
+def test_federated_arm_runs_on_flower_and_no_site_holds_a_test_report(
+    federated: dict[str, Any],
+) -> None:
+    document, work, split = federated["document"], federated["work"], federated["split"]
+    assert document["variants"][FED_KEY] == "default head 32-512-128, supcon, FedAvg 2 sites iid"
+    runs = {r["variant"]: r for r in document["runs"]}
+    assert set(runs) == {FROZEN, "default/supcon", FED_KEY, MATCHED_KEY}
+    fed = runs[FED_KEY]
+    assert fed["arm"] == "federated" and fed["dim"] == 128
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in fed["f1"].values())
+    assert list(fed["f1"]) == CLASSIFIERS
+    assert fed["train"]["rounds"] == 2 and fed["train"]["local_epochs"] == 1
+    # The real sites' data, read from the bundles their ClientApps wrote (not from the experiment).
+    home = work / "cardiomegaly" / "seed0" / FED_KEY.replace("/", "-")
+    history = (home / "run" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in history] == [1, 2]
+    held: dict[str, set[str]] = {}
+    site_train: set[str] = set()
+    for site in ("site-0", "site-1"):
+        (bundle,) = (home / "sites" / site / "embeddings").glob("*.safetensors")
+        _, meta = read_tensorfile(bundle, key="fedembed")
+        held[site] = set(meta["train.ids"]) | set(meta["test.ids"])
+        site_train |= set(meta["train.ids"])
+        assert len(held[site]) == fed["sites"][site]["train"] + fed["sites"][site]["local_held_out"]
+    assert not held["site-0"] & held["site-1"]
+    assert held["site-0"] | held["site-1"] == set(split.train.ids)  # the whole pool, nothing else
+    assert not (held["site-0"] | held["site-1"]) & set(split.test.ids)
+    # The matched central head trained on exactly the sites' labelled training rows.
+    labels = dict(zip(split.train.ids, split.train.labels.tolist(), strict=True))
+    assert runs[MATCHED_KEY]["train"]["examples"] == sum(labels[i] >= 0 for i in site_train)
+
+
+def test_federated_markdown_and_comparison(federated: dict[str, Any]) -> None:
+    document, out = federated["document"], federated["out"]
+    comparison = document["federated_vs_central"]["cardiomegaly"][FED_KEY]
+    f1 = {r["variant"]: r["f1"] for r in document["runs"]}
+    for arm, reference in (("central", "default/supcon"), ("matched", MATCHED_KEY)):
+        assert comparison[arm]["reference"] == reference
+        for name in CLASSIFIERS:
+            assert comparison[arm]["per_classifier"][name]["delta_mean"] == pytest.approx(
+                f1[FED_KEY][name] - f1[reference][name]
+            )
+    text = (out / "iu_xray.md").read_text()
+    assert "Federated vs central" in text
+    assert "FedAvg over 2 simulated sites" in text
+    assert "default head 32-512-128, supcon, FedAvg 2 sites iid − matched central" in text
+
+
+def test_check_no_leak_names_the_site(federated: dict[str, Any]) -> None:
+    split = federated["split"]
+    ok = {"site-0": {"train_ids": split.train.ids[:5], "held_out_ids": split.train.ids[5:7]}}
+    check_no_leak(ok, split)
+    leaked = {"site-1": {"train_ids": split.train.ids[:5], "held_out_ids": split.test.ids[:1]}}
+    with pytest.raises(DataError, match="site-1 held 1 held-out test reports"):
+        check_no_leak(leaked, split)
+
+
+def test_rejects_bad_configuration(tmp_path: Path) -> None:
     common: dict[str, Any] = {
         "tasks": ["abnormal"],
         "seeds": [0],
@@ -100,4 +213,15 @@ def test_rejects_unsupervised_loss_and_unknown_head(tmp_path: Path) -> None:
         run_experiment(losses=["infonce"], heads=["default"], **common)
     with pytest.raises(ConfigError, match="huge"):
         run_experiment(losses=["supcon"], heads=["huge"], **common)
+    with pytest.raises(ConfigError, match="rounds"):  # 3 rounds cannot make 1 central epoch
+        run_experiment(
+            losses=["supcon"], heads=["default"], federation=FederationPlan(rounds=3), **common
+        )
+    with pytest.raises(ConfigError, match="quantity"):
+        run_experiment(
+            losses=["supcon"],
+            heads=["default"],
+            federation=FederationPlan(rounds=1, partitions=("quantity",)),
+            **common,
+        )
     assert not list(tmp_path.iterdir())
