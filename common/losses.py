@@ -202,6 +202,42 @@ class SupConLoss(nn.Module):
         return per_anchor.mean()
 
 
+class CLIPSupConLoss(nn.Module):
+    """CLIP's InfoNCE plus ``supcon_weight`` x SupCon: pairs for retrieval, labels for classes.
+
+    InfoNCE alone aligns each image with its own report (retrieval) but leaves classes spread out;
+    the label-aware losses (SupCon, the paper's pairwise loss) group classes (zero-shot AUROC) but
+    lose the pairing. The sum keeps both, as UniCL (Yang et al. 2022) does for image-text-label
+    data. On ``synthetic-radiology`` the weight 2 and SupCon temperature 0.2 were chosen on the
+    validation split (simulations/results/federated/defaults_on_validation.md). Not per-example
+    decomposable (no DP-SGD).
+    """
+
+    def __init__(
+        self,
+        *,
+        init_temperature: float = 0.07,
+        supcon_weight: float = 2.0,
+        supcon_temperature: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if supcon_weight < 0:
+            raise ValueError(f"CLIPSupConLoss: supcon_weight must be >= 0, got {supcon_weight}")
+        self.clip = InfoNCELoss(init_temperature=init_temperature)
+        self.supcon = SupConLoss(temperature=supcon_temperature)
+        self.supcon_weight = float(supcon_weight)
+
+    @property
+    def temperature(self) -> float:
+        """The InfoNCE term's current temperature (SupCon's is fixed)."""
+        return self.clip.temperature
+
+    def forward(
+        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        return self.clip(image, text) + self.supcon_weight * self.supcon(image, text, labels)
+
+
 class ProxyClassifier(nn.Module):
     """Cosine-style class logits ``z @ normalize(proxies).T / T``: [N, dim] -> [N, C].
 
@@ -279,11 +315,12 @@ def _check_temperature(loss: str, temperature: float) -> float:
 
 LOSSES: dict[str, str] = {
     "infonce": "CLIP symmetric InfoNCE over image-text pairs, learnable temperature (no labels)",
+    "infonce+supcon": "InfoNCE + 2 x SupCon (T 0.2): retrieval from the pairs, classes from labels",
     "pairwise": "label-aware pairwise BCE on in-batch similarities (arXiv 2502.02048)",
     "supcon": "supervised contrastive (Khosla et al.), image and text rows of a class are positives",
     "proxy": "cross-entropy to learnable class proxies; per-example decomposable (DP-SGD safe)",
 }
-_NEEDS_LABELS = ("pairwise", "supcon", "proxy")
+_NEEDS_LABELS = ("pairwise", "supcon", "proxy", "infonce+supcon")
 
 
 def _check_name(name: str) -> None:
@@ -318,6 +355,10 @@ def build_loss(
         )
     if name == "infonce":
         return InfoNCELoss() if temperature is None else InfoNCELoss(init_temperature=temperature)
+    if name == "infonce+supcon":
+        if temperature is None:
+            return CLIPSupConLoss()
+        return CLIPSupConLoss(init_temperature=temperature)
     kwargs = {} if temperature is None else {"temperature": temperature}
     if name == "pairwise":
         return PairwiseLabelLoss(**kwargs)

@@ -18,7 +18,7 @@ from common.errors import ConfigError, DataError
 from common.heads import HeadConfig, MultimodalHead
 from common.losses import build_loss
 
-LABEL_LOSSES = ("pairwise", "supcon", "proxy")
+LABEL_LOSSES = ("pairwise", "supcon", "proxy", "infonce+supcon")
 
 
 class HeadModel(nn.Module):
@@ -87,8 +87,8 @@ def build_head_model(
     seed: int = 0,
 ) -> HeadModel:
     """A freshly initialised head + loss for inputs of the given per-modality dimensions."""
-    if loss == "infonce" and (layout != "two-tower" or set(dims) != {"image", "text"}):
-        raise ConfigError("loss 'infonce' needs paired images and texts with the two-tower layout")
+    if loss.startswith("infonce") and (layout != "two-tower" or set(dims) != {"image", "text"}):
+        raise ConfigError(f"loss '{loss}' needs paired images and texts with the two-tower layout")
     if loss in LABEL_LOSSES and not num_classes:
         raise ConfigError(f"loss '{loss}' needs class labels, but the dataset has none")
     torch.manual_seed(seed)

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loss",
         default="infonce",
-        choices=["infonce", "pairwise", "supcon", "proxy"],
+        choices=["infonce", "infonce+supcon", "pairwise", "supcon", "proxy"],
         help="contrastive loss",
     )
     p.add_argument(

@@ -126,7 +126,11 @@ def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> Non
         help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum",
     )
     p.add_argument("--local-epochs", type=int, default=5)
-    p.add_argument("--loss", default="infonce", choices=["infonce", "pairwise", "supcon", "proxy"])
+    p.add_argument(
+        "--loss",
+        default="infonce",
+        choices=["infonce", "infonce+supcon", "pairwise", "supcon", "proxy"],
+    )
     p.add_argument("--head", default="default", help="head preset: default, paper, small")
     p.add_argument("--image-encoder", default="mobilenetv2")
     p.add_argument("--text-encoder", default="minilm")

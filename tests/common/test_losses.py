@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,7 @@ from common.heads import HeadConfig, MultimodalHead
 from common.losses import (
     LOSSES,
     ClassProxyLoss,
+    CLIPSupConLoss,
     InfoNCELoss,
     PairwiseLabelLoss,
     SupConLoss,
@@ -317,6 +319,7 @@ def test_missing_embeddings_raise(loss: torch.nn.Module) -> None:
 def test_build_loss_builds_each_and_passes_temperature() -> None:
     expected = {
         "infonce": InfoNCELoss,
+        "infonce+supcon": CLIPSupConLoss,
         "pairwise": PairwiseLabelLoss,
         "supcon": SupConLoss,
         "proxy": ClassProxyLoss,
@@ -335,10 +338,12 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
 
 
 def test_build_loss_errors() -> None:
-    with pytest.raises(ConfigError, match=r"unknown loss 'clip'.*infonce, pairwise, supcon, proxy"):
+    with pytest.raises(
+        ConfigError, match=r"unknown loss 'clip'.*infonce, infonce\+supcon, pairwise, supcon, proxy"
+    ):
         build_loss("clip", num_classes=3, dim=8)
-    for name in ("pairwise", "supcon", "proxy"):
-        with pytest.raises(ConfigError, match=f"loss '{name}' needs labelled data"):
+    for name in ("pairwise", "supcon", "proxy", "infonce+supcon"):
+        with pytest.raises(ConfigError, match=f"loss '{re.escape(name)}' needs labelled data"):
             build_loss(name, num_classes=None, dim=8)
     with pytest.raises(ConfigError, match="num_classes must be >= 2"):
         build_loss("proxy", num_classes=1, dim=8)
@@ -349,12 +354,28 @@ def test_build_loss_errors() -> None:
 def test_only_proxy_is_per_example_decomposable() -> None:
     assert {name: loss_is_per_example_decomposable(name) for name in LOSSES} == {
         "infonce": False,
+        "infonce+supcon": False,
         "pairwise": False,
         "supcon": False,
         "proxy": True,
     }
     with pytest.raises(ConfigError, match="unknown loss"):
         loss_is_per_example_decomposable("nope")
+
+
+def test_clip_supcon_is_infonce_plus_weighted_supcon() -> None:
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(B, 8), dim=1)
+    text = F.normalize(torch.randn(B, 8), dim=1)
+    labels = torch.randint(0, 3, (B,))
+    combined = CLIPSupConLoss(supcon_weight=2.0, supcon_temperature=0.2)
+    expected = InfoNCELoss()(image, text) + 2.0 * SupConLoss(temperature=0.2)(image, text, labels)
+    value = combined(image, text, labels)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    assert combined.clip.logit_scale.grad is not None  # the CLIP temperature is still learned
+    without_labels_term = CLIPSupConLoss(supcon_weight=0.0)(image, text, labels)
+    torch.testing.assert_close(without_labels_term, InfoNCELoss()(image, text))
 
 
 @pytest.fixture
