@@ -197,22 +197,21 @@ def quick_metrics(
         return {}
     projected = model.project(data)
     metrics: dict[str, float] = {}
-    labelled = data.labels is not None and bool((data.labels >= 0).all())
+    # Label metrics use the labelled rows only (a dataset may leave some rows unlabelled).
+    rows = np.flatnonzero(data.labels >= 0) if data.labels is not None else np.array([], int)
+    labels = data.labels[rows] if data.labels is not None else np.array([], int)
     if "image" in projected and "text" in projected:
         retrieval = cross_modal_retrieval(
             projected["image"], projected["text"], groups_text=data.text_groups, ks=(1, 5)
         )
         metrics["R@1"] = retrieval["mean_R@1"]
         metrics["R@5"] = retrieval["mean_R@5"]
-        if "prompts" in projected and labelled:
-            assert data.labels is not None
-            metrics.update(zero_shot(projected["image"], projected["prompts"], data.labels))
-    elif labelled:
-        assert data.labels is not None
-        key = next(iter(projected))
-        z = projected[key]
-        classes = np.unique(data.labels)
-        centroids = np.stack([z[data.labels == c].mean(axis=0) for c in classes])
+        if "prompts" in projected and rows.size:
+            metrics.update(zero_shot(projected["image"][rows], projected["prompts"], labels))
+    elif np.unique(labels).size >= 2:  # one class: every row is "right", which says nothing
+        z = projected[next(iter(projected))][rows]
+        classes = np.unique(labels)
+        centroids = np.stack([z[labels == c].mean(axis=0) for c in classes])
         predicted = classes[np.argmax(z @ centroids.T, axis=1)]
-        metrics["centroid_acc"] = float((predicted == data.labels).mean())
+        metrics["centroid_acc"] = float((predicted == labels).mean())
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,18 @@ def describe_task(run: RunSettings) -> dict[str, Any]:
     """
     from common.data.registry import BUILTIN_DATASETS, load_dataset
 
-    if run.dataset not in BUILTIN_DATASETS:
-        raise ConfigError(
-            f"run-config: dataset '{run.dataset}' is not built in; the coordinator needs the task "
-            "from a built-in dataset or a server-eval dataset with the same modalities and classes"
-        )
-    sample = load_dataset(run.dataset, n=_TASK_SAMPLE, seed=run.seed, task=run.task or None)
+    if run.dataset in BUILTIN_DATASETS:
+        sample = load_dataset(run.dataset, n=_TASK_SAMPLE, seed=run.seed, task=run.task or None)
+    else:  # a manifest the coordinator can read (a simulation), else its server-eval manifest
+        source = run.dataset if Path(run.dataset).is_file() else run.server_eval
+        if not source or (source not in BUILTIN_DATASETS and not Path(source).is_file()):
+            raise ConfigError(
+                f"run-config: dataset '{run.dataset}' is neither built in nor a manifest the "
+                "coordinator can read; set server-eval to a manifest (or built-in dataset) with "
+                "the sites' modalities and classes"
+            )
+        task = run.task or None if source in BUILTIN_DATASETS else None
+        sample = load_dataset(source, seed=run.seed, task=task)
     return {"modalities": list(sample.modalities), "class_names": list(sample.class_names)}
 
 

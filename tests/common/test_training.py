@@ -11,7 +11,7 @@ import torch
 from common.artifacts import load_head, load_state_arrays, save_head, state_arrays
 from common.embedding import EmbeddedDataset, embed_dataset
 from common.errors import ConfigError, DataError
-from common.evaluation import evaluate_head
+from common.evaluation import evaluate_head, quick_metrics
 from common.heads import HEAD_PRESETS, HeadConfig
 from common.pipeline import DataSpec, prepare_site_data, split_indices
 from common.training import TrainConfig, build_head_model, train_head
@@ -46,7 +46,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("loss", ["infonce", "pairwise", "supcon", "proxy"])
+@pytest.mark.parametrize("loss", ["infonce", "infonce+supcon", "pairwise", "supcon", "proxy"])
 def test_training_lowers_each_loss(loss: str) -> None:
     data = _paired()
     model = build_head_model(
@@ -212,3 +212,43 @@ def test_synthetic_pool_mixes_site_profiles_and_natural_partition_is_one_profile
     assert natural.sites is not None and set(natural.sites) == {"site-2"} and len(natural) == 20
     iid = load_site_dataset(DataSpec(n=80, partition="iid", num_partitions=4, partition_id=2))
     assert iid.sites is not None and len(set(iid.sites)) > 1
+
+
+def test_quick_metrics_score_the_labelled_rows_when_some_are_unlabelled() -> None:
+    data = _paired(120)
+    model = build_head_model(dims=data.dims, head_config=HeadConfig(out_dim=8, hidden_dim=16))
+    full = quick_metrics(model, data, prefix="")
+    assert {"R@1", "R@5", "zs_acc", "zs_auroc"} <= set(full)
+    assert data.labels is not None
+    labels = data.labels.copy()
+    labels[::10] = -1  # a few reports without a label
+    partly = EmbeddedDataset(
+        ids=data.ids,
+        image=data.image,
+        text=data.text,
+        labels=labels,
+        class_names=data.class_names,
+        prompts=data.prompts,
+        text_groups=data.text_groups,
+    )
+    scored = quick_metrics(model, partly, prefix="")
+    assert {"zs_acc", "zs_auroc"} <= set(scored)  # before: none, as soon as one row lacked a label
+    assert scored["R@5"] == full["R@5"] and scored["zs_acc"] != full["zs_acc"]
+
+
+def test_centroid_accuracy_needs_two_classes() -> None:
+    data = _paired(60)
+    text_only = EmbeddedDataset(
+        ids=data.ids, text=data.text, labels=np.zeros(60, dtype=np.int64), class_names=["c0"]
+    )
+    model = build_head_model(
+        dims=text_only.dims,
+        head_config=HeadConfig(out_dim=8, hidden_dim=16),
+        loss="supcon",
+        num_classes=1,
+    )
+    assert quick_metrics(model, text_only, prefix="") == {}  # one class: nothing to report
+    two = EmbeddedDataset(
+        ids=data.ids, text=data.text, labels=np.arange(60) % 2, class_names=["c0", "c1"]
+    )
+    assert set(quick_metrics(model, two, prefix="")) == {"centroid_acc"}
