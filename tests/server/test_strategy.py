@@ -439,8 +439,7 @@ def test_fedavgm_carries_server_momentum_across_rounds() -> None:
 
 
 def test_a_restarted_site_is_named_by_its_live_node() -> None:
-    strategy, accounting = _strategy()
-    entry = accounting.current(3)
+    entry = Accounting().current(3)
     entry.names = {21: "site-2", 22: "site-2", 11: "site-1"}
     entry.sites = [22, 11]
     entry.skipped = {21: "missed the last deadline; no heartbeat since"}
