@@ -48,7 +48,7 @@ def run_demo(
     shown = ", ".join(f"{k} {v:.2f}" for k, v in ratios(comparison).items())
     print(f"\nfederated / centralized: {shown}")
     print(
-        f"held-out test set: the union of all hospitals' test splits. Results in {out}/ ({time.perf_counter() - started:.0f} s)"
+        f"held-out test set: the union of the hospitals' test halves (their held-out splits halved: the other half picks each arm's stopping point). Results in {out}/ ({time.perf_counter() - started:.0f} s)"
     )
     print("figures: " + ", ".join(str(p) for p in figures))
     return out

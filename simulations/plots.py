@@ -22,10 +22,12 @@ SITE_EVAL_PREFIX = "eval-"
 
 @dataclass
 class Figure:
-    """A written PNG and the labels of the data series drawn in it (legend order)."""
+    """A written PNG, the labels of the data series drawn in it (legend order), and the marked
+    points (label, x, y), e.g. the rounds model selection kept."""
 
     path: Path
     series: list[str] = field(default_factory=list)
+    marks: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -65,26 +67,46 @@ def metric_vs_round(
     *,
     metric: str,
     title: str = "",
+    chosen: Mapping[str, int] | None = None,
 ) -> Figure:
-    """One line per federated method: ``metric`` of the global head after each round."""
+    """One line per federated method: ``metric`` of the global head after each round.
+
+    ``chosen``: per method, the round model selection kept (drawn as a star on its line).
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn: list[str] = []
+    marks: list[tuple[str, float, float]] = []
     sources: set[str] = set()
     for label, history in histories.items():
         source, series = round_series(history)
         if metric not in series:
             continue
         sources.add(source)
-        ax.plot(series["round"], series[metric], marker="o", markersize=3, label=label)
+        (line,) = ax.plot(series["round"], series[metric], marker="o", markersize=3, label=label)
         drawn.append(label)
+        if chosen and label in chosen and float(chosen[label]) in series["round"]:
+            at = series["round"].index(float(chosen[label]))
+            ax.plot(
+                [series["round"][at]],
+                [series[metric][at]],
+                marker="*",
+                markersize=12,
+                color=line.get_color(),
+                linestyle="none",
+            )
+            marks.append((label, series["round"][at], series[metric][at]))
     where = " and ".join(
         {"server": "coordinator's held-out set", "sites": "sites' held-out splits"}[s]
         for s in sorted(sources)
     )
     ax.set_xlabel("round")
     ax.set_ylabel(f"{metric} ({where})" if where else metric)
-    ax.set_title(title or f"{metric} of the global head per round")
-    return _save(fig, ax, path, drawn)
+    ax.set_title(
+        title or f"{metric} of the global head per round" + (" (★ kept)" if chosen else "")
+    )
+    figure = _save(fig, ax, path, drawn)
+    figure.marks = marks
+    return figure
 
 
 def utility_vs_epsilon(

@@ -65,6 +65,19 @@ def test_metric_vs_round_draws_one_line_per_method_with_the_metric(tmp_path: Pat
     }
     figure = metric_vs_round(histories, tmp_path / "rounds.png", metric="R@5")
     assert figure.series == list(histories)[:3]
+    assert figure.marks == []
+    _assert_png(figure.path)
+
+
+def test_metric_vs_round_stars_the_round_model_selection_kept(tmp_path: Path) -> None:
+    histories = {
+        "federated": _history(4, server=True, start=0.0),
+        "federated + client-level DP": _history(4, server=True, start=0.1),
+    }
+    _, series = round_series(histories["federated"])
+    chosen = {"federated": 3, "federated + client-level DP": 9, "absent": 1}  # 9: not a round
+    figure = metric_vs_round(histories, tmp_path / "kept.png", metric="R@5", chosen=chosen)
+    assert figure.marks == [("federated", 3.0, series["R@5"][2])]
     _assert_png(figure.path)
 
 
