@@ -98,6 +98,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         run_config=_federation_run_config(args),
         echo=args.verbose_flower,
         secure=args.secure,
+        database=args.database,
     )
     print(summarize(fed))
     return 0 if fed.ok else 1
@@ -166,6 +167,12 @@ def register_federation(sub: Any) -> None:
         action="store_true",
         help="TLS and SuperNode authentication: deploy/pki.sh makes a CA, the SuperLink certificate "
         "and one key per site in OUT/pki, each key is registered with `flwr supernode register`",
+    )
+    p.add_argument(
+        "--database",
+        action="store_true",
+        help="the SuperLink keeps its state in OUT/flower/state.db (survives a SuperLink restart; "
+        "slower rounds) instead of in memory (Flower's default)",
     )
     p.set_defaults(func=cmd_deploy_local)
 

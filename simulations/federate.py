@@ -182,8 +182,14 @@ def deploy_local(
     timeout: float = 3600.0,
     echo: bool = True,
     secure: bool = False,
+    database: bool = False,
 ) -> FederationResult:
     """A real ``flower-superlink`` and ``sites`` real ``flower-supernode`` processes on 127.0.0.1.
+
+    ``database``: the SuperLink keeps its state in ``flower/state.db`` (a restarted SuperLink keeps
+    its runs and node ids); by default it is in memory, Flower's default, which is faster (Flower's
+    SQLite object store writes every object of every message: +1.6 s per round here,
+    simulations/results/bench_rounds.md).
 
     ``secure``: deploy/pki.sh writes a CA, the SuperLink certificate and one key per site into
     ``out_dir``/pki; the SuperLink runs with TLS and ``--enable-supernode-auth``, every site's
@@ -198,7 +204,7 @@ def deploy_local(
     pki = make_pki(home / "pki", names) if secure else None
     link = LocalSuperLink(
         flower,
-        database=flower / "state.db",
+        database=flower / "state.db" if database else None,
         tls=pki.tls if pki is not None else None,
         enable_supernode_auth=pki is not None,
         startup_timeout=STARTUP_TIMEOUT,
