@@ -18,13 +18,13 @@ from common.metrics import format_table
 from simulations.experiment import (
     HEADLINE,
     SAMPLE_DP_LOSS,
-    _machine,
     _row,
     concat_embedded,
     federate,
     prepare_sites,
     run_config_of,
 )
+from simulations.machine import machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "privacy"
 EPSILONS: tuple[float, ...] = (1.0, 3.0, 8.0, math.inf)
@@ -133,7 +133,7 @@ def run_study(
         "summary": summarize(runs, frozen),
         "runs": runs,
         "frozen": frozen,
-        "machine": _machine(),
+        "machine": machine_info(),
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(out_dir / "privacy.json", _json_safe(document))

@@ -6,7 +6,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from common.metrics import (
 )
 from common.pipeline import SiteData, prepare_site_data, split_indices
 from common.training import HeadModel, TrainConfig, build_head_model, train_head
+from simulations.machine import machine_info
 
 HEADLINE = ("mean_R@1", "mean_R@5", "mean_R@10", "zs_acc", "zs_auroc", "probe_f1_macro")
 # The metric a figure shows: the first of these the rows have (paired data: retrieval).
@@ -895,7 +895,7 @@ def run_comparisons(
     """
     dp_seeds = list(seeds) if dp_seeds is None else list(dp_seeds)
     results: dict[str, Any] = {
-        "machine": _machine(),
+        "machine": machine_info(),
         "sites": sites,
         "seeds": list(seeds),
         "selection": SELECTION,
@@ -1005,14 +1005,6 @@ def _privacy_note(comparison: Comparison) -> str:
                 f"after {row['releases']} releases (one whole site's influence, no sampling amplification)"
             )
     return "epsilon: " + "; ".join(parts) + "."
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
