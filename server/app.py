@@ -164,7 +164,6 @@ def _log_round(
         "site_metrics_mean": metrics_mean(entry.site_metrics),
         "server_metrics": server_metrics,
         "site_timing": {n: {k: round(v, 3) for k, v in t.items()} for n, t in entry.timing.items()},
-        "aggregate_started_seconds": entry.aggregate_started,
         "time": time.time(),
     }
     if client_dp is not None:

@@ -18,6 +18,9 @@ class DelegatingGrid(Grid):
 
     def __init__(self, grid: Grid) -> None:
         self.inner = grid
+        # The last exchange: message id -> when its reply was pulled (time.time()); subclasses
+        # that time replies fill it, the round history reads it.
+        self.received_at: dict[str, float] = {}
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -83,7 +86,6 @@ class PromptGrid(DelegatingGrid):
         self.first_round_timeout = first_round_timeout
         self.answered: set[int] = set()  # nodes that have replied (a SuperLink error is no reply)
         self.pulls = 0
-        self.received_at: dict[str, float] = {}  # last exchange: message id -> when its reply came
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.pulls += 1

@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import (
 
 from common.config import RunSettings
 from common.flower import arrays_from_record, record_nbytes
-from server.grid import DelegatingGrid, PromptGrid
+from server.grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,8 @@ class RoundLog:
     evaluate_rejected: dict[int, str] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     # Seconds after ``started``: per node, when the site created its reply ("replied", the site's
-    # clock) and when the ServerApp pulled it ("received"); when aggregation began.
+    # clock) and when the ServerApp pulled it ("received").
     timing: dict[int, dict[str, float]] = field(default_factory=dict)
-    aggregate_started: float | None = None
 
     def label(self, node: int) -> str:
         """The site's name when known, else ``node <id>``."""
@@ -209,19 +208,23 @@ class RoundLog:
         name = self.names.get(node)
         return f"{name} (node {node})" if name else f"node {node}"
 
-    def outcomes_by_node(self) -> dict[int, str]:
-        """Each node's outcome: aggregated, or ``rejected|declined|failed|dropped|skipped: reason``."""
-        result = {n: "aggregated" for n in self.sites}
-        for kind, entries in (
-            ("rejected", self.rejected),
-            ("declined", self.declined),
-            ("failed", self.failed),
-            ("dropped", self.dropped),
-            ("skipped", self.skipped),
+    def _outcome_kinds(self) -> dict[int, tuple[int, str]]:
+        """Each node's (rank, outcome): the lower the rank, the further the node got this round."""
+        result = {n: (0, "aggregated") for n in self.sites}
+        for rank, kind, entries in (
+            (1, "rejected", self.rejected),
+            (1, "declined", self.declined),
+            (1, "failed", self.failed),
+            (2, "dropped", self.dropped),
+            (3, "skipped", self.skipped),
         ):
             for node, reason in entries.items():
-                result[node] = f"{kind}: {reason}"
+                result[node] = (rank, f"{kind}: {reason}")
         return result
+
+    def outcomes_by_node(self) -> dict[int, str]:
+        """Each node's outcome: aggregated, or ``rejected|declined|failed|dropped|skipped: reason``."""
+        return {node: outcome for node, (_, outcome) in self._outcome_kinds().items()}
 
     def outcomes(self) -> dict[str, str]:
         """The same, keyed by site name (``node <id>`` for a site that never named itself).
@@ -229,29 +232,12 @@ class RoundLog:
         A restarted site has a new node id and the same name; while its old id is still listed
         (dropped or skipped), the site's outcome is that of the node that got furthest.
         """
-        result: dict[str, str] = {}
-        for node, outcome in self.outcomes_by_node().items():
+        best: dict[str, tuple[int, str]] = {}
+        for node, ranked in self._outcome_kinds().items():
             name = self.label(node)
-            if (
-                name not in result
-                or _OUTCOME_RANK[_kind(outcome)] < _OUTCOME_RANK[_kind(result[name])]
-            ):
-                result[name] = outcome
-        return result
-
-
-_OUTCOME_RANK = {
-    "aggregated": 0,
-    "rejected": 1,
-    "declined": 1,
-    "failed": 1,
-    "dropped": 2,
-    "skipped": 3,
-}
-
-
-def _kind(outcome: str) -> str:
-    return outcome.split(":", 1)[0]
+            if name not in best or ranked[0] < best[name][0]:
+                best[name] = ranked
+        return {name: outcome for name, (_, outcome) in best.items()}
 
 
 class Accounting:
@@ -350,8 +336,7 @@ class FedEmbedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self.accounting.current(server_round + self.round_offset)
-        entry.aggregate_started = time.time() - entry.started
-        received_at = self._grid.received_at if isinstance(self._grid, PromptGrid) else {}
+        received_at = self._grid.received_at if isinstance(self._grid, DelegatingGrid) else {}
         # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
         target = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         accepted: list[Message] = []
