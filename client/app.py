@@ -52,6 +52,7 @@ def train(msg: Message, context: Context) -> Message:
                 _request("train", incoming, config, context), site
             ),
             declined_code=DECLINED_ERROR_CODE,
+            timing=_timing(handler_started),
         )
     result: dict[str, Any] = {}
 
@@ -77,9 +78,6 @@ def train(msg: Message, context: Context) -> Message:
         if norm is not None:
             privacy["client-dp-clipping-norm"] = norm
         sent = arrays_from_record(reply.content.array_records["arrays"])
-        timing = {"handler_started": handler_started}
-        if (process_started := process_start_time()) is not None:
-            timing["process_started"] = process_started
         _audit(
             context,
             msg,
@@ -88,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
             result["metrics"],
             message_type="train",
             privacy=privacy,
-            timing=timing,
+            timing=_timing(handler_started),
         )
     return reply
 
@@ -134,6 +132,14 @@ def _run(request: dict[str, Any], site: SiteSettings) -> dict[str, Any]:
     from client.training import execute
 
     return execute(request)
+
+
+def _timing(handler_started: float) -> dict[str, float]:
+    """When this message's handler and (where known) its process started: the site's audit timing."""
+    timing = {"handler_started": handler_started}
+    if (process_started := process_start_time()) is not None:
+        timing["process_started"] = process_started
+    return timing
 
 
 def process_start_time() -> float | None:

@@ -66,8 +66,12 @@ def secagg_train(
     site: SiteSettings,
     local_round: LocalRound,
     declined_code: int,
+    timing: Mapping[str, float] | None = None,
 ) -> Message:
-    """Answer one SecAgg+ stage; log exactly what the reply carries in the site's audit log."""
+    """Answer one SecAgg+ stage; log exactly what the reply carries in the site's audit log.
+
+    ``timing``: when the handler (and its process) started, kept in the audit line at the site.
+    """
     from client.audit import record_egress
 
     run = RunSettings.from_run_config(dict(context.run_config))
@@ -114,6 +118,7 @@ def secagg_train(
         metrics=metrics,
         privacy=privacy,
         protocol=(stage, fields),
+        timing=timing,
     )
     return reply
 

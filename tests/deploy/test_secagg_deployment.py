@@ -176,6 +176,8 @@ def test_secagg_run_sums_masked_updates_to_the_fedavg_mean(
         entries = _audit_entries(federation.home, index, result.run_id)
         assert [e["secagg"]["stage"] for e in entries] == list(SECAGG_PAYLOADS) * 2
         assert all(not e["arrays"] for e in entries)  # no unmasked head or update ever left
+        # each stage's handling is timed at the site, as on the plain path
+        assert all(e["timing"]["handler_started"] <= e["time"] for e in entries), entries
 
 
 def test_secagg_with_client_side_clipping_releases_only_a_noisy_mean(
