@@ -117,6 +117,17 @@ def resolve_path(value: str, default: str) -> Path:
     return path if path.is_absolute() else fedembed_home() / path
 
 
+# Loss name -> what it optimises (common/losses.py builds them; here so config checks names cheaply).
+LOSSES: dict[str, str] = {
+    "infonce": "CLIP symmetric InfoNCE over image-text pairs, learnable temperature (no labels)",
+    "infonce+supcon": "InfoNCE + 2 x SupCon (T 0.2): retrieval from the pairs, classes from labels",
+    "infonce+supcon+prompts": "infonce+supcon + 1 x cross-entropy over the class prompts (T 0.1): "
+    "classes tied to their prompt's text, negatives at single-class sites",
+    "pairwise": "label-aware pairwise BCE on in-batch similarities (arXiv 2502.02048)",
+    "supcon": "supervised contrastive (Khosla et al.), image and text rows of a class are positives",
+    "proxy": "cross-entropy to learnable class proxies; per-example decomposable (DP-SGD safe)",
+}
+
 STRATEGIES = (
     "fedavg",
     "fedavgm",
@@ -228,6 +239,8 @@ class RunSettings:
     secagg_max_weight: float = 10000.0
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"run-config: loss '{self.loss}' is not one of {', '.join(LOSSES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"run-config: strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}"

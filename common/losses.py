@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.config import LOSSES
 from common.errors import ConfigError
 
 # Conventions shared by all losses:
@@ -202,13 +203,56 @@ class SupConLoss(nn.Module):
         return per_anchor.mean()
 
 
-class CLIPSupConLoss(nn.Module):
-    """CLIP's InfoNCE plus ``supcon_weight`` x SupCon: pairs for retrieval, labels for classes.
+class PromptLoss(nn.Module):
+    """Zero-shot classification as a training signal: each row's cross-entropy over the task's
+    class prompts, ``CE(z @ prompts.T / T, label)`` with the prompts projected by the same head.
+
+    Every site has every class's prompt, so a site that holds one class still has negatives: under
+    label skew a label-contrastive loss has none (its in-batch rows all share the label). Rows
+    without a label (< 0) are left out; no labelled row gives a zero loss. Per-row, but the prompts
+    pass through the shared text tower in the same forward: not set up for DP-SGD (Opacus).
+    """
+
+    def __init__(self, *, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = _check_temperature("PromptLoss", temperature)
+
+    def forward(
+        self,
+        image: Tensor | None = None,
+        text: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        prompts: Tensor | None = None,
+    ) -> Tensor:
+        if labels is None or prompts is None:
+            raise ValueError("PromptLoss: needs labels and the projected class prompts")
+        rows = _stack_rows("PromptLoss", image, text, labels)
+        assert rows.labels is not None
+        _check_embeddings("PromptLoss", "prompt", prompts)
+        if prompts.shape[1] != rows.z.shape[1]:
+            raise ValueError(
+                f"PromptLoss: prompts have dim {prompts.shape[1]}, embeddings {rows.z.shape[1]}"
+            )
+        if bool((rows.labels >= prompts.shape[0]).any()):
+            raise ValueError(
+                f"PromptLoss: a label is >= the number of class prompts ({prompts.shape[0]})"
+            )
+        known = rows.labels >= 0
+        if not bool(known.any()):
+            return _zero(rows.z)
+        logits = rows.z[known] @ prompts.T / self.temperature
+        return F.cross_entropy(logits, rows.labels[known])
+
+
+class CLIPLabelLoss(nn.Module):
+    """CLIP's InfoNCE plus label terms: ``supcon_weight`` x SupCon and ``prompt_weight`` x PromptLoss.
 
     InfoNCE alone aligns each image with its own report (retrieval) but leaves classes spread out;
-    the label-aware losses (SupCon, the paper's pairwise loss) group classes (zero-shot AUROC) but
-    lose the pairing. The sum keeps both, as UniCL (Yang et al. 2022) does for image-text-label
-    data. On ``synthetic-radiology`` the weight 2 and SupCon temperature 0.2 were chosen on the
+    the label-aware losses group classes (zero-shot AUROC) but lose the pairing. The sum keeps
+    both, as UniCL (Yang et al. 2022) does for image-text-label data. The prompt term ties each
+    class to its prompt's text (what zero-shot scores) and keeps negatives at a site that holds
+    few classes. On ``synthetic-radiology`` the weights and temperatures were chosen on the
     validation split (simulations/results/federated/defaults_on_validation.md). Not per-example
     decomposable (no DP-SGD).
     """
@@ -219,23 +263,44 @@ class CLIPSupConLoss(nn.Module):
         init_temperature: float = 0.07,
         supcon_weight: float = 2.0,
         supcon_temperature: float = 0.2,
+        prompt_weight: float = 0.0,
+        prompt_temperature: float = 0.1,
     ) -> None:
         super().__init__()
-        if supcon_weight < 0:
-            raise ValueError(f"CLIPSupConLoss: supcon_weight must be >= 0, got {supcon_weight}")
+        if supcon_weight < 0 or prompt_weight < 0:
+            raise ValueError(
+                f"CLIPLabelLoss: weights must be >= 0, got {supcon_weight}, {prompt_weight}"
+            )
         self.clip = InfoNCELoss(init_temperature=init_temperature)
         self.supcon = SupConLoss(temperature=supcon_temperature)
+        self.prompt = PromptLoss(temperature=prompt_temperature)
         self.supcon_weight = float(supcon_weight)
+        self.prompt_weight = float(prompt_weight)
+
+    @property
+    def uses_prompts(self) -> bool:
+        """Whether ``forward`` needs the projected class prompts."""
+        return self.prompt_weight > 0
 
     @property
     def temperature(self) -> float:
-        """The InfoNCE term's current temperature (SupCon's is fixed)."""
+        """The InfoNCE term's current temperature (the label terms' are fixed)."""
         return self.clip.temperature
 
     def forward(
-        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
+        self,
+        image: Tensor | None = None,
+        text: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        prompts: Tensor | None = None,
     ) -> Tensor:
-        return self.clip(image, text) + self.supcon_weight * self.supcon(image, text, labels)
+        loss = self.clip(image, text)
+        if self.supcon_weight > 0:
+            loss = loss + self.supcon_weight * self.supcon(image, text, labels)
+        if self.prompt_weight > 0:
+            loss = loss + self.prompt_weight * self.prompt(image, text, labels, prompts=prompts)
+        return loss
 
 
 class ProxyClassifier(nn.Module):
@@ -313,14 +378,8 @@ def _check_temperature(loss: str, temperature: float) -> float:
     return float(temperature)
 
 
-LOSSES: dict[str, str] = {
-    "infonce": "CLIP symmetric InfoNCE over image-text pairs, learnable temperature (no labels)",
-    "infonce+supcon": "InfoNCE + 2 x SupCon (T 0.2): retrieval from the pairs, classes from labels",
-    "pairwise": "label-aware pairwise BCE on in-batch similarities (arXiv 2502.02048)",
-    "supcon": "supervised contrastive (Khosla et al.), image and text rows of a class are positives",
-    "proxy": "cross-entropy to learnable class proxies; per-example decomposable (DP-SGD safe)",
-}
-_NEEDS_LABELS = ("pairwise", "supcon", "proxy", "infonce+supcon")
+NEEDS_LABELS = ("pairwise", "supcon", "proxy", "infonce+supcon", "infonce+supcon+prompts")
+NEEDS_PROMPTS = ("infonce+supcon+prompts",)
 
 
 def _check_name(name: str) -> None:
@@ -345,7 +404,7 @@ def build_loss(
     _check_name(name)
     if temperature is not None and temperature <= 0:
         raise ConfigError(f"loss temperature must be > 0, got {temperature}")
-    if name in _NEEDS_LABELS and num_classes is None:
+    if name in NEEDS_LABELS and num_classes is None:
         raise ConfigError(
             f"loss {name!r} needs labelled data (num_classes); use 'infonce' without labels"
         )
@@ -355,10 +414,11 @@ def build_loss(
         )
     if name == "infonce":
         return InfoNCELoss() if temperature is None else InfoNCELoss(init_temperature=temperature)
-    if name == "infonce+supcon":
+    if name in ("infonce+supcon", "infonce+supcon+prompts"):
+        weights = {"prompt_weight": 1.0 if name in NEEDS_PROMPTS else 0.0}
         if temperature is None:
-            return CLIPSupConLoss()
-        return CLIPSupConLoss(init_temperature=temperature)
+            return CLIPLabelLoss(**weights)
+        return CLIPLabelLoss(init_temperature=temperature, **weights)
     kwargs = {} if temperature is None else {"temperature": temperature}
     if name == "pairwise":
         return PairwiseLabelLoss(**kwargs)

@@ -16,9 +16,9 @@ from common.config import TrainConfig
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.heads import HeadConfig, MultimodalHead
-from common.losses import build_loss
+from common.losses import NEEDS_LABELS, build_loss
 
-LABEL_LOSSES = ("pairwise", "supcon", "proxy", "infonce+supcon")
+LABEL_LOSSES = NEEDS_LABELS
 
 
 class HeadModel(nn.Module):
@@ -46,17 +46,35 @@ class HeadModel(nn.Module):
         )
         return cls(head, loss, loss_spec=spec)
 
+    @property
+    def uses_prompts(self) -> bool:
+        """Whether the loss needs the task's class prompts (frozen text embeddings) each step."""
+        return bool(getattr(self.loss, "uses_prompts", False))
+
     def compute_loss(
         self,
         image: torch.Tensor | None,
         text: torch.Tensor | None,
         labels: torch.Tensor | None,
+        *,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Project the frozen inputs and apply the loss (the concat layout's output is one view)."""
+        """Project the frozen inputs and apply the loss (the concat layout's output is one view).
+
+        ``prompts``: the class prompts' frozen text embeddings, projected here by the text tower
+        for a loss that ``uses_prompts``.
+        """
         out = self.head(image=image, text=text)
         if "joint" in out:
             return self.loss(image=out["joint"], labels=labels)
-        return self.loss(image=out.get("image"), text=out.get("text"), labels=labels)
+        extra: dict[str, torch.Tensor] = {}
+        if self.uses_prompts:
+            if prompts is None:
+                raise DataError(
+                    f"loss '{self.loss_spec['name']}' needs the task's class prompts; the data has none"
+                )
+            extra["prompts"] = self.head(text=prompts)["text"]
+        return self.loss(image=out.get("image"), text=out.get("text"), labels=labels, **extra)
 
     @torch.inference_mode()
     def project(self, data: EmbeddedDataset, *, batch_size: int = 4096) -> dict[str, np.ndarray]:
@@ -154,6 +172,7 @@ def train_head(
     image = None if data.image is None else torch.from_numpy(np.ascontiguousarray(data.image[rows]))
     text = None if data.text is None else torch.from_numpy(np.ascontiguousarray(data.text[rows]))
     labels = None if data.labels is None else torch.from_numpy(data.labels[rows])
+    prompts = _tensor(data.prompts, slice(None)) if model.uses_prompts else None
     batch_size = min(config.batch_size, len(rows))
     steps_per_epoch = max(1, len(rows) // batch_size)  # drop the ragged last batch: in-batch losses
     model.train()
@@ -172,6 +191,7 @@ def train_head(
                 None if image is None else image[batch],
                 None if text is None else text[batch],
                 None if labels is None else labels[batch],
+                prompts=prompts,
             )
             if anchor is not None:
                 loss = loss + 0.5 * config.proximal_mu * _proximal_term(model, anchor)

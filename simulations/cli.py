@@ -201,6 +201,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.config import LOSSES
+
     parser = argparse.ArgumentParser(
         prog="fedembed",
         description=DESCRIPTION,
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loss",
         default="infonce",
-        choices=["infonce", "infonce+supcon", "pairwise", "supcon", "proxy"],
+        choices=list(LOSSES),
         help="contrastive loss",
     )
     p.add_argument(

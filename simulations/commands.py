@@ -105,6 +105,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 
 def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
+    from common.config import LOSSES
+
     p.add_argument("--sites", type=int, default=3, help="number of sites (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
     p.add_argument(
@@ -130,7 +132,7 @@ def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> Non
     p.add_argument(
         "--loss",
         default="infonce",
-        choices=["infonce", "infonce+supcon", "pairwise", "supcon", "proxy"],
+        choices=list(LOSSES),
     )
     p.add_argument("--head", default="default", help="head preset: default, paper, small")
     p.add_argument("--image-encoder", default="mobilenetv2")

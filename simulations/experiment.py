@@ -400,6 +400,16 @@ def frozen_row(
     return {**row, "stop": f"ridge {ridge:g}"}, selection
 
 
+def _ridge_selection(selection: Selection) -> dict[str, Any]:
+    """The frozen row's selection as JSON: the chosen ridge itself, and every ridge's score."""
+    return {
+        "unit": selection.unit,
+        "chosen": RIDGES[selection.chosen - 1],
+        "ridges": list(RIDGES),
+        "validation_scores": selection.scores,
+    }
+
+
 def run_config_of(run: RunSettings, **extra: Any) -> dict[str, Any]:
     """``run`` as Flower run-config keys (without run-dir/resume, which the simulation sets)."""
     config = {
@@ -565,7 +575,7 @@ def compare(
     comparison.seconds["centralized"] = time.perf_counter() - started
     models: dict[str, HeadModel] = {"centralized": central}
     comparison.selections = {
-        **({"frozen": {**frozen_sel.to_dict(), "ridges": list(RIDGES)}} if frozen_sel else {}),
+        **({"frozen": _ridge_selection(frozen_sel)} if frozen_sel else {}),
         **{f"site {i} alone": sel.to_dict() for i, (_, sel) in enumerate(local)},
         "centralized": central_sel.to_dict(),
     }

@@ -16,9 +16,10 @@ from common.heads import HeadConfig, MultimodalHead
 from common.losses import (
     LOSSES,
     ClassProxyLoss,
-    CLIPSupConLoss,
+    CLIPLabelLoss,
     InfoNCELoss,
     PairwiseLabelLoss,
+    PromptLoss,
     SupConLoss,
     build_loss,
     loss_is_per_example_decomposable,
@@ -319,7 +320,8 @@ def test_missing_embeddings_raise(loss: torch.nn.Module) -> None:
 def test_build_loss_builds_each_and_passes_temperature() -> None:
     expected = {
         "infonce": InfoNCELoss,
-        "infonce+supcon": CLIPSupConLoss,
+        "infonce+supcon": CLIPLabelLoss,
+        "infonce+supcon+prompts": CLIPLabelLoss,
         "pairwise": PairwiseLabelLoss,
         "supcon": SupConLoss,
         "proxy": ClassProxyLoss,
@@ -335,14 +337,19 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
             assert loss.temperature == pytest.approx(0.3)
     assert build_loss("infonce", num_classes=None, dim=8).temperature == pytest.approx(0.07)
     assert build_loss("pairwise", num_classes=2, dim=8).temperature == pytest.approx(0.1)
+    with_prompts = build_loss("infonce+supcon+prompts", num_classes=2, dim=8)
+    assert isinstance(with_prompts, CLIPLabelLoss) and with_prompts.uses_prompts
+    without_prompts = build_loss("infonce+supcon", num_classes=2, dim=8)
+    assert isinstance(without_prompts, CLIPLabelLoss) and not without_prompts.uses_prompts
 
 
 def test_build_loss_errors() -> None:
     with pytest.raises(
-        ConfigError, match=r"unknown loss 'clip'.*infonce, infonce\+supcon, pairwise, supcon, proxy"
+        ConfigError,
+        match=r"unknown loss 'clip'.*infonce, infonce\+supcon, infonce\+supcon\+prompts, pairwise",
     ):
         build_loss("clip", num_classes=3, dim=8)
-    for name in ("pairwise", "supcon", "proxy", "infonce+supcon"):
+    for name in ("pairwise", "supcon", "proxy", "infonce+supcon", "infonce+supcon+prompts"):
         with pytest.raises(ConfigError, match=f"loss '{re.escape(name)}' needs labelled data"):
             build_loss(name, num_classes=None, dim=8)
     with pytest.raises(ConfigError, match="num_classes must be >= 2"):
@@ -355,6 +362,7 @@ def test_only_proxy_is_per_example_decomposable() -> None:
     assert {name: loss_is_per_example_decomposable(name) for name in LOSSES} == {
         "infonce": False,
         "infonce+supcon": False,
+        "infonce+supcon+prompts": False,
         "pairwise": False,
         "supcon": False,
         "proxy": True,
@@ -363,19 +371,56 @@ def test_only_proxy_is_per_example_decomposable() -> None:
         loss_is_per_example_decomposable("nope")
 
 
-def test_clip_supcon_is_infonce_plus_weighted_supcon() -> None:
+def test_clip_label_loss_is_infonce_plus_weighted_label_terms() -> None:
     torch.manual_seed(0)
     image = F.normalize(torch.randn(B, 8), dim=1)
     text = F.normalize(torch.randn(B, 8), dim=1)
+    prompts = F.normalize(torch.randn(3, 8), dim=1)
     labels = torch.randint(0, 3, (B,))
-    combined = CLIPSupConLoss(supcon_weight=2.0, supcon_temperature=0.2)
+    combined = CLIPLabelLoss(supcon_weight=2.0, supcon_temperature=0.2)
     expected = InfoNCELoss()(image, text) + 2.0 * SupConLoss(temperature=0.2)(image, text, labels)
     value = combined(image, text, labels)
     torch.testing.assert_close(value, expected)
     value.backward()
     assert combined.clip.logit_scale.grad is not None  # the CLIP temperature is still learned
-    without_labels_term = CLIPSupConLoss(supcon_weight=0.0)(image, text, labels)
+    without_labels_term = CLIPLabelLoss(supcon_weight=0.0)(image, text, labels)
     torch.testing.assert_close(without_labels_term, InfoNCELoss()(image, text))
+    all_three = CLIPLabelLoss(supcon_weight=2.0, prompt_weight=0.5, prompt_temperature=0.3)
+    torch.testing.assert_close(
+        all_three(image, text, labels, prompts=prompts),
+        expected + 0.5 * PromptLoss(temperature=0.3)(image, text, labels, prompts=prompts),
+    )
+    with pytest.raises(ValueError, match="needs labels and the projected class prompts"):
+        all_three(image, text, labels)
+
+
+def test_prompt_loss_is_cross_entropy_over_the_class_prompts_per_row() -> None:
+    image, text, prompts = unit(B, D, seed=1), unit(B, D, seed=2), unit(3, D, seed=3)
+    labels = torch.tensor([0, -1, 2, 2, 1])
+    loss = PromptLoss(temperature=0.5)
+    value = loss(image, text, labels, prompts=prompts)
+    terms = [
+        -F.log_softmax(z[i] @ prompts.T / 0.5, dim=0)[labels[i]]
+        for z in (image, text)
+        for i in range(B)
+        if labels[i] >= 0
+    ]
+    torch.testing.assert_close(value, torch.stack(terms).mean())
+    # one modality alone, and a batch of one class: the other prompts are still negatives
+    one_class = torch.full((B,), 2)
+    single = loss(image, None, one_class, prompts=prompts)
+    assert float(single) > 0
+    torch.testing.assert_close(
+        single, F.cross_entropy(image @ prompts.T / 0.5, one_class), rtol=1e-9, atol=1e-12
+    )
+    # no labelled row: a zero loss that still backpropagates
+    zero = loss(image.requires_grad_(), None, torch.full((B,), -1), prompts=prompts)
+    zero.backward()
+    assert float(zero.detach()) == 0.0 and image.grad is not None
+    with pytest.raises(ValueError, match="a label is >= the number of class prompts"):
+        loss(image, text, torch.full((B,), 3), prompts=prompts)
+    with pytest.raises(ValueError, match="prompts have dim 2"):
+        loss(image, text, labels, prompts=unit(3, 2, seed=4))
 
 
 @pytest.fixture

@@ -46,7 +46,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("loss", ["infonce", "infonce+supcon", "pairwise", "supcon", "proxy"])
+@pytest.mark.parametrize(
+    "loss", ["infonce", "infonce+supcon", "infonce+supcon+prompts", "pairwise", "supcon", "proxy"]
+)
 def test_training_lowers_each_loss(loss: str) -> None:
     data = _paired()
     model = build_head_model(
@@ -103,6 +105,30 @@ def test_label_losses_need_labels_and_infonce_needs_pairs() -> None:
     data.labels = None
     with pytest.raises(DataError, match="needs labels"):
         train_head(model, data, TrainConfig(loss="proxy", epochs=1))
+
+
+def test_prompt_loss_trains_through_the_text_tower_and_needs_the_prompts() -> None:
+    data = _paired()
+    loss = "infonce+supcon+prompts"
+    model = build_head_model(
+        dims=data.dims, head_config=HeadConfig(out_dim=16, hidden_dim=32), loss=loss, num_classes=4
+    )
+    # A site that holds one class: the prompt term still has the other classes as negatives and
+    # moves its projected images towards their own class's prompt.
+    site = data.subset(np.flatnonzero(data.labels == 2))
+    before = model.project(site)
+    train_head(model, site, TrainConfig(loss=loss, epochs=10, batch_size=32))
+    after = model.project(site)
+    share = {
+        name: float(np.mean((z["image"] @ z["prompts"].T).argmax(axis=1) == 2))
+        for name, z in (("before", before), ("after", after))
+    }
+    assert share["after"] > max(share["before"], 0.9), share
+    data.prompts = None
+    with pytest.raises(
+        DataError, match=r"'infonce\+supcon\+prompts' needs the task's class prompts"
+    ):
+        train_head(model, data, TrainConfig(loss=loss, epochs=1))
 
 
 def test_nan_embeddings_are_a_clear_error() -> None:

@@ -97,6 +97,10 @@ def test_dp_arms_report_the_epsilon_their_accountants_spent(with_dp: tuple[Any, 
         assert selection["unit"] == "round" and selection["budget"] == ROUNDS
         assert selection["chosen"] == select_best(selection["validation_scores"])
         assert rows[label.strip()]["stop"] == f"round {selection['chosen']}/{ROUNDS}"
+    # The frozen row's ridge is chosen on validation too; the JSON names the ridge, not its index.
+    frozen = comparison.selections["frozen"]
+    assert frozen["chosen"] == frozen["ridges"][select_best(frozen["validation_scores"]) - 1]
+    assert rows["frozen (+ closed-form lstsq alignment)"]["stop"] == f"ridge {frozen['chosen']:g}"
     assert ratios(comparison)  # the plain federated row is still the one ratios use
     assert comparison.table().splitlines()[0].split("|")[2].strip() == "epsilon"
 
