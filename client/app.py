@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.clipping import clip_update_mod, requested_clipping_norm
-from client.identity import site_identity_mod
+from client.identity import site_identity_mod, site_settings
 from client.secagg import is_secagg_message, secagg_train
 from common.config import SiteSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
@@ -42,7 +42,7 @@ def train(msg: Message, context: Context) -> Message:
     round runs in the "collect masked vectors" stage and only the masked head leaves.
     """
     handler_started = time.time()
-    site = SiteSettings.from_node_config(dict(context.node_config))
+    site = site_settings(context)
     if is_secagg_message(msg):
         return secagg_train(
             msg,
@@ -94,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global head on the site's held-out split; reply with scalar metrics only."""
-    site = SiteSettings.from_node_config(dict(context.node_config))
+    site = site_settings(context)
     metrics = _execute("evaluate", msg, context, site)["metrics"]
     _audit(context, msg, site, {}, metrics, message_type="evaluate")
     return Message(content=RecordDict({"metrics": metric_record(metrics)}), reply_to=msg)

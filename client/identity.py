@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -16,6 +17,16 @@ SITE_RECORD = "site"  # server/strategy.py accepts exactly {"name": <site name>}
 CLIENT_APP_RAISED_EXCEPTION = 2
 
 
+def site_settings(context: Context) -> SiteSettings:
+    """The site's settings from the SuperNode's node-config (parsed once per process)."""
+    return _parse_node_config(tuple(sorted(context.node_config.items())))
+
+
+@lru_cache(maxsize=8)
+def _parse_node_config(items: tuple[tuple[str, object], ...]) -> SiteSettings:
+    return SiteSettings.from_node_config(dict(items))
+
+
 def site_identity_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Add ``site = {"name": <site name>}`` to a train reply, or ``[site NAME]`` before an error's reason.
 
@@ -25,7 +36,7 @@ def site_identity_mod(msg: Message, context: Context, call_next: ClientAppCallab
     """
     if msg.metadata.message_type != "train":
         return call_next(msg, context)
-    name = SiteSettings.from_node_config(dict(context.node_config)).name
+    name = site_settings(context).name
     try:
         reply = call_next(msg, context)
     except Exception as exc:  # what Flower would send, with the site's name in front

@@ -373,7 +373,7 @@ class RunSettings:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class SiteSettings:
     """A site's own ``--node-config``: where its data, cache and state live, and who it is.
 
