@@ -17,6 +17,7 @@ from common.metrics import (
     format_table,
     linear_alignment,
     linear_probe,
+    select_ridge,
     zero_shot,
 )
 from common.training import HeadModel
@@ -133,13 +134,15 @@ def _chance_row(test: EmbeddedDataset) -> dict[str, Any]:
 def _aligned_frozen_row(
     train: EmbeddedDataset, test: EmbeddedDataset, *, method: str
 ) -> dict[str, Any]:
-    """Frozen embeddings put in one space by a closed-form linear map fitted on ``train``."""
+    """Frozen embeddings put in one space by a closed-form linear map fitted on ``train``, its
+    ridge chosen by cross-validation on ``train`` (``select_ridge``)."""
     assert train.image is not None and train.text is not None
     assert test.image is not None and test.text is not None
-    alignment = linear_alignment(train.image, train.text, method=method)
+    ridge = select_ridge(train.image, train.text, method=method, groups=train.text_groups)
+    alignment = linear_alignment(train.image, train.text, method=method, ridge=ridge)
     image_z = alignment.transform_a(test.image)
     text_z = alignment.transform_b(test.text)
-    row: dict[str, Any] = {"embeddings": f"frozen+{method}"}
+    row: dict[str, Any] = {"embeddings": f"frozen+{method}", "ridge": ridge}
     row.update(_retrieval(image_z, text_z, test))
     if test.prompts is not None and test.labels is not None:
         row.update(zero_shot(image_z, alignment.transform_b(test.prompts), test.labels))

@@ -23,6 +23,7 @@ from common.errors import ConfigError
 from common.evaluation import evaluate_head, quick_metrics
 from common.heads import HEAD_PRESETS
 from common.metrics import (
+    RIDGES,
     cross_modal_retrieval,
     format_table,
     linear_alignment,
@@ -48,9 +49,8 @@ SAMPLE_DP_LOSS = "proxy"  # the decomposable loss: the only one DP-SGD's guarant
 VALIDATION_SEED = 1
 SELECTION = "mean of validation R@5 and zero-shot AUROC"
 """What every trained arm is stopped on (label-only data: nearest-centroid accuracy)."""
-# The frozen baseline's one hyperparameter, the least-squares map's relative ridge, is chosen on
-# the pooled validation halves by the same score (the evaluation default 1e-3 under-regularises).
-RIDGES = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
+# The frozen baseline's one hyperparameter, the least-squares map's relative ridge (one of
+# common.metrics.RIDGES), is chosen on the pooled validation halves by the same score.
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from common.metrics import (
     linear_alignment,
     linear_probe,
     recall_at_k,
+    select_ridge,
     zero_shot,
 )
 
@@ -290,6 +291,31 @@ def test_cca_retrieval_on_noiseless_pairs_is_perfect() -> None:
     assert fit.dim == 12
     result = cross_modal_retrieval(fit.transform_a(a[200:]), fit.transform_b(b[200:]), ks=(1,))
     assert result["mean_R@1"] == 1.0
+
+
+def test_select_ridge_regularises_a_noisy_wide_map_and_not_a_clean_one() -> None:
+    rng = np.random.default_rng(17)
+    # Few noisy pairs in many dimensions: least squares overfits unless it is regularised.
+    n, d = 400, 120
+    latent = rng.normal(size=(n, 8))
+    a = latent @ rng.normal(size=(8, d)) + 4.0 * rng.normal(size=(n, d))
+    b = latent @ rng.normal(size=(8, 16)) + 1.0 * rng.normal(size=(n, 16))
+    train, test = slice(0, 160), slice(160, n)
+    chosen = select_ridge(a[train], b[train])
+    assert chosen >= 0.3
+
+    def test_recall(ridge: float) -> float:
+        fit = linear_alignment(a[train], b[train], ridge=ridge)
+        mapped = (fit.transform_a(a[test]), fit.transform_b(b[test]))
+        return cross_modal_retrieval(*mapped, ks=(5,))["mean_R@5"]
+
+    assert test_recall(chosen) > test_recall(1e-3) + 0.2  # held-out folds, then unseen pairs
+    # Clean pairs, many more rows than dimensions: the least regularisation wins.
+    clean_a = rng.normal(size=(300, 10))
+    clean_b = clean_a @ rng.normal(size=(10, 10))
+    assert select_ridge(clean_a, clean_b) == 1e-3
+    with pytest.raises(MetricInputError, match="folds >= 2"):
+        select_ridge(clean_a, clean_b, folds=1)
 
 
 def test_alignment_rejects_bad_options() -> None:
