@@ -30,8 +30,12 @@ def register_demo(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _parse_pairs(text: str | None) -> dict[str, Any]:
-    """``--run-config`` text -> dict, parsed exactly as ``flwr run --run-config`` parses it (TOML values)."""
+def parse_run_config(text: str | None, *, option: str = "--run-config") -> dict[str, Any]:
+    """``key=value ...`` text -> dict, parsed exactly as ``flwr run --run-config`` parses it.
+
+    Values are TOML: numbers and booleans as they are, strings in quotes (``loss="supcon"``).
+    Every fedembed command that takes run-config overrides parses them here.
+    """
     from click import ClickException
     from flwr.common.config import parse_config_args
 
@@ -41,9 +45,9 @@ def _parse_pairs(text: str | None) -> dict[str, Any]:
         values = dict(parse_config_args([text] if text else None))
     except (ClickException, ValueError) as exc:
         message = exc.message if isinstance(exc, ClickException) else str(exc)
-        raise ConfigError(f"--run-config {text!r}: {message}") from None
+        raise ConfigError(f"{option} {text!r}: {message}") from None
     if text and not values:
-        raise ConfigError(f"--run-config {text!r}: expected key=value pairs")
+        raise ConfigError(f"{option} {text!r}: expected key=value pairs")
     return values
 
 
@@ -66,7 +70,7 @@ def _federation_run_config(args: argparse.Namespace) -> dict[str, Any]:
         config["dataset-n"] = args.n
     if args.task:
         config["task"] = args.task
-    config.update(_parse_pairs(args.run_config))
+    config.update(parse_run_config(args.run_config))
     return config
 
 

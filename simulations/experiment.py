@@ -32,6 +32,7 @@ from common.metrics import (
 )
 from common.pipeline import SiteData, prepare_site_data, split_indices
 from common.training import HeadModel, TrainConfig, build_head_model, train_head
+from simulations.commands import parse_run_config
 from simulations.machine import machine_info
 
 HEADLINE = ("mean_R@1", "mean_R@5", "mean_R@10", "zs_acc", "zs_auroc", "probe_f1_macro")
@@ -1030,7 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--n", type=int, default=2000, help="pooled examples")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument(
         "--seeds", default="0", help="comma-separated seeds (data, init, shuffling); e.g. 0,1,2"
@@ -1043,7 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help=f"run-config overrides for every arm (defaults: {_defaults_text()})",
+        help="run-config overrides for every arm, TOML values as in `flwr run --run-config` "
+        f'(strings quoted: loss="supcon"; defaults: {_defaults_text()})',
     )
     parser.add_argument(
         "--partitions",
@@ -1075,7 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "dataset-n": args.n,
         "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs,
-        **_key_values(args.set),
+        **parse_run_config(" ".join(args.set), option="--set"),
     }
     seeds = _ints(args.seeds, "--seeds")
     dp_seeds = seeds if args.dp_seeds is None else _ints(args.dp_seeds, "--dp-seeds")
@@ -1107,16 +1109,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _defaults_text() -> str:
     return " ".join(f"{k}={v}" for k, v in COMPARISON_DEFAULTS.items()) or "none"
-
-
-def _key_values(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set: '{item}' is not KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _ints(text: str, option: str) -> list[int]:
