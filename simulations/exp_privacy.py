@@ -15,12 +15,12 @@ from common.atomic import append_line, atomic_write_json, atomic_write_text
 from common.config import RunSettings
 from common.errors import ConfigError, PrivacyError
 from common.metrics import format_table
-from simulations.experiment import (
+from simulations.arms import (
     HEADLINE,
     SAMPLE_DP_LOSS,
-    _row,
     concat_embedded,
     federate,
+    metric_row,
     prepare_sites,
     run_config_of,
 )
@@ -113,7 +113,9 @@ def run_study(
             site_data = prepare_sites(run, sites, cache_dir=work_dir / "cache")
             train = concat_embedded([s.train for s in site_data])
             test = concat_embedded([s.test for s in site_data])
-            frozen.append({"dataset": dataset, "seed": seed, **_row("frozen", None, train, test)})
+            frozen.append(
+                {"dataset": dataset, "seed": seed, **metric_row("frozen", None, train, test)}
+            )
             for epsilon in epsilons:
                 key = f"{dataset}/seed-{seed}/eps-{_label(epsilon)}"
                 if key not in done:
@@ -168,7 +170,7 @@ def _one_run(
         cache_dir=work_dir / "cache",
         echo=echo,
     )
-    row = _row(key, arm.model, train, test)
+    row = metric_row(key, arm.model, train, test)
     spent = arm.privacy.get("epsilon", math.inf)
     if spent > epsilon + _SLACK:
         raise PrivacyError(f"{key}: a site spent epsilon {spent:.6g} > target {epsilon:g}")

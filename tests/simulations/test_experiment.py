@@ -11,19 +11,14 @@ import pytest
 from client.privacy import PrivacyLedger, ledger_path
 from common.config import RunSettings
 from common.errors import ConfigError
-from simulations import experiment
+from simulations import arms, experiment
+from simulations.arms import SiteSplits, select_best
 from simulations.experiment import (
     PrivacyArms,
-    SiteSplits,
     _arm_configs,
     compare,
     plot_comparison,
     ratios,
-    select_best,
-    select_round,
-    selection_score,
-    summarize_seeds,
-    train_selected,
 )
 
 SITES, ROUNDS, TARGET, SIGMA, CLIP, DELTA = 2, 2, 4.0, 1.5, 0.05, 1e-5
@@ -163,98 +158,6 @@ def test_arms_add_the_proxy_baseline_and_validate_before_running(
     assert math.isfinite(PrivacyArms().target_epsilon)
 
 
-def test_frozen_row_of_text_only_data_has_the_probe_and_no_retrieval() -> None:
-    import numpy as np
-
-    from common.embedding import EmbeddedDataset
-    from simulations.experiment import _row
-
-    rng = np.random.default_rng(0)
-
-    def part(n: int) -> EmbeddedDataset:
-        labels = np.arange(n) % 2
-        text = rng.normal(size=(n, 8)).astype(np.float32) + 3.0 * labels[:, None]
-        return EmbeddedDataset(
-            ids=[str(i) for i in range(n)], text=text, labels=labels, class_names=["a", "b"]
-        )
-
-    row = _row("frozen", None, part(60), part(30))
-    assert row["probe_f1_macro"] > 0.9  # separable classes: the frozen probe finds them
-    assert not any(k.startswith("mean_R@") for k in row)  # no image side: no retrieval
-
-
-def _paired(n: int, seed: int) -> Any:
-    """Paired image/text embeddings of 3 classes (text = a noisy linear map of image), with prompts."""
-    import numpy as np
-
-    from common.embedding import EmbeddedDataset
-
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    centres = np.random.default_rng(99).normal(size=(3, 12))
-    image = centres[labels] + rng.normal(size=(n, 12))
-    text = image @ np.random.default_rng(98).normal(size=(12, 10)) + rng.normal(size=(n, 10))
-    prompts = centres @ np.random.default_rng(98).normal(size=(12, 10))
-    return EmbeddedDataset(
-        ids=[f"{seed}-{i}" for i in range(n)],
-        image=image.astype(np.float32),
-        text=text.astype(np.float32),
-        labels=labels,
-        class_names=["a", "b", "c"],
-        prompts=prompts.astype(np.float32),
-    )
-
-
-def _small_run(**extra: Any) -> RunSettings:
-    return RunSettings.from_run_config(
-        {"head": "small", "local-epochs": 1, "batch-size": 16, "lr": 0.01, **extra}
-    )
-
-
-def test_select_best_is_the_earliest_validation_argmax() -> None:
-    assert select_best([0.1, 0.3, 0.3, math.nan, 0.2]) == 2
-    assert select_best([math.nan, 0.0]) == 2
-    with pytest.raises(ConfigError, match="no validation scores"):
-        select_best([])
-    with pytest.raises(ConfigError, match="NaN"):
-        select_best([math.nan, math.nan])
-
-
-def test_train_selected_keeps_the_head_of_its_best_validation_step() -> None:
-    train, val = _paired(96, 0), _paired(30, 1)
-    model, selection = train_selected(_small_run(), train, val, steps=6)
-    assert len(selection.scores) == 6 and selection.unit == "epoch"
-    assert selection.chosen == select_best(selection.scores)
-    # The returned head is the chosen step's, not the last one's: it reproduces that score.
-    assert selection_score(model, [val]) == pytest.approx(selection.scores[selection.chosen - 1])
-    assert selection.to_dict()["chosen"] == selection.chosen  # 1 local epoch per step
-
-
-def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path: Path) -> None:
-    import numpy as np
-
-    from common.artifacts import state_arrays
-    from server.checkpoints import RunStore
-    from simulations.experiment import _new_model
-
-    run, train = _small_run(), _paired(96, 0)
-    vals = [_paired(20, 2), _paired(40, 3)]
-    store = RunStore(tmp_path)
-    model = _new_model(run, train)
-    store.save_checkpoint(0, state_arrays(model), {})  # the initial head is never a candidate
-    saved, expected = {}, []
-    for server_round in range(1, 5):
-        trained, _ = train_selected(_small_run(seed=server_round), train, vals[1], steps=1)
-        saved[server_round] = state_arrays(trained)
-        store.save_checkpoint(server_round, saved[server_round], {})
-        expected.append(selection_score(trained, vals))
-    loaded, selection = select_round(tmp_path, _new_model(run, train), vals)
-    assert selection.scores == pytest.approx(expected)
-    assert selection.chosen == int(np.argmax(expected)) + 1
-    for key, value in state_arrays(loaded).items():
-        np.testing.assert_array_equal(value, saved[selection.chosen][key])
-
-
 def test_baselines_never_look_at_the_test_half(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,7 +168,7 @@ def test_baselines_never_look_at_the_test_half(
     first = compare(run=run, sites=SITES, out_dir=tmp_path, federated=False)
     honest = experiment.split_holdout
 
-    def scrambled(site: Any, *, seed: int = experiment.VALIDATION_SEED) -> SiteSplits:
+    def scrambled(site: Any, *, seed: int = arms.VALIDATION_SEED) -> SiteSplits:
         splits = honest(site, seed=seed)
         rng = np.random.default_rng(7)
         test = splits.test.subset(np.arange(len(splits.test)))
@@ -280,35 +183,3 @@ def test_baselines_never_look_at_the_test_half(
     assert set(first.selections) == {"frozen", "site 0 alone", "site 1 alone", "centralized"}
     assert [r.get("stop") for r in first.rows] == [r.get("stop") for r in second.rows]
     assert [r.get("mean_R@5") for r in first.rows] != [r.get("mean_R@5") for r in second.rows]
-
-
-def test_summarize_seeds_reports_mean_sd_and_the_issue_bars() -> None:
-    import numpy as np
-
-    def entry(seed: int, fed: float, central: float) -> dict[str, Any]:
-        rows = [
-            {"method": "frozen (+ lstsq)", "mean_R@5": 0.1, "zs_auroc": 0.6},
-            {"method": "each site alone (mean)", "mean_R@5": 0.12, "zs_auroc": 0.6},
-            {"method": "centralized (pooled)", "mean_R@5": central, "zs_auroc": 0.7},
-            {"method": "federated (fedavg, 3 rounds)", "mean_R@5": fed, "zs_auroc": 0.7},
-            {"method": "  site 0 alone", "mean_R@5": 0.5},
-        ]
-        return {
-            "run": {"seed": seed, "partition": "iid"},
-            "rows": rows,
-            "federated_over_centralized": {"mean_R@5": fed / central, "zs_auroc": 1.0},
-            "federated_gains": {"minus_frozen": {"mean_R@5": fed - 0.1}},
-        }
-
-    summary = summarize_seeds([entry(0, 0.2, 0.2), entry(1, 0.18, 0.2)])
-    ratio = summary["federated_over_centralized"]["mean_R@5"]
-    assert ratio["mean"] == pytest.approx(0.95) and ratio["n"] == 2
-    assert ratio["sd"] == pytest.approx(np.std([1.0, 0.9], ddof=1))
-    assert summary["thresholds"]["mean_R@5"] == {
-        "bar": 0.95,
-        "mean_holds": True,
-        "every_seed_holds": False,
-    }
-    assert "  site 0 alone" not in summary["methods"]
-    gain = summary["federated_gains"]["minus_frozen"]["mean_R@5"]
-    assert gain["mean"] == pytest.approx(0.09)

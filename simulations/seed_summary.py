@@ -1,0 +1,105 @@
+"""Mean and sd over seeds of a comparison's rows, ratios and gains, and the issue-3 bars they are read against."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from common.metrics import format_table
+from simulations.arms import HEADLINE, PRIVACY_COLUMNS
+
+THRESHOLDS = {"iid": 0.95, "dirichlet": 0.9}  # issue 3: federated / centralized, R@5 and AUROC
+CHECKED = ("mean_R@5", "zs_auroc")
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    array = np.asarray(values, dtype=np.float64)
+    sd = float(array.std(ddof=1)) if array.size > 1 else math.nan
+    return {"mean": float(array.mean()), "sd": sd, "n": int(array.size), "values": array.tolist()}
+
+
+def summarize_seeds(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and sd over seeds of each method's metrics, the ratios and the gains (one partition).
+
+    ``thresholds``: for each checked metric, whether the mean ratio and every seed's ratio reach
+    issue 3's bar for this partition scheme (0.95x IID, 0.9x otherwise).
+    """
+    methods: dict[str, dict[str, list[float]]] = {}
+    for entry in entries:
+        for row in entry["rows"]:
+            if row["method"].startswith("  "):
+                continue  # the individual sites alone
+            for key in (*PRIVACY_COLUMNS, *HEADLINE):
+                if key in row:
+                    methods.setdefault(row["method"], {}).setdefault(key, []).append(row[key])
+    summary: dict[str, Any] = {
+        "seeds": [e["run"]["seed"] for e in entries],
+        "methods": {m: {k: _stats(v) for k, v in ms.items()} for m, ms in methods.items()},
+    }
+    ratio_values: dict[str, list[float]] = {}
+    gain_values: dict[str, dict[str, list[float]]] = {}
+    for entry in entries:
+        for k, v in entry["federated_over_centralized"].items():
+            ratio_values.setdefault(k, []).append(v)
+        for name, values in entry["federated_gains"].items():
+            for k, v in values.items():
+                gain_values.setdefault(name, {}).setdefault(k, []).append(v)
+    summary["federated_over_centralized"] = {k: _stats(v) for k, v in ratio_values.items()}
+    summary["federated_gains"] = {
+        name: {k: _stats(v) for k, v in values.items()} for name, values in gain_values.items()
+    }
+    scheme = str(entries[0]["run"]["partition"]) if entries else "iid"
+    bar = THRESHOLDS.get(scheme, THRESHOLDS["dirichlet"])
+    summary["thresholds"] = {
+        k: {
+            "bar": bar,
+            "mean_holds": bool(np.mean(ratio_values[k]) >= bar),
+            "every_seed_holds": bool(min(ratio_values[k]) >= bar),
+        }
+        for k in CHECKED
+        if k in ratio_values
+    }
+    return summary
+
+
+def _pm(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if stats is None:
+        return ""
+    if stats["n"] < 2:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """The multi-seed tables of one partition: methods, then ratios and gains (mean ± sd)."""
+    shown = [
+        c for c in (*PRIVACY_COLUMNS, *HEADLINE) if any(c in v for v in summary["methods"].values())
+    ]
+    rows = [
+        {"method": m, "seeds": next(iter(v.values()))["n"], **{c: _pm(v.get(c)) for c in shown}}
+        for m, v in summary["methods"].items()
+    ]
+    lines = [format_table(rows, ["method", "seeds", *shown]), ""]
+    gains = summary["federated_gains"]
+    metrics = list(summary["federated_over_centralized"])
+    if metrics:
+        table = [
+            {
+                "metric": k,
+                "federated / centralized": _pm(summary["federated_over_centralized"][k]),
+                "federated − frozen": _pm(gains.get("minus_frozen", {}).get(k)),
+                "federated − site alone (mean)": _pm(gains.get("minus_alone", {}).get(k)),
+            }
+            for k in metrics
+        ]
+        lines += [format_table(table, list(table[0])), ""]
+    for k, verdict in summary["thresholds"].items():
+        lines.append(
+            f"- {k}: federated / centralized bar {verdict['bar']}x: mean "
+            f"{'holds' if verdict['mean_holds'] else 'NOT met'}, every seed "
+            f"{'holds' if verdict['every_seed_holds'] else 'NOT met'}"
+        )
+    return [*lines, ""]
