@@ -395,9 +395,15 @@ class SiteSettings:
     site_name: str = ""
     worker: str = "auto"
     on_bad_row: str = "raise"  # "skip": leave unusable manifest rows out and report them
+    # Share of the site's rows held out (never trained on; its evaluation reports score them).
+    test_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         _check_on_bad_row(self.on_bad_row, source="node-config")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(
+                f"node-config: test-fraction must be in (0, 1), got {self.test_fraction}"
+            )
         if self.worker not in ("auto", "on", "off"):
             raise ConfigError(f"node-config: worker must be auto, on or off, not '{self.worker}'")
 
@@ -445,6 +451,7 @@ class SiteSettings:
             partition_id=self.partition_id if partitioned else 0,
             alpha=self.alpha if self.alpha > 0 else run.alpha,
             on_bad_row=self.on_bad_row,
+            test_fraction=self.test_fraction,
         )
 
 
