@@ -38,7 +38,7 @@ class TrainConfig:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSpec:
     """Everything that determines a site's embedded data and its held-out split.
 

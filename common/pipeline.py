@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,6 @@ def _enabled(spec: str | None) -> bool:
     return bool(spec) and str(spec).lower() not in {"none", "off", "-"}
 
 
-_POOLS: dict[tuple[Any, ...], SiteDataset] = {}
-
-
 def load_pooled_dataset(spec: DataSpec) -> SiteDataset:
     """The whole dataset before partitioning.
 
@@ -63,24 +61,12 @@ def load_pooled_dataset(spec: DataSpec) -> SiteDataset:
     """
     if not spec.partitioned or spec.dataset not in BUILTIN_DATASETS:
         return _build_pool(spec)
-    key = _pool_key(spec)
-    if key not in _POOLS:
-        _POOLS.clear()  # one pool at a time: a process serves one run's dataset
-        _POOLS[key] = _build_pool(spec)
-    return _POOLS[key]
+    return _shared_pool(replace(spec, partition_id=0))  # every site of a run shares the pool
 
 
-def _pool_key(spec: DataSpec) -> tuple[Any, ...]:
-    """What the pool depends on (not the partition id: every site of a run shares the pool)."""
-    return (
-        spec.dataset,
-        spec.n,
-        spec.seed,
-        spec.site,
-        spec.task,
-        spec.image_size,
-        spec.num_partitions,
-    )
+@lru_cache(maxsize=1)  # one pool at a time: a process serves one run's dataset
+def _shared_pool(spec: DataSpec) -> SiteDataset:
+    return _build_pool(spec)
 
 
 def _build_pool(spec: DataSpec) -> SiteDataset:

@@ -180,6 +180,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a saved head on its held-out split (or another dataset), frozen vs projected."""
+    from dataclasses import replace
+
     from common.artifacts import load_head
     from common.evaluation import evaluate_head
     from common.pipeline import DataSpec, prepare_site_data
@@ -187,7 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, config = load_head(args.head)
     spec = DataSpec.from_dict(config["data"])
     if args.data:
-        spec.dataset = args.data
+        spec = replace(spec, dataset=args.data)
     site = prepare_site_data(spec, cache_dir=_cache_dir(args), progress=True)
     classifiers = args.classifiers.split(",") if args.classifiers else None
     report = evaluate_head(model, site.train, site.test, classifiers=classifiers)
