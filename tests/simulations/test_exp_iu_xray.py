@@ -33,24 +33,28 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def _experiment(tiny: dict[str, Path], cache: Path, out: Path, **options: Any) -> dict[str, Any]:
+    """``run_experiment`` at test scale: one seed, SupCon, 2 epochs, the tiny text encoder."""
+    defaults: dict[str, Any] = {"tasks": TASKS, "heads": ["default", "paper"]}
+    return run_experiment(
+        **{**defaults, **options},
+        seeds=[0],
+        losses=["supcon"],
+        epochs=2,
+        cache_dir=cache,
+        out_dir=out,
+        n=N,
+        text_encoder=str(tiny["text"]),
+        classifiers=CLASSIFIERS,
+    )
+
+
 @pytest.fixture(scope="module")
 def result(
     tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, cache: Path
 ) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("results")
-    document = run_experiment(
-        tasks=TASKS,
-        seeds=[0],
-        losses=["supcon"],
-        heads=["default", "paper"],
-        epochs=2,
-        cache_dir=cache,
-        out_dir=out,
-        n=N,
-        text_encoder=str(tiny_model_dirs["text"]),
-        classifiers=CLASSIFIERS,
-    )
-    return document, out
+    return _experiment(tiny_model_dirs, cache, out), out
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +64,12 @@ def federated(
     """One task, one seed, the central default head and one FedAvg arm: 2 sites, 2 rounds x 1 epoch."""
     out, work = tmp_path_factory.mktemp("fed-results"), tmp_path_factory.mktemp("fed-work")
     plan = FederationPlan(sites=2, rounds=2, partitions=("iid",), losses=("supcon",), work_dir=work)
-    document = run_experiment(
+    document = _experiment(
+        tiny_model_dirs,
+        cache,
+        out,
         tasks=["cardiomegaly"],
-        seeds=[0],
-        losses=["supcon"],
         heads=["default"],
-        epochs=2,
-        cache_dir=cache,
-        out_dir=out,
-        n=N,
-        text_encoder=str(tiny_model_dirs["text"]),
-        classifiers=CLASSIFIERS,
         batch_size=32,
         federation=plan,
     )
