@@ -12,12 +12,12 @@ import pytest
 from common.data.registry import load_dataset
 from common.errors import ConfigError, DataError
 from common.tensorfile import read_tensorfile
-from simulations.exp_iu_xray import (
+from simulations.exp_iu_xray import run_experiment
+from simulations.iu_xray_arms import (
     DATASET,
     FROZEN,
     FederationPlan,
     check_no_leak,
-    run_experiment,
     split_reports,
 )
 
