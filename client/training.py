@@ -13,11 +13,8 @@ from client.privacy import PrivacySettings
 from client.site import Site, load_site
 from common.artifacts import load_state_arrays, state_arrays
 from common.config import RunSettings, SiteSettings
-from common.embedding import EmbeddedDataset
-from common.errors import ConfigError
 from common.evaluation import quick_metrics
-from common.heads import HEAD_PRESETS
-from common.training import HeadModel, build_head_model, train_head
+from common.training import HeadModel, build_run_model, train_head
 
 
 @dataclass
@@ -34,22 +31,8 @@ class RoundOutcome:
     privacy: dict[str, float | int] = field(default_factory=dict)
 
 
-def build_site_model(run: RunSettings, data: EmbeddedDataset) -> HeadModel:
-    """The head every site and the server share: shapes fixed by the run's encoders, head and loss."""
-    if run.head not in HEAD_PRESETS:
-        raise ConfigError(f"run-config: head '{run.head}' is not one of {sorted(HEAD_PRESETS)}")
-    return build_head_model(
-        dims=data.dims,
-        head_config=HEAD_PRESETS[run.head],
-        layout=run.layout,
-        loss=run.loss,
-        num_classes=data.num_classes or None,
-        seed=run.seed,
-    )
-
-
 def _load_global(run: RunSettings, site: Site, arrays: Mapping[str, np.ndarray]) -> HeadModel:
-    model = build_site_model(run, site.train)
+    model = build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
     load_state_arrays(model, arrays, source=f"global head received by {site.name}")
     return model
 

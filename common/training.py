@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import TrainConfig
+from common.config import RunSettings, TrainConfig
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
-from common.heads import HeadConfig, MultimodalHead
+from common.heads import HEAD_PRESETS, HeadConfig, MultimodalHead
 from common.losses import NEEDS_LABELS, build_loss
 
 LABEL_LOSSES = NEEDS_LABELS
@@ -121,6 +121,23 @@ def build_head_model(
         loss, num_classes=num_classes, dim=head_config.out_dim, temperature=temperature
     )
     return HeadModel(head, module, loss_spec=spec)
+
+
+def build_run_model(
+    run: RunSettings, *, dims: Mapping[str, int], num_classes: int | None
+) -> HeadModel:
+    """The run's head, identical at every site and at the server: seeded, its shapes fixed by the
+    encoders' ``dims``, the head preset, the layout, the loss and the task's ``num_classes``."""
+    if run.head not in HEAD_PRESETS:
+        raise ConfigError(f"run-config: head '{run.head}' is not one of {sorted(HEAD_PRESETS)}")
+    return build_head_model(
+        dims=dims,
+        head_config=HEAD_PRESETS[run.head],
+        layout=run.layout,
+        loss=run.loss,
+        num_classes=num_classes or None,
+        seed=run.seed,
+    )
 
 
 @dataclass

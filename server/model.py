@@ -11,9 +11,8 @@ import numpy as np
 from common.config import RunSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
-from common.heads import HEAD_PRESETS
 from common.pipeline import DataSpec, embed_site, get_encoder
-from common.training import HeadModel, build_head_model
+from common.training import HeadModel, build_run_model
 
 _TASK_SAMPLE = 20
 
@@ -42,8 +41,6 @@ def describe_task(run: RunSettings) -> dict[str, Any]:
 
 def initial_model(run: RunSettings) -> tuple[HeadModel, dict[str, Any]]:
     """The global head at round 0 (seeded), sized for the run's encoders and task."""
-    if run.head not in HEAD_PRESETS:
-        raise ConfigError(f"run-config: head '{run.head}' is not one of {sorted(HEAD_PRESETS)}")
     task = describe_task(run)
     dims: dict[str, int] = {}
     if "image" in task["modalities"]:
@@ -52,15 +49,7 @@ def initial_model(run: RunSettings) -> tuple[HeadModel, dict[str, Any]]:
         ).dim
     if "text" in task["modalities"]:
         dims["text"] = get_encoder(run.text_encoder, modality="text", max_length=run.max_length).dim
-    model = build_head_model(
-        dims=dims,
-        head_config=HEAD_PRESETS[run.head],
-        layout=run.layout,
-        loss=run.loss,
-        num_classes=len(task["class_names"]) or None,
-        seed=run.seed,
-    )
-    return model, task
+    return build_run_model(run, dims=dims, num_classes=len(task["class_names"])), task
 
 
 class ServerEvaluator:

@@ -18,7 +18,6 @@ from common.config import RunSettings, SiteSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
 from common.evaluation import evaluate_head, quick_metrics
-from common.heads import HEAD_PRESETS
 from common.metrics import (
     RIDGES,
     cross_modal_retrieval,
@@ -27,7 +26,7 @@ from common.metrics import (
     zero_shot,
 )
 from common.pipeline import SiteData, prepare_site_data, split_indices
-from common.training import HeadModel, build_head_model, train_head
+from common.training import HeadModel, build_run_model, train_head
 
 HEADLINE = ("mean_R@1", "mean_R@5", "mean_R@10", "zs_acc", "zs_auroc", "probe_f1_macro")
 PRIVACY_COLUMNS = ("epsilon",)  # delta is in the note under the table
@@ -169,17 +168,6 @@ def selection_score(model: HeadModel, val: Sequence[EmbeddedDataset]) -> float:
     return float(np.average(scores, weights=weights))
 
 
-def new_model(run: RunSettings, data: EmbeddedDataset) -> HeadModel:
-    return build_head_model(
-        dims=data.dims,
-        head_config=HEAD_PRESETS[run.head],
-        layout=run.layout,
-        loss=run.loss,
-        num_classes=data.num_classes or None,
-        seed=run.seed,
-    )
-
-
 def train_selected(
     run: RunSettings, train: EmbeddedDataset, val: EmbeddedDataset, *, steps: int
 ) -> tuple[HeadModel, Selection]:
@@ -189,7 +177,7 @@ def train_selected(
     and per-round seed), so a site alone or the pooled data get exactly a round's procedure, and
     the stopping point is chosen as the federated arm's is: by ``selection_score`` on ``val``.
     """
-    model = new_model(run, train)
+    model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
     scores: list[float] = []
     best: dict[str, Any] | None = None
     for step in range(1, steps + 1):

@@ -15,10 +15,10 @@ from client import site as site_module
 from client.app import app
 from client.audit import audit_path, payload_digest, verify_audit_log
 from client.site import load_site
-from client.training import build_site_model
 from common.artifacts import state_arrays
 from common.config import RunSettings, SiteSettings
 from common.flower import arrays_from_record, record_from_arrays
+from common.training import build_run_model
 
 
 def _run_config(tiny: dict[str, Path], **overrides: Any) -> dict[str, Any]:
@@ -73,7 +73,9 @@ def setup(
     }
     run = RunSettings.from_run_config(run_config)
     site = load_site(SiteSettings.from_node_config(node_config), run)
-    initial = state_arrays(build_site_model(run, site.train))
+    initial = state_arrays(
+        build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
+    )
     return _context(run_config, node_config), initial
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.training import build_site_model, execute
+from client.training import execute
 from client.worker import WorkerFailed, call_worker, worker_address
 from common.artifacts import state_arrays
 from common.config import RunSettings, SiteSettings
+from common.training import build_run_model
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,9 @@ def _request(tiny: dict[str, Path], state: Path) -> dict[str, Any]:
 
     run = RunSettings.from_run_config(run_config)
     site = load_site(SiteSettings.from_node_config(node_config), run)
-    incoming = state_arrays(build_site_model(run, site.train))
+    incoming = state_arrays(
+        build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
+    )
     return {
         "op": "train",
         "incoming": incoming,

@@ -21,11 +21,11 @@ from client.app import app as client_app
 from client.audit import audit_path, payload_digest
 from client.clipping import clip_update_mod
 from client.site import load_site
-from client.training import build_site_model
 from common.artifacts import state_arrays
 from common.config import RunSettings, SiteSettings
 from common.errors import ConfigError
 from common.flower import arrays_from_record, metric_record, record_from_arrays
+from common.training import build_run_model
 from server.privacy import ClientDp, client_dp
 from server.strategy import Accounting, UpdateCheck, build_strategy
 
@@ -356,7 +356,9 @@ def test_site_clips_its_trained_update_and_audits_exactly_what_it_sends(
     }
     run = RunSettings.from_run_config(run_config)
     site = load_site(SiteSettings.from_node_config(node_config), run)
-    initial = state_arrays(build_site_model(run, site.train))
+    initial = state_arrays(
+        build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
+    )
     context = Context(
         run_id=1, node_id=0, node_config=node_config, state=RecordDict(), run_config=run_config
     )

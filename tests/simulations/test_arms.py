@@ -10,9 +10,9 @@ import pytest
 
 from common.config import RunSettings
 from common.errors import ConfigError
+from common.training import build_run_model
 from simulations.arms import (
     metric_row,
-    new_model,
     select_best,
     select_round,
     selection_score,
@@ -95,7 +95,7 @@ def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path
     run, train = _small_run(), _paired(96, 0)
     vals = [_paired(20, 2), _paired(40, 3)]
     store = RunStore(tmp_path)
-    model = new_model(run, train)
+    model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
     store.save_checkpoint(0, state_arrays(model), {})  # the initial head is never a candidate
     saved, expected = {}, []
     for server_round in range(1, 5):
@@ -103,7 +103,9 @@ def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path
         saved[server_round] = state_arrays(trained)
         store.save_checkpoint(server_round, saved[server_round], {})
         expected.append(selection_score(trained, vals))
-    loaded, selection = select_round(tmp_path, new_model(run, train), vals)
+    loaded, selection = select_round(
+        tmp_path, build_run_model(run, dims=train.dims, num_classes=train.num_classes), vals
+    )
     assert selection.scores == pytest.approx(expected)
     assert selection.chosen == int(np.argmax(expected)) + 1
     for key, value in state_arrays(loaded).items():
