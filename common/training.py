@@ -18,8 +18,6 @@ from common.errors import ConfigError, DataError
 from common.heads import HEAD_PRESETS, HeadConfig, MultimodalHead
 from common.losses import NEEDS_LABELS, build_loss
 
-LABEL_LOSSES = NEEDS_LABELS
-
 
 class HeadModel(nn.Module):
     """The trainable (and federated) state: the projection head plus the loss's own parameters."""
@@ -107,7 +105,7 @@ def build_head_model(
     """A freshly initialised head + loss for inputs of the given per-modality dimensions."""
     if loss.startswith("infonce") and (layout != "two-tower" or set(dims) != {"image", "text"}):
         raise ConfigError(f"loss '{loss}' needs paired images and texts with the two-tower layout")
-    if loss in LABEL_LOSSES and not num_classes:
+    if loss in NEEDS_LABELS and not num_classes:
         raise ConfigError(f"loss '{loss}' needs class labels, but the dataset has none")
     torch.manual_seed(seed)
     head = MultimodalHead(dims=dict(dims), config=head_config, layout=layout)
@@ -158,7 +156,7 @@ class TrainResult:
 def training_rows(model: HeadModel, data: EmbeddedDataset) -> np.ndarray:
     """Indices of the rows the model's loss can use (label losses skip unlabelled rows)."""
     rows = np.arange(len(data))
-    if model.loss_spec["name"] in LABEL_LOSSES:
+    if model.loss_spec["name"] in NEEDS_LABELS:
         if data.labels is None:
             raise DataError(f"loss '{model.loss_spec['name']}' needs labels, but the data has none")
         rows = rows[data.labels >= 0]

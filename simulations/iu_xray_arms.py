@@ -20,15 +20,10 @@ from common.data.registry import load_dataset
 from common.embedding import EmbeddedDataset, embed_dataset
 from common.errors import ConfigError, DataError
 from common.heads import HEAD_PRESETS
+from common.losses import NEEDS_LABELS
 from common.metrics import classifier_suite
 from common.pipeline import DataSpec, SiteData, embed_site, get_encoder
-from common.training import (
-    LABEL_LOSSES,
-    HeadModel,
-    TrainConfig,
-    build_head_model,
-    train_head,
-)
+from common.training import HeadModel, TrainConfig, build_head_model, train_head
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -120,9 +115,9 @@ def _check(heads: Sequence[str], losses: Sequence[str]) -> None:
         if head not in HEAD_PRESETS:
             raise ConfigError(f"unknown head preset {head!r}; choose from {sorted(HEAD_PRESETS)}")
     for loss in losses:
-        if loss not in LABEL_LOSSES:
+        if loss not in NEEDS_LABELS:
             raise ConfigError(
-                f"loss {loss!r} does not use labels (text-only data); choose from {list(LABEL_LOSSES)}"
+                f"loss {loss!r} does not use labels (text-only data); choose from {list(NEEDS_LABELS)}"
             )
 
 
