@@ -22,7 +22,11 @@ def run_demo(
             "dataset-n": n,
             "partition": "site",  # each hospital is one scanner/acquisition profile
             "num-server-rounds": rounds,
-            "local-epochs": 3,
+            "local-epochs": 8,
+            "batch-size": 64,
+            # labelled pairs with class prompts: InfoNCE + SupCon + the prompts as anchors (README
+            # "Should we federate?"); data without labels would use the default, "infonce"
+            "loss": "infonce+supcon+prompts",
             "min-sites": sites,
             "encoder-image-size": 128,
         }
@@ -30,8 +34,9 @@ def run_demo(
     print(
         f"fedembed demo: {n} synthetic chest radiographs + reports split over {sites} hospitals with "
         f"different scanners.\n  frozen MobileNetV2 (images) + MiniLM (reports) embeddings, cached in {out}/cache;\n"
-        f"  a projection head trained with a CLIP-style loss: each hospital alone, pooled (upper bound),\n"
-        f"  and federated with Flower (FedAvg, {rounds} rounds; only head weights travel)."
+        f"  a projection head trained with a CLIP-style loss (+ labels and class prompts): each hospital\n"
+        f"  alone, pooled (upper bound),"
+        f" and federated with Flower (FedAvg, {rounds} rounds; only head weights travel)."
     )
     comparison = compare(run=run, sites=sites, out_dir=out, federated=True)
     table = comparison.table()
