@@ -154,3 +154,30 @@ def test_a_head_with_other_shapes_is_refused_by_the_site(
     assert reply.has_error()
     assert reply.error.reason.startswith("[site site-0] ConfigError")
     assert f"site-0: '{name}' has shape" in reply.error.reason
+
+
+def test_the_prompt_loss_trains_from_the_bundle_and_sends_only_the_head(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """A later round in a fresh process reads the class prompts from the site bundle, not an encoder."""
+    run_config = _run_config(tiny_model_dirs, loss="infonce+supcon+prompts")
+    node_config = {
+        "partition-id": 1,
+        "num-partitions": 2,
+        "cache-dir": str(tmp_path / "cache"),
+        "state-dir": str(tmp_path / "state"),
+        "worker": "off",
+    }
+    run = RunSettings.from_run_config(run_config)
+    site = load_site(SiteSettings.from_node_config(node_config), run)  # embeds, writes the bundle
+    assert site.train.prompts is not None
+    initial = state_arrays(
+        build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
+    )
+    site_module._LOADED.clear()  # as in a fresh per-message ClientApp process
+    reply = app(_train_message(initial, server_round=2), _context(run_config, node_config))
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    sent = arrays_from_record(reply.content.array_records["arrays"])
+    assert list(sent) == list(initial)  # the prompt term adds no state: still the head alone
+    assert any(not np.array_equal(sent[k], initial[k]) for k in sent)
+    assert np.isfinite(reply.content.metric_records["metrics"]["train-loss"])
