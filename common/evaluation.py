@@ -23,6 +23,7 @@ from common.metrics import (
 from common.training import HeadModel
 
 KS = (1, 5, 10)
+ALIGNMENTS = ("lstsq", "cca")  # the closed-form frozen baselines evaluate_head reports
 
 
 @dataclass
@@ -61,18 +62,21 @@ def evaluate_head(
     *,
     classifiers: Sequence[str] | None = None,
     seed: int = 0,
+    alignments: Sequence[str] = ALIGNMENTS,
 ) -> EvaluationReport:
     """Evaluate on ``test`` (probes and alignments are fitted on ``train``).
 
     Paired image-text data gets cross-modal retrieval (image->text, text->image recall@1/5/10) and
     zero-shot classification from the class prompts; labelled data gets a linear probe (and the
     optional classifier suite) on the primary modality (image if present, else text).
+    ``alignments``: the closed-form frozen baselines to fit ("lstsq", "cca"), each ridge tuned by
+    cross-validation on ``train``.
     """
     report = EvaluationReport(num_train=len(train), num_test=len(test))
     paired = train.image is not None and train.text is not None
     if paired:
         report.rows.append(_chance_row(test))
-        for method in ("lstsq", "cca"):
+        for method in alignments:
             report.rows.append(_aligned_frozen_row(train, test, method=method))
     frozen = {
         "embeddings": "frozen",
@@ -137,16 +141,32 @@ def _aligned_frozen_row(
     """Frozen embeddings put in one space by a closed-form linear map fitted on ``train``, its
     ridge chosen by cross-validation on ``train`` (``select_ridge``)."""
     assert train.image is not None and train.text is not None
-    assert test.image is not None and test.text is not None
     ridge = select_ridge(train.image, train.text, method=method, groups=train.text_groups)
+    return {
+        "embeddings": f"frozen+{method}",
+        "ridge": ridge,
+        **aligned_metrics(train, test, method=method, ridge=ridge),
+    }
+
+
+def aligned_metrics(
+    train: EmbeddedDataset,
+    data: EmbeddedDataset,
+    *,
+    method: str,
+    ridge: float,
+    ks: Sequence[int] = KS,
+) -> dict[str, float]:
+    """Retrieval (and zero-shot, when every row of ``data`` is labelled) of the frozen embeddings
+    put in one space by ``linear_alignment(method, ridge)`` fitted on ``train``, scored on ``data``."""
+    assert train.image is not None and train.text is not None
+    assert data.image is not None and data.text is not None
     alignment = linear_alignment(train.image, train.text, method=method, ridge=ridge)
-    image_z = alignment.transform_a(test.image)
-    text_z = alignment.transform_b(test.text)
-    row: dict[str, Any] = {"embeddings": f"frozen+{method}", "ridge": ridge}
-    row.update(_retrieval(image_z, text_z, test))
-    if test.prompts is not None and test.labels is not None:
-        row.update(zero_shot(image_z, alignment.transform_b(test.prompts), test.labels))
-    return row
+    image_z, text_z = alignment.transform_a(data.image), alignment.transform_b(data.text)
+    metrics = dict(cross_modal_retrieval(image_z, text_z, groups_text=data.text_groups, ks=ks))
+    if data.prompts is not None and data.labels is not None and (data.labels >= 0).all():
+        metrics.update(zero_shot(image_z, alignment.transform_b(data.prompts), data.labels))
+    return metrics
 
 
 def _retrieval(image_z: np.ndarray, text_z: np.ndarray, test: EmbeddedDataset) -> dict[str, float]:

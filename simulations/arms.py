@@ -17,11 +17,10 @@ from common.artifacts import load_head
 from common.config import RunSettings, SiteSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
-from common.evaluation import evaluate_head, quick_metrics
+from common.evaluation import aligned_metrics, evaluate_head, quick_metrics
 from common.metrics import (
     RIDGES,
     cross_modal_retrieval,
-    linear_alignment,
     linear_probe,
     zero_shot,
 )
@@ -218,12 +217,21 @@ def select_round(
 
 
 def metric_row(
-    method: str, model: HeadModel | None, train: EmbeddedDataset, test: EmbeddedDataset
+    method: str,
+    model: HeadModel | None,
+    train: EmbeddedDataset,
+    test: EmbeddedDataset,
+    *,
+    alignments: Sequence[str] = ("lstsq",),
 ) -> dict[str, Any]:
+    """The headline metrics of ``model`` (None: the frozen embeddings' probe and, for paired data,
+    the ``alignments`` rows of ``evaluate_head``) fitted on ``train`` and scored on ``test``."""
     if model is not None:
         source = _projected_metrics(model, train, test)
     else:  # paired data also has the closed-form aligned row; label-only data has just "frozen"
-        rows = {r["embeddings"]: r for r in evaluate_head(None, train, test).rows}
+        rows = {
+            r["embeddings"]: r for r in evaluate_head(None, train, test, alignments=alignments).rows
+        }
         source = {**rows.get("frozen+lstsq", {}), **rows["frozen"]}
     return {"method": method, **{k: v for k, v in source.items() if k in HEADLINE}}
 
@@ -255,20 +263,6 @@ def _projected_metrics(
     return row
 
 
-def _aligned_metrics(
-    train: EmbeddedDataset, data: EmbeddedDataset, *, ridge: float, ks: tuple[int, ...]
-) -> dict[str, float]:
-    """Retrieval and zero-shot of the frozen embeddings mapped image -> text by ridge least squares."""
-    assert train.image is not None and train.text is not None
-    assert data.image is not None and data.text is not None
-    alignment = linear_alignment(train.image, train.text, method="lstsq", ridge=ridge)
-    image_z, text_z = alignment.transform_a(data.image), alignment.transform_b(data.text)
-    metrics = dict(cross_modal_retrieval(image_z, text_z, groups_text=data.text_groups, ks=ks))
-    if data.prompts is not None and data.labels is not None and (data.labels >= 0).all():
-        metrics.update(zero_shot(image_z, alignment.transform_b(data.prompts), data.labels))
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
-
-
 # The frozen baseline's one hyperparameter, the least-squares map's relative ridge (one of
 # common.metrics.RIDGES), is chosen on the pooled validation halves by the same score.
 def frozen_row(
@@ -276,19 +270,23 @@ def frozen_row(
 ) -> tuple[dict[str, Any], Selection | None]:
     """The frozen embeddings' row: the probe, and for paired data the least-squares alignment
     whose ridge (``RIDGES``) scores best on ``val`` by the selection score, scored on ``test``."""
-    row = metric_row(method, None, train, test)
+    row = metric_row(method, None, train, test, alignments=())  # the map is tuned below
     if train.image is None or train.text is None:
         return row, None
     scores = []
     for ridge in RIDGES:
-        metrics = _aligned_metrics(train, val, ridge=ridge, ks=(5,))
+        metrics = _finite(aligned_metrics(train, val, method="lstsq", ridge=ridge, ks=(5,)))
         keys = [k for k in ("mean_R@5", "zs_auroc") if k in metrics]
         scores.append(float(np.mean([metrics[k] for k in keys])))
     selection = Selection("ridge", scores)
     ridge = RIDGES[selection.chosen - 1]
-    aligned = _aligned_metrics(train, test, ridge=ridge, ks=(1, 5, 10))
+    aligned = _finite(aligned_metrics(train, test, method="lstsq", ridge=ridge))
     row.update({k: v for k, v in aligned.items() if k in HEADLINE})
     return {**row, "stop": f"ridge {ridge:g}"}, selection
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def ridge_selection(selection: Selection) -> dict[str, Any]:
