@@ -128,6 +128,9 @@ LOSSES: dict[str, str] = {
     "proxy": "cross-entropy to learnable class proxies; per-example decomposable (DP-SGD safe)",
 }
 
+# Head preset names (common/heads.py HEAD_PRESETS holds their shapes, in this order).
+HEAD_PRESET_NAMES = ("default", "paper", "small")
+
 STRATEGIES = (
     "fedavg",
     "fedavgm",
@@ -241,6 +244,10 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"run-config: loss '{self.loss}' is not one of {', '.join(LOSSES)}")
+        if self.head not in HEAD_PRESET_NAMES:
+            raise ConfigError(
+                f"run-config: head '{self.head}' is not one of {', '.join(HEAD_PRESET_NAMES)}"
+            )
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"run-config: strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}"

@@ -511,18 +511,27 @@ def _project(x: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> np.ndarray:
     return (arr - mean) @ proj
 
 
-def _ridge_covariance(x: np.ndarray, ridge: float, name: str) -> np.ndarray:
-    """Covariance of centred ``x`` plus ``ridge`` times its mean variance on the diagonal."""
-    cov = x.T @ x / max(x.shape[0] - 1, 1)
-    scale = float(np.trace(cov)) / cov.shape[0]
-    if scale <= 0.0:
-        raise MetricInputError(f"{name}: has zero variance (all rows identical)")
-    return cov + ridge * scale * np.eye(cov.shape[0])
+@dataclass(frozen=True)
+class _Spectrum:
+    """Eigendecomposition of a centred matrix's covariance, to add any ridge cheaply."""
 
+    values: np.ndarray
+    vectors: np.ndarray
+    scale: float
 
-def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh(cov)
-    return (vectors / np.sqrt(values)) @ vectors.T
+    @classmethod
+    def of(cls, x: np.ndarray, name: str) -> _Spectrum:
+        cov = x.T @ x / max(x.shape[0] - 1, 1)
+        scale = float(np.trace(cov)) / cov.shape[0]
+        if scale <= 0.0:
+            raise MetricInputError(f"{name}: has zero variance (all rows identical)")
+        values, vectors = np.linalg.eigh(cov)
+        return cls(np.clip(values, 0.0, None), vectors, scale)
+
+    def power(self, ridge: float, exponent: float) -> np.ndarray:
+        """(covariance + ``ridge`` x mean variance x I) ** ``exponent``."""
+        shifted = (self.values + ridge * self.scale) ** exponent
+        return (self.vectors * shifted) @ self.vectors.T
 
 
 RIDGES = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
@@ -553,21 +562,19 @@ def select_ridge(
         raise MetricInputError("select_ridge: needs folds >= 2 and at least one ridge")
     order = np.random.default_rng(seed).permutation(a.shape[0])
     parts = np.array_split(order, folds)
-    scores = []
-    for ridge in ridges:
-        fold_scores = []
-        for k, held in enumerate(parts):
-            fit = np.concatenate([p for j, p in enumerate(parts) if j != k])
-            alignment = linear_alignment(a[fit], b[fit], method=method, ridge=ridge)
+    scores = np.zeros((folds, len(ridges)))
+    for k, held in enumerate(parts):
+        fit = np.concatenate([p for j, p in enumerate(parts) if j != k])
+        alignments = _fit_alignments(a[fit], b[fit], method=method, dim=None, ridges=ridges)
+        for r, alignment in enumerate(alignments):
             recall = cross_modal_retrieval(
                 alignment.transform_a(a[held]),
                 alignment.transform_b(b[held]),
                 groups_text=None if groups is None else np.asarray(groups)[held],
                 ks=(5,),
             )
-            fold_scores.append(recall["mean_R@5"])
-        scores.append(float(np.mean(fold_scores)))
-    return float(ridges[int(np.argmax(scores))])
+            scores[k, r] = recall["mean_R@5"]
+    return float(ridges[int(np.argmax(scores.mean(axis=0)))])
 
 
 def linear_alignment(
@@ -593,26 +600,41 @@ def linear_alignment(
     _same_rows(a, "train_a", b, "train_b")
     if not (isinstance(ridge, int | float) and math.isfinite(ridge) and ridge > 0):
         raise MetricInputError(f"ridge: expected a finite number > 0, got {ridge!r}")
+    return _fit_alignments(a, b, method=method, dim=dim, ridges=(ridge,))[0]
+
+
+def _fit_alignments(
+    a: np.ndarray, b: np.ndarray, *, method: str, dim: int | None, ridges: Sequence[float]
+) -> list[LinearAlignment]:
+    """``linear_alignment`` for each of ``ridges``, sharing one eigendecomposition per side."""
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
     a_c, b_c = a - mean_a, b - mean_b
+    cross = a_c.T @ b_c / (a.shape[0] - 1)
     if method == "lstsq":
         if dim is not None:
             raise MetricInputError("dim: only used with method='cca'; leave it None for 'lstsq'")
-        cov_a = _ridge_covariance(a_c, ridge, "train_a")
-        proj_a = np.linalg.solve(cov_a, a_c.T @ b_c / (a.shape[0] - 1))
-        return LinearAlignment("lstsq", mean_a, mean_b, proj_a, np.eye(b.shape[1]))
+        spectrum_a = _Spectrum.of(a_c, "train_a")
+        identity = np.eye(b.shape[1])
+        return [
+            LinearAlignment("lstsq", mean_a, mean_b, spectrum_a.power(r, -1.0) @ cross, identity)
+            for r in ridges
+        ]
     if method == "cca":
         limit = min(a.shape[1], b.shape[1], a.shape[0] - 1)
         k = limit if dim is None else dim
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= limit:
             raise MetricInputError(f"dim: expected an int in [1, {limit}], got {dim!r}")
-        white_a = _inverse_sqrt(_ridge_covariance(a_c, ridge, "train_a"))
-        white_b = _inverse_sqrt(_ridge_covariance(b_c, ridge, "train_b"))
-        cross = a_c.T @ b_c / (a.shape[0] - 1)
-        u, s, vt = np.linalg.svd(white_a @ cross @ white_b, full_matrices=False)
-        return LinearAlignment(
-            "cca", mean_a, mean_b, white_a @ u[:, :k], white_b @ vt[:k].T, correlations=s[:k]
-        )
+        spectrum_a, spectrum_b = _Spectrum.of(a_c, "train_a"), _Spectrum.of(b_c, "train_b")
+        alignments = []
+        for r in ridges:
+            white_a, white_b = spectrum_a.power(r, -0.5), spectrum_b.power(r, -0.5)
+            u, s, vt = np.linalg.svd(white_a @ cross @ white_b, full_matrices=False)
+            alignments.append(
+                LinearAlignment(
+                    "cca", mean_a, mean_b, white_a @ u[:, :k], white_b @ vt[:k].T, s[:k]
+                )
+            )
+        return alignments
     raise MetricInputError(f"method: expected 'lstsq' or 'cca', got {method!r}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +30,12 @@ class SiteData:
     encoders: dict[str, dict[str, Any]]
 
 
-_ENCODERS: dict[tuple[Any, ...], Encoder] = {}
-
-
+@cache
 def get_encoder(
     spec: str, *, modality: str, image_size: int | None = None, max_length: int = 128
 ) -> Encoder:
     """Load an encoder once per process (loading a model costs seconds; embedding reuses it)."""
-    key = (spec, modality, image_size, max_length)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = load_encoder(
-            spec, modality=modality, image_size=image_size, max_length=max_length
-        )
-    return _ENCODERS[key]
+    return load_encoder(spec, modality=modality, image_size=image_size, max_length=max_length)
 
 
 def _enabled(spec: str | None) -> bool:

@@ -126,8 +126,6 @@ def build_run_model(
 ) -> HeadModel:
     """The run's head, identical at every site and at the server: seeded, its shapes fixed by the
     encoders' ``dims``, the head preset, the layout, the loss and the task's ``num_classes``."""
-    if run.head not in HEAD_PRESETS:
-        raise ConfigError(f"run-config: head '{run.head}' is not one of {sorted(HEAD_PRESETS)}")
     return build_head_model(
         dims=dims,
         head_config=HEAD_PRESETS[run.head],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import LOSSES, RunSettings, SiteSettings
+from common.config import HEAD_PRESET_NAMES, LOSSES, RunSettings, SiteSettings
 from common.errors import ConfigError
 
 
@@ -22,3 +22,12 @@ def test_run_config_names_an_unknown_loss_before_anything_runs() -> None:
     assert RunSettings.from_run_config({"loss": "infonce+supcon+prompts"}).loss in LOSSES
     with pytest.raises(ConfigError, match=r"run-config: loss 'clip' is not one of infonce, "):
         RunSettings.from_run_config({"loss": "clip"})
+
+
+def test_run_config_names_an_unknown_head_preset_before_any_encoder_loads() -> None:
+    from common.heads import HEAD_PRESETS
+
+    assert tuple(HEAD_PRESETS) == HEAD_PRESET_NAMES  # the cheap list names every real preset
+    assert RunSettings.from_run_config({"head": "small"}).head == "small"
+    with pytest.raises(ConfigError, match=r"run-config: head 'huge' is not one of default, "):
+        RunSettings.from_run_config({"head": "huge"})

@@ -265,6 +265,18 @@ def test_lstsq_alignment_recovers_a_linear_map() -> None:
     assert recall_at_k(a[400:, :16], b[400:], ks=(1,))["R@1"] < 0.2  # unaligned
 
 
+def test_the_ridge_is_relative_to_the_mean_variance_as_documented() -> None:
+    rng = np.random.default_rng(16)
+    a = rng.normal(size=(30, 50)) * 3.0  # fewer rows than columns: singular without the ridge
+    b = rng.normal(size=(30, 4))
+    a_c, b_c = a - a.mean(axis=0), b - b.mean(axis=0)
+    cov = a_c.T @ a_c / 29
+    for ridge in (1e-3, 1.0):
+        penalised = cov + ridge * np.trace(cov) / 50 * np.eye(50)
+        expected = np.linalg.solve(penalised, a_c.T @ b_c / 29)
+        assert linear_alignment(a, b, ridge=ridge).proj_a == pytest.approx(expected, abs=1e-8)
+
+
 def test_cca_finds_the_correlated_directions() -> None:
     rng = np.random.default_rng(14)
     n = 2000
