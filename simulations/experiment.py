@@ -37,7 +37,7 @@ from simulations.arms import (
 )
 from simulations.commands import parse_run_config
 from simulations.machine import machine_info
-from simulations.seed_summary import summarize_seeds, summary_markdown
+from simulations.seed_summary import CHECKED, summarize_seeds, summary_markdown
 
 # The metric a figure shows: the first of these the rows have (paired data: retrieval).
 PRIMARY = ("mean_R@5", "probe_f1_macro", "zs_acc")
@@ -445,14 +445,7 @@ def run_comparisons(
         "comparisons": [],
         "summaries": [],
     }
-    markdown = [
-        f"# Federated vs centralized vs local ({sites} sites)\n",
-        "Each site's held-out split is halved: every trained arm is stopped where its "
-        f"validation score ({SELECTION}) is best (each site alone: its own validation half; "
-        "centralized: the pooled halves; federated: the round whose checkpoint scores best on "
-        "the sites' validation halves) and scored once on the pooled test halves. 'stop' = the "
-        "chosen epoch / round out of the budget.\n",
-    ]
+    markdown = _report_header(sites)
     out_dir.mkdir(parents=True, exist_ok=True)
     done: list[str] = []
     for scheme, alpha in partitions:
@@ -483,10 +476,8 @@ def run_comparisons(
             entries.append(entry)
             details += _detail_markdown(comparison, entry, seed, figures)
             results["comparisons"].append(entry)
-            summary = {"partition": entries[0]["partition"], **summarize_seeds(entries)}
-            shown = ", ".join(str(e["run"]["seed"]) for e in entries)
-            section = [f"## partition: {summary['partition']}, mean ± sd over seeds {shown}\n"]
-            section += summary_markdown(summary) + details
+            summary, section = _summary_section(entries)
+            section += details
             # Written after every seed: a long run that stops early keeps what it finished.
             atomic_write_json(
                 out_dir / "comparison.json",
@@ -497,6 +488,93 @@ def run_comparisons(
             )
         results["summaries"].append(summary)
         done += section
+    return results
+
+
+def _report_header(sites: int) -> list[str]:
+    return [
+        f"# Federated vs centralized vs local ({sites} sites)\n",
+        "Each site's held-out split is halved: every trained arm is stopped where its "
+        f"validation score ({SELECTION}) is best (each site alone: its own validation half; "
+        "centralized: the pooled halves; federated: the round whose checkpoint scores best on "
+        "the sites' validation halves) and scored once on the pooled test halves. 'stop' = the "
+        "chosen epoch / round out of the budget.\n",
+    ]
+
+
+def _summary_section(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """One partition's multi-seed summary and its markdown section (heading and tables)."""
+    summary = {"partition": entries[0]["partition"], **summarize_seeds(entries)}
+    shown = ", ".join(str(e["run"]["seed"]) for e in entries)
+    section = [f"## partition: {summary['partition']}, mean ± sd over seeds {shown}\n"]
+    return summary, section + summary_markdown(summary)
+
+
+def merge_comparisons(sources: Sequence[Path], *, out_dir: Path) -> dict[str, Any]:
+    """One report over the seeds of several runs (each ``source``/comparison.json), no training.
+
+    Every run must have the same settings but the seed (same sites, selection rule and
+    run-config), and no seed may appear twice: seeds run in separate sittings then count as
+    one experiment. The per-seed tables and figures stay in the sources; the merged markdown
+    lists each seed's ratios and where its tables are.
+    """
+    import json
+
+    results: dict[str, Any] = {"merged_from": [str(p) for p in sources], "comparisons": []}
+    by_partition: dict[str, list[dict[str, Any]]] = {}
+    origin: dict[tuple[str, int], Path] = {}
+    for source in sources:
+        path = source / "comparison.json"
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            entries, sites, selection = (
+                loaded["comparisons"],
+                loaded["sites"],
+                loaded["selection"],
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{path}: not a readable comparison ({exc})") from exc
+        for key, value in (("sites", sites), ("selection", selection)):
+            if results.setdefault(key, value) != value:
+                raise ConfigError(f"{path}: {key} {value!r} differs from {results[key]!r}")
+        results.setdefault("machine", loaded.get("machine"))
+        for entry in entries:
+            scheme, seed = str(entry["partition"]), int(entry["run"]["seed"])
+            if (scheme, seed) in origin:
+                raise ConfigError(f"{path}: {scheme} seed {seed} is also in {origin[scheme, seed]}")
+            first = by_partition.setdefault(scheme, [entry])[0]
+            for key in sorted(set(first["run"]) | set(entry["run"])):
+                if key != "seed" and first["run"].get(key) != entry["run"].get(key):
+                    raise ConfigError(
+                        f"{path}: {scheme} seed {seed} has run-config {key}="
+                        f"{entry['run'].get(key)!r}, the other runs {first['run'].get(key)!r}"
+                    )
+            if entry is not first:
+                by_partition[scheme].append(entry)
+            origin[scheme, seed] = source
+            results["comparisons"].append(entry)
+    if not by_partition:
+        raise ConfigError("--merge: the sources hold no comparison")
+    results["seeds"] = sorted({seed for _, seed in origin})
+    results["summaries"] = []
+    markdown = _report_header(int(results["sites"]))
+    for scheme, entries in by_partition.items():
+        entries.sort(key=lambda e: int(e["run"]["seed"]))
+        summary, section = _summary_section(entries)
+        results["summaries"].append(summary)
+        markdown += section
+        for entry in entries:
+            seed = int(entry["run"]["seed"])
+            ratio = entry["federated_over_centralized"]
+            shown = ", ".join(f"{k} {ratio[k]:.3f}" for k in CHECKED if k in ratio)
+            markdown.append(
+                f"- seed {seed}: federated / centralized {shown} "
+                f"(tables: {origin[scheme, seed]}/comparison.md)"
+            )
+        markdown.append("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "comparison.json", results)
+    atomic_write_text(out_dir / "comparison.md", "\n".join(markdown) + "\n")
     return results
 
 
@@ -591,6 +669,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--replot", action="store_true", help="only redraw the figures of --out/comparison.json"
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="no training: one report in --out over the seeds of earlier runs' result directories",
+    )
     parser.add_argument("--dp-target-epsilon", type=float, default=defaults.target_epsilon)
     parser.add_argument("--dp-delta", type=float, default=defaults.delta)
     parser.add_argument("--dp-max-grad-norm", type=float, default=defaults.max_grad_norm)
@@ -603,6 +687,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.replot:
         for path in replot(Path(args.out)):
             print(path)
+        return
+    if args.merge:
+        merge_comparisons([Path(d) for d in args.merge], out_dir=Path(args.out))
+        print((Path(args.out) / "comparison.md").read_text())
         return
     overrides = {
         **COMPARISON_DEFAULTS,

@@ -15,6 +15,11 @@ THRESHOLDS = {"iid": 0.95, "dirichlet": 0.9}  # issue 3: federated / centralized
 CHECKED = ("mean_R@5", "zs_auroc")
 
 
+def _headline_order(metrics: Mapping[str, Any]) -> list[str]:
+    """``metrics``' keys in the tables' column order (results JSON is written with sorted keys)."""
+    return sorted(metrics, key=lambda k: HEADLINE.index(k) if k in HEADLINE else len(HEADLINE))
+
+
 def _stats(values: Sequence[float]) -> dict[str, Any]:
     array = np.asarray(values, dtype=np.float64)
     sd = float(array.std(ddof=1)) if array.size > 1 else math.nan
@@ -47,9 +52,12 @@ def summarize_seeds(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for name, values in entry["federated_gains"].items():
             for k, v in values.items():
                 gain_values.setdefault(name, {}).setdefault(k, []).append(v)
-    summary["federated_over_centralized"] = {k: _stats(v) for k, v in ratio_values.items()}
+    summary["federated_over_centralized"] = {
+        k: _stats(ratio_values[k]) for k in _headline_order(ratio_values)
+    }
     summary["federated_gains"] = {
-        name: {k: _stats(v) for k, v in values.items()} for name, values in gain_values.items()
+        name: {k: _stats(values[k]) for k in _headline_order(values)}
+        for name, values in gain_values.items()
     }
     scheme = str(entries[0]["run"]["partition"]) if entries else "iid"
     bar = THRESHOLDS.get(scheme, THRESHOLDS["dirichlet"])
@@ -58,11 +66,37 @@ def summarize_seeds(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "bar": bar,
             "mean_holds": bool(np.mean(ratio_values[k]) >= bar),
             "every_seed_holds": bool(min(ratio_values[k]) >= bar),
+            "ci95": confidence_interval(ratio_values[k]),
         }
         for k in CHECKED
         if k in ratio_values
     }
     return summary
+
+
+def confidence_interval(values: Sequence[float], *, level: float = 0.95) -> list[float] | None:
+    """Student-t interval for the mean of ``values`` (seeds as independent draws); None below 2."""
+    from scipy import stats
+
+    array = np.asarray(values, dtype=np.float64)
+    if array.size < 2:
+        return None
+    half = float(stats.t.ppf(0.5 + level / 2, array.size - 1)) * array.std(ddof=1)
+    half /= math.sqrt(array.size)
+    return [float(array.mean() - half), float(array.mean() + half)]
+
+
+def _verdict(verdict: Mapping[str, Any]) -> str:
+    """One line per checked bar: the mean against it, its 95% interval, and every seed."""
+    text = "holds" if verdict["mean_holds"] else "NOT met"
+    interval = verdict.get("ci95")
+    if interval is not None:
+        low, high = interval
+        text += f" (95% CI of the mean {low:.3f} to {high:.3f}"
+        if low < verdict["bar"] <= high:
+            text += ": the bar is inside it, so these seeds cannot tell"
+        text += ")"
+    return text
 
 
 def _pm(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
@@ -98,8 +132,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> list[str]:
         lines += [format_table(table, list(table[0])), ""]
     for k, verdict in summary["thresholds"].items():
         lines.append(
-            f"- {k}: federated / centralized bar {verdict['bar']}x: mean "
-            f"{'holds' if verdict['mean_holds'] else 'NOT met'}, every seed "
-            f"{'holds' if verdict['every_seed_holds'] else 'NOT met'}"
+            f"- {k}: federated / centralized bar {verdict['bar']}x: mean {_verdict(verdict)}, "
+            f"every seed {'holds' if verdict['every_seed_holds'] else 'NOT met'}"
         )
     return [*lines, ""]

@@ -183,3 +183,68 @@ def test_baselines_never_look_at_the_test_half(
     assert set(first.selections) == {"frozen", "site 0 alone", "site 1 alone", "centralized"}
     assert [r.get("stop") for r in first.rows] == [r.get("stop") for r in second.rows]
     assert [r.get("mean_R@5") for r in first.rows] != [r.get("mean_R@5") for r in second.rows]
+
+
+def _results(seeds: list[int], *, ratio: float = 0.9, **run_overrides: Any) -> dict[str, Any]:
+    entries = []
+    for seed in seeds:
+        run = RunSettings.from_run_config({"partition": "iid", **run_overrides, "seed": seed})
+        central = {"method": "centralized", "mean_R@5": 0.3, "zs_auroc": 0.8}
+        fed = {"method": "federated", "mean_R@5": 0.3 * ratio, "zs_auroc": 0.8}
+        entries.append(
+            {
+                "partition": "iid",
+                "run": run.to_dict(),
+                "rows": [central, fed],
+                "federated_over_centralized": {"mean_R@5": ratio, "zs_auroc": 1.0},
+                "federated_gains": {},
+            }
+        )
+    return {"sites": 4, "selection": "mean", "machine": {}, "comparisons": entries}
+
+
+def test_merge_reports_the_seeds_of_separate_runs_as_one_experiment(tmp_path: Path) -> None:
+    import json
+
+    first, second, out = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    for path, results in ((first, _results([0, 1], ratio=0.9)), (second, _results([2], ratio=1.0))):
+        path.mkdir()
+        (path / "comparison.json").write_text(json.dumps(results))
+    experiment.main(["--merge", str(second), str(first), "--out", str(out)])
+    merged = json.loads((out / "comparison.json").read_text())
+    assert merged["seeds"] == [0, 1, 2] and merged["merged_from"] == [str(second), str(first)]
+    (summary,) = merged["summaries"]
+    assert summary["seeds"] == [0, 1, 2]  # sorted, whichever run held them
+    ratio = summary["federated_over_centralized"]["mean_R@5"]
+    assert ratio["mean"] == pytest.approx(2.8 / 3) and ratio["n"] == 3
+    text = (out / "comparison.md").read_text()
+    assert "mean ± sd over seeds 0, 1, 2" in text
+    assert (
+        f"- seed 2: federated / centralized mean_R@5 1.000, zs_auroc 1.000 (tables: {second}"
+        in text
+    )
+
+
+def test_merge_refuses_runs_that_are_not_one_experiment(tmp_path: Path) -> None:
+    import json
+
+    def source(name: str, results: dict[str, Any] | str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        text = results if isinstance(results, str) else json.dumps(results)
+        (path / "comparison.json").write_text(text)
+        return path
+
+    base = source("base", _results([0, 1]))
+    again = source("again", _results([1]))
+    with pytest.raises(ConfigError, match=r"again/comparison.json: iid seed 1 is also in .*base"):
+        experiment.merge_comparisons([base, again], out_dir=tmp_path / "out")
+    other = source("other", _results([2], **{"local-epochs": 2}))
+    with pytest.raises(
+        ConfigError, match=r"seed 2 has run-config local_epochs=2, the other runs 5"
+    ):
+        experiment.merge_comparisons([base, other], out_dir=tmp_path / "out")
+    torn = source("torn", '{"comparisons": [')
+    with pytest.raises(ConfigError, match=r"torn/comparison.json: not a readable comparison"):
+        experiment.merge_comparisons([base, torn], out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written when a source is refused
