@@ -186,7 +186,7 @@ def _convert(value: Any, default: Any, *, key: str, source: str) -> Any:
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSettings:
     """The consortium's run-config (``[tool.flwr.app.config]``, overridable with ``--run-config``).
 

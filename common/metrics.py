@@ -598,8 +598,6 @@ def linear_alignment(
     a = _matrix(train_a, "train_a", min_rows=2)
     b = _matrix(train_b, "train_b", min_rows=2)
     _same_rows(a, "train_a", b, "train_b")
-    if not (isinstance(ridge, int | float) and math.isfinite(ridge) and ridge > 0):
-        raise MetricInputError(f"ridge: expected a finite number > 0, got {ridge!r}")
     return _fit_alignments(a, b, method=method, dim=dim, ridges=(ridge,))[0]
 
 
@@ -607,6 +605,9 @@ def _fit_alignments(
     a: np.ndarray, b: np.ndarray, *, method: str, dim: int | None, ridges: Sequence[float]
 ) -> list[LinearAlignment]:
     """``linear_alignment`` for each of ``ridges``, sharing one eigendecomposition per side."""
+    for ridge in ridges:
+        if not (isinstance(ridge, int | float) and math.isfinite(ridge) and ridge > 0):
+            raise MetricInputError(f"ridge: expected a finite number > 0, got {ridge!r}")
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
     a_c, b_c = a - mean_a, b - mean_b
     cross = a_c.T @ b_c / (a.shape[0] - 1)
@@ -631,7 +632,12 @@ def _fit_alignments(
             u, s, vt = np.linalg.svd(white_a @ cross @ white_b, full_matrices=False)
             alignments.append(
                 LinearAlignment(
-                    "cca", mean_a, mean_b, white_a @ u[:, :k], white_b @ vt[:k].T, s[:k]
+                    "cca",
+                    mean_a,
+                    mean_b,
+                    white_a @ u[:, :k],
+                    white_b @ vt[:k].T,
+                    correlations=s[:k],
                 )
             )
         return alignments

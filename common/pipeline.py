@@ -30,11 +30,15 @@ class SiteData:
     encoders: dict[str, dict[str, Any]]
 
 
-@cache
 def get_encoder(
     spec: str, *, modality: str, image_size: int | None = None, max_length: int = 128
 ) -> Encoder:
     """Load an encoder once per process (loading a model costs seconds; embedding reuses it)."""
+    return _cached_encoder(spec, modality, image_size, max_length)
+
+
+@cache  # keyed on all four values, however the caller spelled them
+def _cached_encoder(spec: str, modality: str, image_size: int | None, max_length: int) -> Encoder:
     return load_encoder(spec, modality=modality, image_size=image_size, max_length=max_length)
 
 

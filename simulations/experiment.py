@@ -39,6 +39,7 @@ from simulations.commands import parse_run_config
 from simulations.machine import machine_info
 from simulations.seed_summary import CHECKED, summarize_seeds, summary_markdown
 
+DEFAULT_OUT = "simulations/results/federated"
 # The metric a figure shows: the first of these the rows have (paired data: retrieval).
 PRIMARY = ("mean_R@5", "probe_f1_macro", "zs_acc")
 # Datasets whose coordinator-held evaluation set (another seed of the generator) shares no example
@@ -514,15 +515,20 @@ def merge_comparisons(sources: Sequence[Path], *, out_dir: Path) -> dict[str, An
     """One report over the seeds of several runs (each ``source``/comparison.json), no training.
 
     Every run must have the same settings but the seed (same sites, selection rule and
-    run-config), and no seed may appear twice: seeds run in separate sittings then count as
-    one experiment. The per-seed tables and figures stay in the sources; the merged markdown
-    lists each seed's ratios and where its tables are.
+    run-config apart from the partition scheme), and no (partition, seed) may appear twice: seeds
+    run in separate sittings then count as one experiment. The per-seed tables and figures stay
+    in the sources, so ``out_dir`` may not be one of them; the merged markdown lists each seed's
+    ratios and where its tables are.
     """
     import json
 
+    if any(out_dir.resolve() == source.resolve() for source in sources):
+        raise ConfigError(f"--merge: --out {out_dir} is one of the sources; choose a new directory")
     results: dict[str, Any] = {"merged_from": [str(p) for p in sources], "comparisons": []}
+    results["machines"] = {}
     by_partition: dict[str, list[dict[str, Any]]] = {}
     origin: dict[tuple[str, int], Path] = {}
+    reference: tuple[dict[str, Any], Path] | None = None
     for source in sources:
         path = source / "comparison.json"
         try:
@@ -532,25 +538,23 @@ def merge_comparisons(sources: Sequence[Path], *, out_dir: Path) -> dict[str, An
                 loaded["sites"],
                 loaded["selection"],
             )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{path}: not a readable comparison ({exc})") from exc
+            keyed = [(str(e["partition"]), int(e["run"]["seed"]), e) for e in entries]
+            missing = [k for e in entries for k in _SUMMARY_KEYS if k not in e]
+            if missing:  # what the summary reads, checked here to name the file
+                raise KeyError(missing[0])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a readable comparison ({exc!r})") from exc
         for key, value in (("sites", sites), ("selection", selection)):
             if results.setdefault(key, value) != value:
                 raise ConfigError(f"{path}: {key} {value!r} differs from {results[key]!r}")
-        results.setdefault("machine", loaded.get("machine"))
-        for entry in entries:
-            scheme, seed = str(entry["partition"]), int(entry["run"]["seed"])
+        results["machines"][str(source)] = loaded.get("machine")
+        for scheme, seed, entry in keyed:
             if (scheme, seed) in origin:
                 raise ConfigError(f"{path}: {scheme} seed {seed} is also in {origin[scheme, seed]}")
-            first = by_partition.setdefault(scheme, [entry])[0]
-            for key in sorted(set(first["run"]) | set(entry["run"])):
-                if key != "seed" and first["run"].get(key) != entry["run"].get(key):
-                    raise ConfigError(
-                        f"{path}: {scheme} seed {seed} has run-config {key}="
-                        f"{entry['run'].get(key)!r}, the other runs {first['run'].get(key)!r}"
-                    )
-            if entry is not first:
-                by_partition[scheme].append(entry)
+            if reference is None:
+                reference = (entry["run"], path)
+            _check_same_run(entry["run"], reference, where=f"{path}: {scheme} seed {seed}")
+            by_partition.setdefault(scheme, []).append(entry)
             origin[scheme, seed] = source
             results["comparisons"].append(entry)
     if not by_partition:
@@ -576,6 +580,25 @@ def merge_comparisons(sources: Sequence[Path], *, out_dir: Path) -> dict[str, An
     atomic_write_json(out_dir / "comparison.json", results)
     atomic_write_text(out_dir / "comparison.md", "\n".join(markdown) + "\n")
     return results
+
+
+# What ``summarize_seeds`` reads from each entry of a comparison.
+_SUMMARY_KEYS = ("rows", "federated_over_centralized", "federated_gains")
+# Run-config keys that may differ between the seeds of one merged experiment.
+_PER_SEED_KEYS = ("seed", "partition", "alpha")
+
+
+def _check_same_run(
+    run: Mapping[str, Any], reference: tuple[Mapping[str, Any], Path], *, where: str
+) -> None:
+    """Refuse a run-config that differs from ``reference``'s in anything but the seed and scheme."""
+    first, first_path = reference
+    for key in sorted(set(first) | set(run)):
+        if key not in _PER_SEED_KEYS and first.get(key) != run.get(key):
+            raise ConfigError(
+                f"{where} has run-config {key}={run.get(key)!r}, "
+                f"{first_path} has {first.get(key)!r}"
+            )
 
 
 def _entry(comparison: Comparison, run: RunSettings, figures: Sequence[Path]) -> dict[str, Any]:
@@ -633,8 +656,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--out",
-        default="simulations/results/federated",
-        help="results directory (JSON + markdown + PNGs)",
+        default=None,
+        help=f"results directory (JSON + markdown + PNGs; default {DEFAULT_OUT}, which --merge "
+        "does not take)",
     )
     parser.add_argument(
         "--work", default="runs/experiment", help="caches, site state and Flower runs"
@@ -684,13 +708,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--client-dp-clipping-norm", type=float, default=defaults.clipping_norm)
     parser.add_argument("--client-dp-delta", type=float, default=defaults.client_delta)
     args = parser.parse_args(argv)
+    if args.merge and args.out is None:
+        raise ConfigError("--merge: name the merged report's directory with --out")
+    out = Path(args.out or DEFAULT_OUT)
     if args.replot:
-        for path in replot(Path(args.out)):
+        for path in replot(out):
             print(path)
         return
     if args.merge:
-        merge_comparisons([Path(d) for d in args.merge], out_dir=Path(args.out))
-        print((Path(args.out) / "comparison.md").read_text())
+        merge_comparisons([Path(d) for d in args.merge], out_dir=out)
+        print((out / "comparison.md").read_text())
         return
     overrides = {
         **COMPARISON_DEFAULTS,
@@ -714,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     )
     run_comparisons(
-        out_dir=Path(args.out),
+        out_dir=out,
         work_dir=Path(args.work),
         sites=args.sites,
         partitions=_partitions(args.partitions),
@@ -724,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seeds=seeds,
         dp_seeds=dp_seeds,
     )
-    print((Path(args.out) / "comparison.md").read_text())
+    print((out / "comparison.md").read_text())
 
 
 def _defaults_text() -> str:

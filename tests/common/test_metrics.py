@@ -328,6 +328,9 @@ def test_select_ridge_regularises_a_noisy_wide_map_and_not_a_clean_one() -> None
     assert select_ridge(clean_a, clean_b) == 1e-3
     with pytest.raises(MetricInputError, match="folds >= 2"):
         select_ridge(clean_a, clean_b, folds=1)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(MetricInputError, match="ridge: expected a finite number > 0"):
+            select_ridge(clean_a, clean_b, ridges=(1.0, bad))
 
 
 def test_alignment_rejects_bad_options() -> None:

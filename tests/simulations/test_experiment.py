@@ -185,15 +185,22 @@ def test_baselines_never_look_at_the_test_half(
     assert [r.get("mean_R@5") for r in first.rows] != [r.get("mean_R@5") for r in second.rows]
 
 
-def _results(seeds: list[int], *, ratio: float = 0.9, **run_overrides: Any) -> dict[str, Any]:
+def _results(
+    seeds: list[int],
+    *,
+    ratio: float = 0.9,
+    partition: str = "iid",
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     entries = []
     for seed in seeds:
-        run = RunSettings.from_run_config({"partition": "iid", **run_overrides, "seed": seed})
+        settings = {"partition": partition, **(config or {}), "seed": seed}
+        run = RunSettings.from_run_config(settings)
         central = {"method": "centralized", "mean_R@5": 0.3, "zs_auroc": 0.8}
         fed = {"method": "federated", "mean_R@5": 0.3 * ratio, "zs_auroc": 0.8}
         entries.append(
             {
-                "partition": "iid",
+                "partition": partition,
                 "run": run.to_dict(),
                 "rows": [central, fed],
                 "federated_over_centralized": {"mean_R@5": ratio, "zs_auroc": 1.0},
@@ -239,12 +246,24 @@ def test_merge_refuses_runs_that_are_not_one_experiment(tmp_path: Path) -> None:
     again = source("again", _results([1]))
     with pytest.raises(ConfigError, match=r"again/comparison.json: iid seed 1 is also in .*base"):
         experiment.merge_comparisons([base, again], out_dir=tmp_path / "out")
-    other = source("other", _results([2], **{"local-epochs": 2}))
-    with pytest.raises(
-        ConfigError, match=r"seed 2 has run-config local_epochs=2, the other runs 5"
-    ):
+    other = source("other", _results([2], config={"local-epochs": 2}))
+    with pytest.raises(ConfigError, match=r"seed 2 has run-config local_epochs=2, .*base.* has 5"):
         experiment.merge_comparisons([base, other], out_dir=tmp_path / "out")
+    # the partition scheme may differ between entries, nothing else may
+    skewed = source("skewed", _results([0], partition="dirichlet", config={"local-epochs": 2}))
+    with pytest.raises(ConfigError, match=r"dirichlet seed 0 has run-config local_epochs=2"):
+        experiment.merge_comparisons([base, skewed], out_dir=tmp_path / "out")
     torn = source("torn", '{"comparisons": [')
     with pytest.raises(ConfigError, match=r"torn/comparison.json: not a readable comparison"):
         experiment.merge_comparisons([base, torn], out_dir=tmp_path / "out")
+    broken = _results([3])
+    del broken["comparisons"][0]["rows"]
+    with pytest.raises(ConfigError, match=r"broken/comparison.json: not a readable comparison"):
+        experiment.merge_comparisons([base, source("broken", broken)], out_dir=tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"--out .*base is one of the sources"):
+        experiment.merge_comparisons([base, again], out_dir=base)
+    with pytest.raises(
+        ConfigError, match=r"--merge: name the merged report's directory with --out"
+    ):
+        experiment.main(["--merge", str(base)])  # never onto the committed default report
     assert not (tmp_path / "out").exists()  # nothing written when a source is refused

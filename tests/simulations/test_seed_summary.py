@@ -37,6 +37,7 @@ def test_summarize_seeds_reports_mean_sd_and_the_issue_bars() -> None:
         "mean_holds": True,
         "every_seed_holds": False,
     }
+    assert verdict["seeds_holding"] == 1
     # t-interval with 1 degree of freedom: 0.95 ± 12.706 x sd / sqrt(2)
     half = 12.7062 * np.std([1.0, 0.9], ddof=1) / np.sqrt(2)
     assert verdict["ci95"] == pytest.approx([0.95 - half, 0.95 + half], abs=1e-3)
@@ -55,9 +56,10 @@ def test_the_bar_verdict_says_when_the_seeds_cannot_tell() -> None:
             "federated_gains": {},
         }
 
-    noisy = summary_markdown(summarize_seeds([entry(s, r) for s, r in enumerate((0.8, 1.0, 0.9))]))
-    line = next(x for x in noisy if x.startswith("- mean_R@5"))
+    noisy = summarize_seeds([entry(s, r) for s, r in enumerate((0.8, 1.0, 0.95))])
+    line = next(x for x in summary_markdown(noisy) if x.startswith("- mean_R@5"))
     assert "bar 0.9x: mean holds (95% CI of the mean" in line and "cannot tell" in line
+    assert line.endswith("; 2 of 3 seeds hold")
     tight = summarize_seeds([entry(s, r) for s, r in enumerate((0.99, 1.0, 1.01))])
     line = next(x for x in summary_markdown(tight) if x.startswith("- mean_R@5"))
     assert "cannot tell" not in line and line.endswith("every seed holds")
