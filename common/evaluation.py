@@ -11,6 +11,7 @@ import numpy as np
 
 from common.embedding import EmbeddedDataset
 from common.metrics import (
+    LinearAlignment,
     chance_recall_at_k,
     classifier_suite,
     cross_modal_retrieval,
@@ -142,35 +143,37 @@ def _aligned_frozen_row(
     ridge chosen by cross-validation on ``train`` (``select_ridge``)."""
     assert train.image is not None and train.text is not None
     ridge = select_ridge(train.image, train.text, method=method, groups=train.text_groups)
+    alignment = linear_alignment(train.image, train.text, method=method, ridge=ridge)
     return {
         "embeddings": f"frozen+{method}",
         "ridge": ridge,
-        **aligned_metrics(train, test, method=method, ridge=ridge),
+        **aligned_metrics(alignment, test),
     }
 
 
 def aligned_metrics(
-    train: EmbeddedDataset,
-    data: EmbeddedDataset,
-    *,
-    method: str,
-    ridge: float,
-    ks: Sequence[int] = KS,
+    alignment: LinearAlignment, data: EmbeddedDataset, *, ks: Sequence[int] = KS
 ) -> dict[str, float]:
     """Retrieval (and zero-shot, when every row of ``data`` is labelled) of the frozen embeddings
-    put in one space by ``linear_alignment(method, ridge)`` fitted on ``train``, scored on ``data``."""
-    assert train.image is not None and train.text is not None
+    of ``data`` put in one space by a fitted ``alignment`` (image = side a, text = side b)."""
     assert data.image is not None and data.text is not None
-    alignment = linear_alignment(train.image, train.text, method=method, ridge=ridge)
     image_z, text_z = alignment.transform_a(data.image), alignment.transform_b(data.text)
-    metrics = dict(cross_modal_retrieval(image_z, text_z, groups_text=data.text_groups, ks=ks))
-    if data.prompts is not None and data.labels is not None and (data.labels >= 0).all():
+    metrics = _retrieval(image_z, text_z, data, ks=ks)
+    if _zero_shot_ready(data):
+        assert data.prompts is not None and data.labels is not None
         metrics.update(zero_shot(image_z, alignment.transform_b(data.prompts), data.labels))
     return metrics
 
 
-def _retrieval(image_z: np.ndarray, text_z: np.ndarray, test: EmbeddedDataset) -> dict[str, float]:
-    return dict(cross_modal_retrieval(image_z, text_z, groups_text=test.text_groups, ks=KS))
+def _zero_shot_ready(data: EmbeddedDataset) -> bool:
+    """Whether ``data`` can be scored zero-shot: class prompts, and a label on every row."""
+    return data.prompts is not None and data.labels is not None and bool((data.labels >= 0).all())
+
+
+def _retrieval(
+    image_z: np.ndarray, text_z: np.ndarray, test: EmbeddedDataset, *, ks: Sequence[int] = KS
+) -> dict[str, float]:
+    return dict(cross_modal_retrieval(image_z, text_z, groups_text=test.text_groups, ks=ks))
 
 
 def _projected_row(
@@ -181,15 +184,32 @@ def _projected_row(
     classifiers: Sequence[str] | None,
     seed: int,
 ) -> dict[str, Any]:
+    return {
+        "embeddings": "projected",
+        **projected_metrics(model, train, test, classifiers=classifiers, seed=seed),
+    }
+
+
+def projected_metrics(
+    model: HeadModel,
+    train: EmbeddedDataset,
+    test: EmbeddedDataset,
+    *,
+    classifiers: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The head's metrics: retrieval and zero-shot (when every ``test`` row is labelled) on
+    projected ``test``; the linear probe (and ``classifiers``) fitted on projected ``train``."""
     train_z, test_z = model.project(train), model.project(test)
-    row: dict[str, Any] = {"embeddings": "projected"}
+    metrics: dict[str, float] = {}
     if "image" in test_z and "text" in test_z:
-        row.update(_retrieval(test_z["image"], test_z["text"], test))
-        if "prompts" in test_z and test.labels is not None:
-            row.update(zero_shot(test_z["image"], test_z["prompts"], test.labels))
+        metrics.update(_retrieval(test_z["image"], test_z["text"], test))
+        if "prompts" in test_z and _zero_shot_ready(test):
+            assert test.labels is not None
+            metrics.update(zero_shot(test_z["image"], test_z["prompts"], test.labels))
     key = "joint" if "joint" in train_z else ("image" if "image" in train_z else "text")
-    row.update(_label_metrics(train_z[key], test_z[key], train, test, classifiers, seed))
-    return row
+    metrics.update(_label_metrics(train_z[key], test_z[key], train, test, classifiers, seed))
+    return metrics
 
 
 def headline(report: EvaluationReport) -> dict[str, float]:

@@ -34,6 +34,7 @@ __all__ = [
     "cross_modal_retrieval",
     "format_table",
     "linear_alignment",
+    "linear_alignments",
     "linear_probe",
     "recall_at_k",
     "zero_shot",
@@ -565,7 +566,7 @@ def select_ridge(
     scores = np.zeros((folds, len(ridges)))
     for k, held in enumerate(parts):
         fit = np.concatenate([p for j, p in enumerate(parts) if j != k])
-        alignments = _fit_alignments(a[fit], b[fit], method=method, dim=None, ridges=ridges)
+        alignments = linear_alignments(a[fit], b[fit], method=method, ridges=ridges)
         for r, alignment in enumerate(alignments):
             recall = cross_modal_retrieval(
                 alignment.transform_a(a[held]),
@@ -595,16 +596,22 @@ def linear_alignment(
     ``ridge`` is relative: the penalty added to each covariance's diagonal is ``ridge`` times its
     mean variance, so it does not depend on the embeddings' scale.
     """
+    return linear_alignments(train_a, train_b, method=method, dim=dim, ridges=(ridge,))[0]
+
+
+def linear_alignments(
+    train_a: np.ndarray,
+    train_b: np.ndarray,
+    *,
+    ridges: Sequence[float],
+    method: str = "lstsq",
+    dim: int | None = None,
+) -> list[LinearAlignment]:
+    """``linear_alignment`` for each of ``ridges`` (in order), sharing one eigendecomposition of
+    each side's covariance: tuning a ridge costs one fit, not one per ridge."""
     a = _matrix(train_a, "train_a", min_rows=2)
     b = _matrix(train_b, "train_b", min_rows=2)
     _same_rows(a, "train_a", b, "train_b")
-    return _fit_alignments(a, b, method=method, dim=dim, ridges=(ridge,))[0]
-
-
-def _fit_alignments(
-    a: np.ndarray, b: np.ndarray, *, method: str, dim: int | None, ridges: Sequence[float]
-) -> list[LinearAlignment]:
-    """``linear_alignment`` for each of ``ridges``, sharing one eigendecomposition per side."""
     for ridge in ridges:
         if not (isinstance(ridge, int | float) and math.isfinite(ridge) and ridge > 0):
             raise MetricInputError(f"ridge: expected a finite number > 0, got {ridge!r}")

@@ -17,13 +17,8 @@ from common.artifacts import load_head
 from common.config import RunSettings, SiteSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
-from common.evaluation import aligned_metrics, evaluate_head, quick_metrics
-from common.metrics import (
-    RIDGES,
-    cross_modal_retrieval,
-    linear_probe,
-    zero_shot,
-)
+from common.evaluation import aligned_metrics, evaluate_head, projected_metrics, quick_metrics
+from common.metrics import RIDGES, linear_alignments
 from common.pipeline import SiteData, prepare_site_data, split_indices
 from common.training import HeadModel, build_run_model, train_head
 
@@ -203,16 +198,14 @@ def select_round(
     checkpoints = [(r, p) for r, p in checkpoints if r >= 1]
     if [r for r, _ in checkpoints] != list(range(1, len(checkpoints) + 1)):
         raise ConfigError(f"{store.checkpoints}: rounds missing from the checkpoints")
-    scores = []
+    scores, states = [], []
     for server_round, path in checkpoints:
-        arrays = RunStore.load_checkpoint(path, server_round).arrays
-        load_state_arrays(model, arrays, source=str(path))
+        states.append(RunStore.load_checkpoint(path, server_round).arrays)
+        load_state_arrays(model, states[-1], source=str(path))
         scores.append(selection_score(model, val))
     selection = Selection("round", scores)
     _, path = checkpoints[selection.chosen - 1]
-    load_state_arrays(
-        model, RunStore.load_checkpoint(path, selection.chosen).arrays, source=str(path)
-    )
+    load_state_arrays(model, states[selection.chosen - 1], source=str(path))
     return model, selection
 
 
@@ -227,40 +220,13 @@ def metric_row(
     """The headline metrics of ``model`` (None: the frozen embeddings' probe and, for paired data,
     the ``alignments`` rows of ``evaluate_head``) fitted on ``train`` and scored on ``test``."""
     if model is not None:
-        source = _projected_metrics(model, train, test)
+        source = projected_metrics(model, train, test)
     else:  # paired data also has the closed-form aligned row; label-only data has just "frozen"
         rows = {
             r["embeddings"]: r for r in evaluate_head(None, train, test, alignments=alignments).rows
         }
         source = {**rows.get("frozen+lstsq", {}), **rows["frozen"]}
     return {"method": method, **{k: v for k, v in source.items() if k in HEADLINE}}
-
-
-def _projected_metrics(
-    model: HeadModel, train: EmbeddedDataset, test: EmbeddedDataset
-) -> dict[str, float]:
-    """``evaluate_head``'s "projected" row without its frozen rows (the comparison computes those
-    once): retrieval and zero-shot on ``test``, the linear probe fitted on projected ``train``."""
-    train_z, test_z = model.project(train), model.project(test)
-    row: dict[str, float] = {}
-    if "image" in test_z and "text" in test_z:
-        row.update(
-            cross_modal_retrieval(
-                test_z["image"], test_z["text"], groups_text=test.text_groups, ks=(1, 5, 10)
-            )
-        )
-        if "prompts" in test_z and test.labels is not None and (test.labels >= 0).all():
-            row.update(zero_shot(test_z["image"], test_z["prompts"], test.labels))
-    key = "joint" if "joint" in train_z else ("image" if "image" in train_z else "text")
-    if train.labels is not None and test.labels is not None:
-        tr, te = train.labels >= 0, test.labels >= 0
-        if len(np.unique(train.labels[tr])) >= 2 and te.any():
-            row.update(
-                linear_probe(
-                    train_z[key][tr], train.labels[tr], test_z[key][te], test.labels[te], seed=0
-                )
-            )
-    return row
 
 
 # The frozen baseline's one hyperparameter, the least-squares map's relative ridge (one of
@@ -273,14 +239,15 @@ def frozen_row(
     row = metric_row(method, None, train, test, alignments=())  # the map is tuned below
     if train.image is None or train.text is None:
         return row, None
+    alignments = linear_alignments(train.image, train.text, method="lstsq", ridges=RIDGES)
     scores = []
-    for ridge in RIDGES:
-        metrics = _finite(aligned_metrics(train, val, method="lstsq", ridge=ridge, ks=(5,)))
+    for alignment in alignments:
+        metrics = _finite(aligned_metrics(alignment, val, ks=(5,)))
         keys = [k for k in ("mean_R@5", "zs_auroc") if k in metrics]
         scores.append(float(np.mean([metrics[k] for k in keys])))
     selection = Selection("ridge", scores)
     ridge = RIDGES[selection.chosen - 1]
-    aligned = _finite(aligned_metrics(train, test, method="lstsq", ridge=ridge))
+    aligned = _finite(aligned_metrics(alignments[selection.chosen - 1], test))
     row.update({k: v for k, v in aligned.items() if k in HEADLINE})
     return {**row, "stop": f"ridge {ridge:g}"}, selection
 

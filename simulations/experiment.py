@@ -520,35 +520,25 @@ def merge_comparisons(sources: Sequence[Path], *, out_dir: Path) -> dict[str, An
     in the sources, so ``out_dir`` may not be one of them; the merged markdown lists each seed's
     ratios and where its tables are.
     """
-    import json
-
     if any(out_dir.resolve() == source.resolve() for source in sources):
         raise ConfigError(f"--merge: --out {out_dir} is one of the sources; choose a new directory")
-    results: dict[str, Any] = {"merged_from": [str(p) for p in sources], "comparisons": []}
-    results["machines"] = {}
+    results: dict[str, Any] = {
+        "merged_from": [str(p) for p in sources],
+        "machines": {},
+        "comparisons": [],
+    }
     by_partition: dict[str, list[dict[str, Any]]] = {}
     origin: dict[tuple[str, int], Path] = {}
     reference: tuple[dict[str, Any], Path] | None = None
     for source in sources:
         path = source / "comparison.json"
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            entries, sites, selection = (
-                loaded["comparisons"],
-                loaded["sites"],
-                loaded["selection"],
-            )
-            keyed = [(str(e["partition"]), int(e["run"]["seed"]), e) for e in entries]
-            missing = [k for e in entries for k in _SUMMARY_KEYS if k not in e]
-            if missing:  # what the summary reads, checked here to name the file
-                raise KeyError(missing[0])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{path}: not a readable comparison ({exc!r})") from exc
-        for key, value in (("sites", sites), ("selection", selection)):
-            if results.setdefault(key, value) != value:
-                raise ConfigError(f"{path}: {key} {value!r} differs from {results[key]!r}")
+        loaded = _read_comparison(source)
+        for key in ("sites", "selection"):
+            if results.setdefault(key, loaded[key]) != loaded[key]:
+                raise ConfigError(f"{path}: {key} {loaded[key]!r} differs from {results[key]!r}")
         results["machines"][str(source)] = loaded.get("machine")
-        for scheme, seed, entry in keyed:
+        for entry in loaded["comparisons"]:
+            scheme, seed = str(entry["partition"]), int(entry["run"]["seed"])
             if (scheme, seed) in origin:
                 raise ConfigError(f"{path}: {scheme} seed {seed} is also in {origin[scheme, seed]}")
             if reference is None:
@@ -580,6 +570,24 @@ def merge_comparisons(sources: Sequence[Path], *, out_dir: Path) -> dict[str, An
     atomic_write_json(out_dir / "comparison.json", results)
     atomic_write_text(out_dir / "comparison.md", "\n".join(markdown) + "\n")
     return results
+
+
+def _read_comparison(source: Path) -> dict[str, Any]:
+    """``source``/comparison.json with what a merged report needs; else a ConfigError naming it."""
+    import json
+
+    path = source / "comparison.json"
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in ("comparisons", "sites", "selection") if k not in loaded]
+        for entry in loaded.get("comparisons", []):
+            missing += [k for k in ("partition", *_SUMMARY_KEYS) if k not in entry]
+            int(entry["run"]["seed"])  # the seed every report is keyed by
+        if missing:  # what a report is rebuilt from, checked here to name the file
+            raise KeyError(missing[0])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable comparison ({exc!r})") from exc
+    return dict(loaded)
 
 
 # What ``summarize_seeds`` reads from each entry of a comparison.
