@@ -58,6 +58,8 @@ class DataSpec:
     max_length: int = 128
     test_fraction: float = 0.2
     split_seed: int = 0
+    # Rows a manifest marks ``split = test``: the held-out split (holdout) or left out (exclude).
+    test_rows: str = "holdout"
     partition: str = "none"
     num_partitions: int = 1
     partition_id: int = 0
@@ -68,8 +70,9 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         _check_on_bad_row(self.on_bad_row, source="data spec")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"test-fraction must be in [0, 1), got {self.test_fraction}")
+        _check_test_rows(self.test_rows, source="data spec")
         if self.partition != "none" and self.partition not in PARTITION_SCHEMES:
             raise ConfigError(
                 f"unknown partition {self.partition!r}; choose none or {sorted(PARTITION_SCHEMES)}"
@@ -96,6 +99,19 @@ def _check_on_bad_row(value: str, *, source: str) -> None:
         raise ConfigError(
             f"{source}: on-bad-row must be {' or '.join(ON_ERROR_CHOICES)}, not {value!r}"
         )
+
+
+TEST_ROWS: dict[str, str] = {
+    "holdout": "rows marked split=test are the site's held-out split; every other row trains",
+    "exclude": "rows marked split=test are left out of the site's data (a comparison scores them "
+    "itself); the rest is split by test-fraction",
+}
+"""What a site does with the rows its manifest marks ``split = test`` (none marked: a random split)."""
+
+
+def _check_test_rows(value: str, *, source: str) -> None:
+    if value not in TEST_ROWS:
+        raise ConfigError(f"{source}: test-rows must be {' or '.join(TEST_ROWS)}, not {value!r}")
 
 
 HOME_ENV = "FEDEMBED_HOME"
@@ -213,6 +229,7 @@ class RunSettings:
     task: str = ""
     partition: str = "iid"
     alpha: float = 0.5
+    test_rows: str = "holdout"  # common.config.TEST_ROWS
     image_encoder: str = "mobilenetv2"
     text_encoder: str = "minilm"
     encoder_image_size: int = 128
@@ -264,6 +281,7 @@ class RunSettings:
             raise ConfigError("run-config: reply-poll-interval and round-timeout must be > 0")
         if self.first_round_timeout < 0:
             raise ConfigError("run-config: first-round-timeout must be >= 0 (0: round-timeout)")
+        _check_test_rows(self.test_rows, source="run-config")
         self._check_client_dp()
         self._check_secure_aggregation()
 
@@ -459,6 +477,7 @@ class SiteSettings:
             alpha=self.alpha if self.alpha > 0 else run.alpha,
             on_bad_row=self.on_bad_row,
             test_fraction=self.test_fraction,
+            test_rows=run.test_rows,
         )
 
 

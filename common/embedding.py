@@ -25,6 +25,7 @@ class EmbeddedDataset:
         class_names / prompts: the classes and the frozen text embedding [C, d_text] of each class's
             zero-shot prompt (None without a text encoder or prompts).
         text_groups: int id per example, equal for identical texts (retrieval counts them as ties).
+        splits: "train" or "test" per example (a manifest's ``split`` column), or None.
     """
 
     ids: list[str]
@@ -34,6 +35,7 @@ class EmbeddedDataset:
     class_names: list[str] = field(default_factory=list)
     prompts: np.ndarray | None = None
     text_groups: np.ndarray | None = None
+    splits: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,6 +65,13 @@ class EmbeddedDataset:
             class_names=list(self.class_names),
             prompts=self.prompts,
             text_groups=None if self.text_groups is None else self.text_groups[idx],
+            splits=None if self.splits is None else [self.splits[i] for i in idx],
+        )
+
+    def marked_test_rows(self) -> np.ndarray:
+        """Indices of the rows the manifest marks ``split = test`` (empty without the column)."""
+        return np.array(
+            [i for i, split in enumerate(self.splits or ()) if split == "test"], dtype=np.int64
         )
 
     def validate(self, *, source: str = "embeddings") -> None:
@@ -139,6 +148,7 @@ def embed_dataset(
         ids=list(dataset.ids),
         labels=None if dataset.labels is None else np.asarray(dataset.labels, dtype=np.int64),
         class_names=list(dataset.class_names),
+        splits=None if dataset.splits is None else list(dataset.splits),
     )
     if dataset.images is not None and image_encoder is not None:
         images = dataset.images

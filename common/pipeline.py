@@ -16,6 +16,7 @@ from common.data.partition import concat_datasets, partition_indices
 from common.data.registry import BUILTIN_DATASETS, DEFAULT_SYNTHETIC_SIZE, load_dataset
 from common.embedding import EmbeddedDataset, EmbedReport, embed_dataset
 from common.encoders import Encoder, load_encoder
+from common.errors import DataError
 
 DEFAULT_CACHE_DIR = Path(".fedembed") / "cache"
 
@@ -134,8 +135,13 @@ def embed_site(
 def split_indices(
     n: int, labels: np.ndarray | None, *, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/test indices, stratified by label when every class has >= 2 examples."""
+    """Deterministic train/test indices, stratified by label when every class has >= 2 examples.
+
+    ``test_fraction`` 0 holds nothing out.
+    """
     rng = np.random.default_rng(seed)
+    if test_fraction <= 0.0:
+        return np.arange(n), np.arange(0)
     if labels is not None and labels.size == n:
         train_parts, test_parts = [], []
         for cls in np.unique(labels):
@@ -152,9 +158,27 @@ def split_indices(
 def prepare_site_data(
     spec: DataSpec, *, cache_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR, progress: bool = False
 ) -> SiteData:
-    """Embed (cached) and split a site's data as ``spec`` says."""
+    """Embed (cached) and split a site's data as ``spec`` says.
+
+    Rows the manifest marks ``split = test`` are the held-out split (``test_rows = "holdout"``)
+    or are left out (``"exclude"``); otherwise a stratified ``test_fraction`` of the rows is held
+    out (none at 0). A split that leaves nothing to train on is an error.
+    """
     embedded, report, identities = embed_site(spec, cache_dir=cache_dir, progress=progress)
-    train_idx, test_idx = split_indices(
-        len(embedded), embedded.labels, test_fraction=spec.test_fraction, seed=spec.split_seed
-    )
+    marked = embedded.marked_test_rows()
+    if marked.size and spec.test_rows == "holdout":
+        train_idx = np.setdiff1d(np.arange(len(embedded)), marked)
+        test_idx = marked
+    else:  # a random split of the rows not marked test
+        rows = np.setdiff1d(np.arange(len(embedded)), marked)
+        labels = None if embedded.labels is None else embedded.labels[rows]
+        train_part, test_part = split_indices(
+            len(rows), labels, test_fraction=spec.test_fraction, seed=spec.split_seed
+        )
+        train_idx, test_idx = rows[train_part], rows[test_part]
+    if not train_idx.size:
+        raise DataError(
+            f"{spec.dataset}: no rows left to train on ({len(embedded)} rows, {marked.size} marked "
+            f"split=test, test-rows {spec.test_rows}, test-fraction {spec.test_fraction})"
+        )
     return SiteData(embedded.subset(train_idx), embedded.subset(test_idx), report, identities)

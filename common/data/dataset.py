@@ -71,6 +71,10 @@ def text_key(text: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+SPLITS = ("train", "test")
+"""Values of a manifest's ``split`` column: rows marked ``test`` are held out (see DataSpec.test_rows)."""
+
+
 @dataclass(frozen=True)
 class SkippedRow:
     """An example left out because of ``reason``; ``row`` is its 1-based file line (None: unknown)."""
@@ -96,6 +100,7 @@ class SiteDataset:
         class_names: names of the classes ``labels`` indexes.
         prompts: one zero-shot text prompt per class (same order as ``class_names``).
         sites: the site each example came from (natural partition), or None.
+        splits: "train" or "test" per example (a manifest's ``split`` column), or None.
         skipped: rows of the source left out as unusable (skip-and-report mode), with reasons.
     """
 
@@ -108,10 +113,11 @@ class SiteDataset:
     prompts: list[str] = field(default_factory=list)
     sites: list[str] | None = None
     skipped: list[SkippedRow] = field(default_factory=list)
+    splits: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        for attr in ("texts", "images", "sites"):
+        for attr in ("texts", "images", "sites", "splits"):
             value = getattr(self, attr)
             if value is not None and len(value) != n:
                 raise ValueError(f"{self.name}: {attr} has {len(value)} entries, ids has {n}")
@@ -150,4 +156,5 @@ class SiteDataset:
             prompts=list(self.prompts),
             sites=None if self.sites is None else [self.sites[i] for i in idx],
             skipped=list(self.skipped),
+            splits=None if self.splits is None else [self.splits[i] for i in idx],
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from common.data.dataset import ImageRef, SiteDataset, SkippedRow
+from common.data.dataset import SPLITS, ImageRef, SiteDataset, SkippedRow
 from common.data.images import file_key
 from common.errors import ConfigError, DataError
 
@@ -23,7 +23,14 @@ logger = logging.getLogger(__name__)
 ON_ERROR_CHOICES = ("raise", "skip")
 __all__ = ["LoadReport", "SkippedRow", "load_manifest", "read_manifest", "verify_images"]
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
-DEFAULT_COLUMNS = {"id": "id", "image": "image", "text": "text", "label": "label", "site": "site"}
+DEFAULT_COLUMNS = {
+    "id": "id",
+    "image": "image",
+    "text": "text",
+    "label": "label",
+    "site": "site",
+    "split": "split",
+}
 
 
 def default_prompt(class_name: str) -> str:
@@ -61,6 +68,7 @@ def load_manifest(
     text_column: str | None = None,
     label_column: str | None = None,
     site_column: str | None = None,
+    split_column: str | None = None,
     classes: Sequence[str] | None = None,
     prompts: Sequence[str] | None = None,
     name: str | None = None,
@@ -74,6 +82,7 @@ def load_manifest(
         text_column=text_column,
         label_column=label_column,
         site_column=site_column,
+        split_column=split_column,
         classes=classes,
         prompts=prompts,
         name=name,
@@ -92,6 +101,7 @@ def read_manifest(
     text_column: str | None = None,
     label_column: str | None = None,
     site_column: str | None = None,
+    split_column: str | None = None,
     classes: Sequence[str] | None = None,
     prompts: Sequence[str] | None = None,
     name: str | None = None,
@@ -105,6 +115,8 @@ def read_manifest(
     - ``text``: the report or note.
     - ``label`` (optional): class name; an empty cell (or JSON null) means unlabelled (-1).
     - ``site`` (optional): the site the example came from.
+    - ``split`` (optional): ``train`` or ``test`` (any case; empty means train). Rows marked
+      ``test`` are held out: never trained on, scored (see ``DataSpec.test_rows``).
 
     At least one of ``image`` and ``text`` is required. Classes can be declared with ``classes``
     (and ``prompts``) or a sidecar JSON file ``<manifest>.classes.json`` (``site.csv.classes.json``;
@@ -137,6 +149,7 @@ def read_manifest(
             "text": text_column,
             "label": label_column,
             "site": site_column,
+            "split": split_column,
         },
     )
     examples = [ex for raw in raw_rows if (ex := _convert_row(file, raw, columns, collector))]
@@ -237,6 +250,7 @@ class _Example:
     text: str | None
     label: str | None
     site: str | None
+    split: str
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -369,7 +383,7 @@ def _header_where(file: Path) -> str:
 def _resolve_columns(
     where: str, found: list[str], requested: dict[str, str | None]
 ) -> dict[str, str]:
-    """Map roles (id, image, text, label, site) to column names present in the file."""
+    """Map roles (id, image, text, label, site, split) to column names present in the file."""
     columns: dict[str, str] = {}
     listing = ", ".join(found) or "(none)"
     for role, explicit in requested.items():
@@ -397,11 +411,12 @@ def _convert_row(
         text = _cell_text(raw, columns)
         label = _cell_label(raw, columns)
         site = _cell_site(raw, columns)
+        split = _cell_split(raw, columns)
         image, key = _cell_image(file, raw, columns, row_id)
     except _RowProblem as problem:
         collector.problem(raw.line, str(problem), _raw_id(raw, columns))
         return None
-    return _Example(raw.line, row_id, image, key, text, label, site)
+    return _Example(raw.line, row_id, image, key, text, label, site, split)
 
 
 class _RowProblem(Exception):
@@ -470,6 +485,16 @@ def _cell_site(raw: _RawRow, columns: dict[str, str]) -> str | None:
     if value is None:
         raise _RowProblem(f"empty site in field {columns['site']!r}")
     return value
+
+
+def _cell_split(raw: _RawRow, columns: dict[str, str]) -> str:
+    if "split" not in columns:
+        return SPLITS[0]
+    value = _cell_string(raw, columns["split"], what="train or test")
+    split = (value or SPLITS[0]).lower()
+    if split not in SPLITS:
+        raise _RowProblem(f"split {value!r} in field {columns['split']!r} is not train or test")
+    return split
 
 
 def _cell_image(
@@ -637,4 +662,5 @@ def _build_dataset(
         class_names=class_names,
         prompts=class_prompts,
         sites=[str(ex.site) for ex in examples] if "site" in columns else None,
+        splits=[ex.split for ex in examples] if "split" in columns else None,
     )

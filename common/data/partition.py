@@ -45,6 +45,7 @@ def concat_datasets(parts: Sequence[SiteDataset], *, name: str | None = None) ->
         class_names=list(first.class_names),
         prompts=list(first.prompts),
         sites=joined("sites"),
+        splits=joined("splits"),
     )
 
 

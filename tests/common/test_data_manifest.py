@@ -285,3 +285,23 @@ def test_corrupt_image_found_by_verify_images_and_on_load(site: Path) -> None:
     assert dataset.images is not None
     with pytest.raises(DataError, match=r"site\.csv line 2 \(id 'p1'\)"):
         dataset.images[0].load()
+
+
+def test_split_column_marks_test_rows_any_case_and_empty_is_train(site: Path) -> None:
+    path = _write(
+        site / "split.csv",
+        "id,text,label,split\np1,Normal.,normal,train\np2,Big heart.,cardiomegaly,TEST\n"
+        "p3,Clear.,normal,\n",
+    )
+    dataset = load_manifest(path)
+    assert dataset.splits == ["train", "test", "train"]
+    assert dataset.subset([1, 2]).splits == ["test", "train"]
+    assert load_manifest(_csv(site, GOOD_ROWS)).splits is None
+
+
+def test_unknown_split_value_names_file_line_and_field(site: Path) -> None:
+    path = _write(site / "split.csv", "id,text,split\np1,Normal.,train\np2,Heart.,holdout\n")
+    with pytest.raises(DataError, match=r"split\.csv line 3: split 'holdout' in field 'split'"):
+        load_manifest(path)
+    report = read_manifest(path, on_error="skip")
+    assert report.dataset.ids == ["p1"] and report.skipped[0].row == 3
