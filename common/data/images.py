@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-import importlib
 import io
 import logging
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,10 @@ log = logging.getLogger(__name__)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _DICOM_MAGIC_OFFSET = 128
 _HASH_CHUNK = 1 << 20
+# pydicom's loggers: it logs each warning, and each failed decoder plugin with its traceback
+# (also when a later plugin succeeds), which would break the CLI's one-line output.
+_PYDICOM_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base")
+_held = threading.local()
 
 
 def read_image(
@@ -33,7 +40,9 @@ def read_image(
     modality LUT (rescale slope/intercept) and the VOI LUT or window (first one) are applied when
     present, MONOCHROME1 is inverted so that bright means dense, colour data becomes RGB, and the
     result is min-max scaled to [0, 1]. A multi-frame DICOM (a volume or cine) yields its middle
-    frame (index ``frames // 2``).
+    frame (index ``frames // 2``). Compressed pixel data (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE)
+    goes through pydicom's decoder plugins (``common.data.dicom_codecs``); one that no installed
+    decoder handles is an error naming its transfer syntax and the packages that would.
 
     The file is read once; with ``expected_key`` (its ``file_key`` when the manifest was read)
     those bytes must hash to it, so a file replaced or cut short since then is an error, never
@@ -133,65 +142,98 @@ def _pillow_to_unit(image: Any) -> np.ndarray:
 def _read_dicom(file: Path, data: bytes, context: str | None) -> np.ndarray:
     import pydicom
 
-    with warnings.catch_warnings(record=True) as caught:
+    from common.data.dicom_codecs import decode_failure, register_fallback
+
+    def failed(reason: str) -> DataError:
+        return DataError(_message(context, f"cannot decode DICOM {file}: {reason}"))
+
+    register_fallback()
+    # pydicom signals bad files and missing decoders with many exception types
+    with warnings.catch_warnings(record=True) as caught, _pydicom_logs_held() as logged:
         warnings.simplefilter("always")
         try:
             dataset = pydicom.dcmread(io.BytesIO(data))
-            pixels = _dicom_pixels(dataset)
-        # pydicom signals bad files and missing decoders with many exception types
+            frames = int(dataset.get("NumberOfFrames", 1) or 1)
         except Exception as exc:
-            raise DataError(
-                _message(context, f"cannot decode DICOM {file}: {_first_line(exc)}")
-            ) from exc
-    for warning in caught:  # pydicom's own warnings would break the CLI's one-line errors
-        log.debug("%s: pydicom: %s", _message(context, str(file)), warning.message)
+            raise failed(_first_line(exc) + _warned(caught)) from exc
+        try:  # a multi-frame image (volume, cine) yields its middle frame, the only one decoded
+            dataset.pixel_array_options(index=frames // 2 if frames > 1 else None)
+            frame = np.asarray(dataset.pixel_array)
+        except Exception as exc:
+            reason = decode_failure(dataset, exc) or _first_line(exc) + _warned(caught)
+            raise failed(reason) from exc
+        try:
+            pixels = _dicom_to_unit(dataset, frame)
+        except Exception as exc:
+            raise failed(_first_line(exc)) from exc
+    where = _message(context, str(file))
+    for warning in caught:
+        log.debug("%s: pydicom: %s", where, warning.message)
+    for record in logged:
+        log.debug("%s: pydicom: %s", where, record.getMessage())
     return pixels
 
 
-def _dicom_pixels(dataset: Any) -> np.ndarray:
-    modality_lut, voi_lut, color_lut, convert_color = _pydicom_luts()
-    array = dataset.pixel_array
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        array = array[frames // 2]
+def _warned(caught: list[warnings.WarningMessage]) -> str:
+    """pydicom's first warning (e.g. the file ended inside its pixel data), as a suffix."""
+    if not caught:
+        return ""
+    lines = str(caught[0].message).strip().splitlines()
+    return f" (pydicom: {lines[0]})" if lines else ""
+
+
+class _HoldFilter(logging.Filter):
+    """Keeps back pydicom's records in a thread inside ``_pydicom_logs_held``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held: list[logging.LogRecord] | None = getattr(_held, "records", None)
+        if held is None:
+            return True
+        held.append(record)
+        return False
+
+
+@functools.cache
+def _install_hold_filter() -> None:
+    hold = _HoldFilter()
+    for name in _PYDICOM_LOGGERS:
+        logging.getLogger(name).addFilter(hold)
+
+
+@contextlib.contextmanager
+def _pydicom_logs_held() -> Iterator[list[logging.LogRecord]]:
+    """pydicom's log records of this thread while inside, held back instead of emitted."""
+    _install_hold_filter()
+    records: list[logging.LogRecord] = []
+    _held.records = records
+    try:
+        yield records
+    finally:
+        _held.records = None
+
+
+def _dicom_to_unit(dataset: Any, array: np.ndarray) -> np.ndarray:
+    """Modality LUT, then VOI LUT or window, on the full stored range (no 8-bit step), then
+    min-max to [0, 1]; MONOCHROME1 is inverted, palette colour mapped to RGB."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
-        return _min_max(np.asarray(color_lut(array, dataset), dtype=np.float32))
+        return _min_max(np.asarray(apply_color_lut(array, dataset)))
     if array.ndim == 3:
-        if photometric.startswith("YBR") and _pydicom_major() < 3:
-            array = convert_color(array, photometric, "RGB")
-        return _min_max(array.astype(np.float32))
-    values = np.asarray(modality_lut(array, dataset), dtype=np.float64)
-    values = np.asarray(voi_lut(values, dataset), dtype=np.float64)
-    scaled = _min_max(values.astype(np.float32))
+        return _min_max(array)
+    values = apply_voi_lut(apply_modality_lut(array, dataset), dataset)
+    scaled = _min_max(np.asarray(values))
     return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
 
 
-def _pydicom_luts() -> tuple[Any, Any, Any, Any]:
-    try:
-        module = importlib.import_module("pydicom.pixels")
-    except ImportError:  # pydicom 2.x
-        module = importlib.import_module("pydicom.pixel_data_handlers.util")
-    return (
-        module.apply_modality_lut,
-        module.apply_voi_lut,
-        module.apply_color_lut,
-        module.convert_color_space,
-    )
-
-
-def _pydicom_major() -> int:
-    import pydicom
-
-    return int(str(pydicom.__version__).split(".")[0])
-
-
 def _min_max(values: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1]; a constant image becomes all zeros."""
-    values = values.astype(np.float32, copy=False)
+    """Scale to [0, 1] in float64 (32-bit samples keep their precision), returned as float32;
+    a constant image becomes all zeros."""
+    values = values.astype(np.float64, copy=False)
     low, high = float(np.min(values)), float(np.max(values))
     if not np.isfinite(low) or not np.isfinite(high):
         raise ValueError("image contains NaN or infinite values")
     if high <= low:
-        return np.zeros_like(values, dtype=np.float32)
+        return np.zeros(values.shape, dtype=np.float32)
     return ((values - low) / (high - low)).astype(np.float32)

@@ -76,6 +76,37 @@ def test_dicom_window_is_applied(tmp_path: Path) -> None:
     assert float(image[hounsfield > center + 20].min()) == 1.0
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bad_sequence.dcm",  # CT, 12-bit, JPEG Lossless Process 14 (the usual CR/DX/CT export)
+        "JPGExtended.dcm",  # NM, 12-bit, JPEG Extended (Process 4)
+        "MR_small_jpeg_ls_lossless.dcm",  # MR, 16-bit signed, JPEG-LS
+        "MR2_J2KR.dcm",  # MR, 12-bit, JPEG 2000 lossless
+    ],
+)
+def test_deep_compressed_dicom_keeps_its_range_through_rescale_and_window(
+    tmp_path: Path, name: str
+) -> None:
+    """The window is applied to the 12/16-bit values themselves: every stored level inside the
+    window stays a level of its own (no 8-bit step before windowing)."""
+    dataset = pydicom.dcmread(_testdata(name))
+    stored = dataset.pixel_array.astype(np.float64)
+    slope, intercept = 0.5, -100.0
+    values = stored * slope + intercept
+    center, width = (values.min() + values.max()) / 2, 0.9 * np.ptp(values)  # clips both ends
+    dataset.RescaleSlope, dataset.RescaleIntercept = slope, intercept
+    dataset.WindowCenter, dataset.WindowWidth = center, width
+    dataset.save_as(tmp_path / name)  # the compressed pixel data is written back as it was
+    assert pydicom.dcmread(tmp_path / name).file_meta.TransferSyntaxUID.is_compressed
+    image = read_image(tmp_path / name)
+    expected = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    inside = (expected > 0.0) & (expected < 1.0)
+    levels = len(np.unique(stored[inside]))
+    assert len(np.unique(image[inside])) == levels > 200
+
+
 def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
     dataset = pydicom.dcmread(_testdata("CT_small.dcm"))
     dataset.PhotometricInterpretation = "MONOCHROME1"
