@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_write_json
+from common.config import DataSpec
 from common.errors import ConfigError
 from common.tensorfile import read_tensorfile, write_tensorfile
 from common.training import HeadModel
@@ -79,3 +81,20 @@ def load_head(path: str | os.PathLike[str]) -> tuple[HeadModel, dict[str, Any]]:
     model = HeadModel.from_description(config["model"])
     load_state_arrays(model, arrays, source=str(file))
     return model, config
+
+
+def recorded_data_spec(config: Mapping[str, Any], *, source: str = "head") -> DataSpec:
+    """The DataSpec a saved head records under "data" (the data it was trained and split on).
+
+    A federated run's head exported before dataset-n applied only to built-in datasets recorded
+    the run's dataset-n for a manifest too; that n is dropped (its sites read the manifest whole).
+    """
+    if not isinstance(config.get("data"), Mapping):
+        raise ConfigError(f"{source}: the head records no data spec ('data')")
+    spec = DataSpec.from_dict(config["data"])
+    if "run" in config and spec.n is not None:
+        from common.data.registry import BUILTIN_DATASETS
+
+        if spec.dataset not in BUILTIN_DATASETS:
+            spec = replace(spec, n=None)
+    return spec

@@ -13,17 +13,21 @@ New embeddings are computed in chunks; each chunk is written as a shard (the ``.
 there, even after ``kill -9``: a shard whose ``.json`` was never written is not part of the
 cache, and the resumed run rewrites the same chunk under the same name. Each shard's SHA-256 is
 checked the first time it is read; a corrupt shard is moved aside (``*.corrupt``), reported, and
-recomputed. ``EmbeddingCache.verify()`` checks every shard without changing anything.
+recomputed. ``EmbeddingCache.verify()`` checks every shard without changing anything;
+``EmbeddingCache.prune(keep)`` deletes every entry whose key is not kept (a withdrawn patient's),
+rewriting shards with the same commit order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,6 +79,19 @@ class CacheCheck:
     def ok(self) -> bool:
         """Every committed shard matches its checksum, shape and dtype."""
         return not self.corrupt
+
+
+@dataclass
+class PruneReport:
+    """What ``EmbeddingCache.prune`` removed (or would remove, in a dry run) and kept."""
+
+    entries_kept: int = 0
+    entries_removed: int = 0
+    shards_rewritten: int = 0  # rewritten without their removed entries
+    shards_removed: int = 0  # every entry removed, or corrupt
+    encoders_removed: int = 0  # encoder directories left without entries, or not kept
+    leftovers_removed: int = 0  # corrupt, uncommitted and temporary files
+    bytes_freed: int = 0
 
 
 def encoder_fingerprint(identity: dict[str, Any]) -> str:
@@ -165,7 +182,107 @@ class EmbeddingCache:
             ]
         return check
 
+    def prune(
+        self,
+        keep: Container[str],
+        *,
+        keep_encoder: Callable[[dict[str, Any]], bool] | None = None,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Remove every entry whose key is not in ``keep``, and every encoder directory whose
+        identity ``keep_encoder`` rejects (None: keep every encoder).
+
+        A shard holding some kept entries is rewritten with only those (the new shard is
+        committed before the old one's index, then its data, is deleted: a crash in between
+        leaves every kept entry readable and the next prune finishes the job). Corrupt,
+        uncommitted and temporary files hold data too and are removed, whatever their age: run
+        it while nothing embeds into this cache. ``dry_run`` changes nothing.
+        """
+        report = PruneReport()
+        directories = (
+            sorted(path for path in self.root.iterdir() if (path / "shards").is_dir())
+            if self.root.is_dir()
+            else []
+        )
+        for directory in directories:
+            identity = _read_identity(directory)
+            if keep_encoder is not None and (identity is None or not keep_encoder(identity)):
+                self._remove_encoder(directory, report, dry_run=dry_run)
+                continue
+            kept = sum(
+                self._prune_shard(meta_path, keep, report, dry_run=dry_run)
+                for meta_path in sorted((directory / "shards").glob("*.json"))
+            )
+            self._remove_leftovers(directory / "shards", report, dry_run=dry_run)
+            report.entries_kept += kept
+            if not kept:  # nothing left but its identity
+                report.encoders_removed += 1
+                report.bytes_freed += _size(directory / "encoder.json")
+                if not dry_run:
+                    shutil.rmtree(directory, ignore_errors=True)
+        return report
+
     # ------------------------------------------------------------------ internals
+    def _prune_shard(
+        self, meta_path: Path, keep: Container[str], report: PruneReport, *, dry_run: bool
+    ) -> int:
+        """Prune one committed shard; return how many entries it keeps."""
+        npy_path = meta_path.with_suffix(".npy")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            keys = list(meta["keys"])
+            valid = self._shard_ok(npy_path, meta, remember=False)
+        except (OSError, ValueError, KeyError, TypeError):
+            keys, valid = [], False
+        rows = [row for row, key in enumerate(keys) if key in keep] if valid else []
+        if valid and len(rows) == len(keys):
+            return len(rows)
+        report.entries_removed += len(keys) - len(rows)
+        before = _size(meta_path) + _size(npy_path)
+        if rows:
+            report.shards_rewritten += 1
+            kept_bytes = int(before * len(rows) / len(keys))  # a dry run's estimate
+            if not dry_run:
+                vectors = np.load(npy_path, mmap_mode="r")[rows]
+                written = self._write_shard(
+                    meta_path.parent.parent, [keys[r] for r in rows], vectors
+                )
+                kept_bytes = _size(written) + _size(written.with_suffix(".json"))
+            report.bytes_freed += before - kept_bytes
+        else:
+            report.shards_removed += 1
+            report.bytes_freed += before
+        if not dry_run:
+            meta_path.unlink(missing_ok=True)  # the commit marker first: never a half shard
+            npy_path.unlink(missing_ok=True)
+            self._verified.discard(npy_path)
+        return len(rows)
+
+    def _remove_leftovers(self, shards: Path, report: PruneReport, *, dry_run: bool) -> None:
+        for path in sorted(shards.iterdir()):
+            uncommitted = path.suffix == ".npy" and not path.with_suffix(".json").exists()
+            if uncommitted or path.name.endswith((".tmp", ".corrupt")):
+                report.leftovers_removed += 1
+                report.bytes_freed += _size(path)
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+
+    def _remove_encoder(self, directory: Path, report: PruneReport, *, dry_run: bool) -> None:
+        """Remove an encoder directory: the shards' indexes first, then everything else."""
+        shards = directory / "shards"
+        for meta_path in sorted(shards.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                report.entries_removed += len(json.loads(meta_path.read_text("utf-8"))["keys"])
+            report.shards_removed += 1
+        report.encoders_removed += 1
+        files = sorted(path for path in directory.rglob("*") if path.is_file())
+        report.bytes_freed += sum(_size(path) for path in files)
+        if dry_run:
+            return
+        for path in sorted(files, key=lambda p: p.suffix != ".json"):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
     def _encoder_dir(self, encoder: SupportsEmbed) -> Path:
         identity = encoder.identity()
         directory = self.root / encoder_fingerprint(identity)
@@ -301,6 +418,22 @@ class EmbeddingCache:
             rows = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
             out[positions] = shard[rows]
         return out
+
+
+def _read_identity(directory: Path) -> dict[str, Any] | None:
+    """The identity in an encoder directory's encoder.json (None if missing or unreadable)."""
+    try:
+        identity = json.loads((directory / "encoder.json").read_text(encoding="utf-8"))["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return identity if isinstance(identity, dict) else None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _unique_missing(keys: Sequence[str], index: dict[str, tuple[Path, int]]) -> list[int]:

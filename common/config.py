@@ -244,6 +244,8 @@ class RunSettings:
     round_timeout: float = 600.0
     first_round_timeout: float = 3600.0  # the first round also embeds each site's data; 0: as above
     reply_poll_interval: float = 0.2
+    # Consecutive rounds that may aggregate no site's update before the run fails (0: the first).
+    max_empty_rounds: int = 0
     seed: int = 0
     # Client-level DP of the global head (server/privacy.py), valid for any loss; "off" by default.
     client_dp: str = "off"
@@ -281,6 +283,8 @@ class RunSettings:
             raise ConfigError("run-config: reply-poll-interval and round-timeout must be > 0")
         if self.first_round_timeout < 0:
             raise ConfigError("run-config: first-round-timeout must be >= 0 (0: round-timeout)")
+        if self.max_empty_rounds < 0:
+            raise ConfigError("run-config: max-empty-rounds must be >= 0")
         _check_test_rows(self.test_rows, source="run-config")
         self._check_client_dp()
         self._check_secure_aggregation()

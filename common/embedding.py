@@ -186,6 +186,14 @@ def embed_dataset(
     return out, report
 
 
+def cache_keys(dataset: SiteDataset) -> set[str]:
+    """Every cache key ``embed_dataset`` looks up for ``dataset``: its images, texts and class
+    prompts (the same keys under every encoder)."""
+    keys = {ref.key for ref in dataset.images or ()}
+    keys.update(text_key(text) for text in [*(dataset.texts or ()), *dataset.prompts])
+    return keys
+
+
 def _check_images(
     dataset: SiteDataset, cache: EmbeddingCache, encoder: SupportsEmbed, on_bad_row: str
 ) -> SiteDataset:

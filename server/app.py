@@ -11,11 +11,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunSettings
+from common.errors import FedEmbedError
 from common.flower import arrays_from_record, metric_record, record_from_arrays
+from common.preflight import check_run
 from server.checkpoints import RunStore
 from server.grid import PromptGrid
 from server.privacy import client_dp
-from server.strategy import Accounting, RoundLog, UpdateCheck, build_strategy, metrics_mean
+from server.strategy import (
+    Accounting,
+    EmptyRoundError,
+    RoundLog,
+    UpdateCheck,
+    build_strategy,
+    metrics_mean,
+    require_trained,
+    round_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +35,23 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation described by the run-config."""
-    run = RunSettings.from_run_config(dict(context.run_config))
-    if run.secure_aggregation:  # Flower's legacy SecAgg+ workflow (server/secagg.py)
-        from server.secagg import run_secure_federation
+    """Run the federation described by the run-config.
 
-        run_secure_federation(grid, context, run, data_spec=_evaluation_spec(run))
-        return
-    run_federation(grid, run, run_id=context.run_id)
+    A run-config no site could run (common/preflight.py) is refused before round 1, and a run that
+    cannot give a trained head (server/strategy.py RunFailed) stops: both raise, so Flower marks
+    the run ``finished:failed``, and no final head is exported.
+    """
+    try:
+        run = check_run(dict(context.run_config))
+        if run.secure_aggregation:  # Flower's legacy SecAgg+ workflow (server/secagg.py)
+            from server.secagg import run_secure_federation
+
+            run_secure_federation(grid, context, run, data_spec=_evaluation_spec(run))
+            return
+        run_federation(grid, run, run_id=context.run_id)
+    except FedEmbedError as exc:
+        print(f"[fedembed] run failed: {exc}", flush=True)
+        raise
 
 
 def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
@@ -87,19 +107,24 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
                 store.save_checkpoint(absolute, current, meta)
             return metric_record(server_metrics) if server_metrics else None
 
-        result = strategy.start(
-            grid=PromptGrid(
-                grid,
-                poll_interval=run.reply_poll_interval,
-                first_round_timeout=run.first_round_timeout or None,
-            ),
-            initial_arrays=record_from_arrays(arrays),
-            num_rounds=remaining,
-            timeout=run.round_timeout,
-            train_config=ConfigRecord({"round-offset": start_round}),
-            evaluate_config=ConfigRecord({"round-offset": start_round}),
-            evaluate_fn=evaluate_fn,
-        )
+        try:
+            result = strategy.start(
+                grid=PromptGrid(
+                    grid,
+                    poll_interval=run.reply_poll_interval,
+                    first_round_timeout=run.first_round_timeout or None,
+                ),
+                initial_arrays=record_from_arrays(arrays),
+                num_rounds=remaining,
+                timeout=run.round_timeout,
+                train_config=ConfigRecord({"round-offset": start_round}),
+                evaluate_config=ConfigRecord({"round-offset": start_round}),
+                evaluate_fn=evaluate_fn,
+            )
+        except EmptyRoundError as stop:  # the round goes into the history, not into a checkpoint
+            entry = accounting.current(stop.server_round)
+            _log_round(store, entry, {}, dp.round_record() if dp else None)
+            raise
         if len(result.arrays) > 0:
             arrays = arrays_from_record(result.arrays)
         client_eval = {
@@ -107,6 +132,7 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
         }
     else:
         client_eval = {}
+    require_trained(store.read_history())
     store.export_final(
         model,
         arrays,
@@ -116,12 +142,16 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
 
 
 def _evaluation_spec(run: RunSettings) -> dict[str, Any]:
-    """The DataSpec `fedembed evaluate --head <run>/final` uses by default: the run's dataset, pooled."""
+    """The DataSpec `fedembed evaluate --head <run>/final` uses by default: the run's dataset, pooled.
+
+    dataset-n applies to built-in datasets only: a manifest is read whole, as its sites read it.
+    """
+    from common.data.registry import BUILTIN_DATASETS
     from common.pipeline import DataSpec
 
     return DataSpec(
         dataset=run.dataset,
-        n=run.dataset_n or None,
+        n=(run.dataset_n or None) if run.dataset in BUILTIN_DATASETS else None,
         seed=run.seed,
         task=run.task or None,
         image_encoder=run.image_encoder,
@@ -160,6 +190,7 @@ def _log_round(
         "dropped": entry.dropped,
         "skipped": entry.skipped,
         "evaluate_rejected": entry.evaluate_rejected,
+        "head_updated": entry.head_updated,
         "site_metrics": entry.site_metrics,
         "site_metrics_mean": metrics_mean(entry.site_metrics),
         "server_metrics": server_metrics,
@@ -179,17 +210,8 @@ def _log_round(
             f"; client-level DP: epsilon={client_dp['epsilon']:.4g} at delta={client_dp['delta']:g}"
             f"{'' if client_dp['released'] else ' (nothing released this round)'}"
         )
-    counts = ", ".join(
-        f"{len(found)} {kind}"
-        for kind, found in (
-            ("rejected", entry.rejected),
-            ("declined", entry.declined),
-            ("failed", entry.failed),
-            ("dropped", entry.dropped),
-        )
-    )
     print(
-        f"[fedembed] round {entry.round}: {len(entry.sites)} sites aggregated, {counts}, "
+        f"[fedembed] round {entry.round}: {round_counts(record)}, "
         f"{sum(entry.bytes_received.values())} B in, {wall:.1f} s; {shown}",
         flush=True,
     )

@@ -58,7 +58,14 @@ from common.flower import record_nbytes
 from server.checkpoints import RunStore
 from server.grid import PromptGrid
 from server.privacy import ClientDp, client_dp
-from server.strategy import metrics_mean
+from server.strategy import (
+    EmptyRounds,
+    classify_error,
+    metrics_mean,
+    require_trained,
+    round_counts,
+    site_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +110,27 @@ def secagg_workflow(run: RunSettings) -> SecAggPlusWorkflow:
 
 @dataclass
 class RoundTraffic:
-    """What one SecAgg+ round exchanged, per site (bytes of every stage; stage errors)."""
+    """What one SecAgg+ round exchanged, per site: bytes of every stage, and each site that failed,
+    declined or gave no reply at some stage (``"<stage>: <reason>"``)."""
 
     started: float = field(default_factory=time.time)
     bytes_sent: dict[int, int] = field(default_factory=dict)
     bytes_received: dict[int, int] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    declined: dict[int, str] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)
+
+    def reasons(self, names: Mapping[int, str]) -> list[str]:
+        """``"<site> (node <id>) <outcome>: <stage>: <reason>"`` for each site that did not contribute."""
+        return [
+            f"{_display(node, names)} {kind}: {reason}"
+            for kind in ("declined", "failed", "dropped")
+            for node, reason in getattr(self, kind).items()
+        ]
+
+
+def _display(node: int, names: Mapping[int, str]) -> str:
+    return f"{names[node]} (node {node})" if node in names else f"node {node}"
 
 
 class ProtocolGrid(PromptGrid):
@@ -119,6 +141,7 @@ class ProtocolGrid(PromptGrid):
     ) -> None:
         super().__init__(grid, poll_interval=poll_interval, first_round_timeout=first_round_timeout)
         self.traffic: dict[int, RoundTraffic] = {}
+        self.names: dict[int, str] = {}  # node id -> the name the site gave (client/identity.py)
 
     def round_traffic(self, server_round: int) -> RoundTraffic:
         return self.traffic.setdefault(server_round, RoundTraffic())
@@ -139,14 +162,26 @@ class ProtocolGrid(PromptGrid):
         replies = list(super().send_and_receive(messages, timeout=timeout))
         # A SuperLink-generated error (dead node) comes from node 1: map replies to their target.
         target = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered: set[int] = set()
         for reply in replies:
             node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
             traffic = self.round_traffic(int(reply.metadata.group_id or 0))
+            if (name := site_name(reply)) is not None:
+                self.names[node] = name
             if reply.has_error():
-                traffic.failed[node] = f"{stages.get(node, '?')}: {reply.error.reason}"
+                kind, reason = classify_error(reply)
+                getattr(traffic, kind)[node] = f"{stages.get(node, '?')}: {reason}"
             else:
                 traffic.bytes_received[node] = traffic.bytes_received.get(node, 0) + content_nbytes(
                     reply.content
+                )
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in answered:
+                traffic = self.round_traffic(int(message.metadata.group_id or 0))
+                traffic.dropped[node] = (
+                    f"{stages.get(node, '?')}: no reply within the round timeout"
                 )
         return replies
 
@@ -218,6 +253,7 @@ class SecAggFedAvg(FedAvg):
         self.codec = codec
         self.proximal_mu = run.proximal_mu if run.strategy == "fedprox" else 0.0
         self.summed: dict[int, dict[int, dict[str, float]]] = {}
+        self.released: dict[int, bool] = {}  # round -> its aggregate replaced the global head
         self.current: NDArrays = []
 
     def configure_fit(
@@ -249,6 +285,7 @@ class SecAggFedAvg(FedAvg):
             for proxy, res in results
         }
         mean_update, metrics = super().aggregate_fit(server_round, results, failures)
+        self.released[server_round] = mean_update is not None
         if mean_update is None:
             return None, metrics
         head = [
@@ -265,6 +302,7 @@ class StrictClientSideDp(DifferentialPrivacyClientSideFixedClipping):
 
     def __init__(self, strategy: SecAggFedAvg, dp: ClientDp) -> None:
         super().__init__(strategy, dp.noise_multiplier, dp.clipping_norm, dp.sites_per_round)
+        self.fedavg = strategy
         self.dp = dp
 
     def aggregate_fit(
@@ -275,6 +313,7 @@ class StrictClientSideDp(DifferentialPrivacyClientSideFixedClipping):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         aggregated, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         if aggregated is None or len(results) != self.num_sampled_clients:
+            self.fedavg.released[server_round] = False
             log.warning(
                 "round %d: %d of %d sites summed; nothing released (no privacy spent)",
                 server_round,
@@ -323,23 +362,37 @@ def run_secure_federation(
         first_round_timeout=run.first_round_timeout or None,
     )
     dp = client_dp(run)
+    empty_rounds = EmptyRounds(run.max_empty_rounds)
 
     def evaluate_fn(
         server_round: int, ndarrays: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]] | None:
+        """Log the round (Flower's workflow calls this after every round, even a halted one),
+        stop the run after too many empty rounds, else checkpoint the head."""
         if server_round == 0:
             return None
+        traffic = protocol_grid.round_traffic(server_round)
+        updated = fedavg.released.get(server_round, False)
         current = codec.decode(ndarrays)
         server_metrics = evaluator.evaluate(current) if evaluator else {}
         _log_round(  # history before checkpoint, as in server/app.py
             store,
             server_round,
-            protocol_grid.round_traffic(server_round),
+            traffic,
             fedavg.summed.get(server_round, {}),
             server_metrics,
             dp.round_record() if dp else None,
             protocol,
+            updated=updated,
+            names=protocol_grid.names,
         )
+        reasons = traffic.reasons(protocol_grid.names)
+        if not updated and fedavg.summed.get(server_round):
+            reasons.append(
+                f"{len(fedavg.summed[server_round])} site(s) summed, but the sum was not released "
+                f"(client-dp releases only the sum of all {run.min_sites} sites' noise shares)"
+            )
+        empty_rounds.record(server_round, updated=updated, reasons=reasons)
         store.save_checkpoint(server_round, current, meta)
         return None
 
@@ -363,6 +416,7 @@ def run_secure_federation(
             legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
         )
     )
+    require_trained(store.read_history())
     store.export_final(
         model,
         codec.decode(final),
@@ -379,6 +433,9 @@ def _log_round(
     server_metrics: Mapping[str, float],
     client_dp_record: Mapping[str, Any] | None,
     protocol: Mapping[str, Any],
+    *,
+    updated: bool,
+    names: Mapping[int, str],
 ) -> None:
     wall = time.time() - traffic.started
     site_metrics = {node: dict(m) for node, m in summed.items()}
@@ -390,6 +447,14 @@ def _log_round(
         "bytes_sent": traffic.bytes_sent,
         "rejected": {},
         "failed": traffic.failed,
+        "declined": traffic.declined,
+        "dropped": traffic.dropped,
+        "head_updated": updated,
+        "site_names": {
+            node: names[node]
+            for node in {*summed, *traffic.failed, *traffic.declined, *traffic.dropped}
+            if node in names
+        },
         "site_metrics": site_metrics,
         "site_metrics_mean": metrics_mean(site_metrics),
         "server_metrics": dict(server_metrics),
@@ -403,8 +468,9 @@ def _log_round(
     if client_dp_record is not None:
         shown = f"; client-level DP: epsilon={client_dp_record['epsilon']:.4g}"
     print(
-        f"[fedembed] round {server_round}: {len(summed)} sites securely summed, "
-        f"{len(traffic.failed)} failed, {sum(traffic.bytes_received.values())} B in, "
-        f"{wall:.1f} s{shown}",
+        f"[fedembed] round {server_round}: {round_counts(record)} (securely summed), "
+        f"{sum(traffic.bytes_received.values())} B in, {wall:.1f} s{shown}",
         flush=True,
     )
+    for line in traffic.reasons(names):
+        print(f"[fedembed] round {server_round}: {line}", flush=True)

@@ -9,6 +9,10 @@ Every reply is classified per site before anything is aggregated:
 - failed: the site's ClientApp raised (an error reply from the site);
 - dropped: no reply within the round timeout, or Flower reports the node unavailable (dead).
 
+A round in which nothing reaches the global head counts against run-config ``max-empty-rounds``
+(``EmptyRounds``): one too many in a row raises EmptyRoundError, naming each site's outcome, and
+the ServerApp fails the run (no final head).
+
 Sites name themselves (client/identity.py): a ``site`` ConfigRecord ``{"name": ...}`` beside the
 update, and a ``[site NAME]`` prefix on error reasons. Node ids change when a SuperNode restarts;
 names do not, so history and logs show both.
@@ -20,7 +24,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunSettings
+from common.errors import FedEmbedError
 from common.flower import arrays_from_record, record_nbytes
 from server.grid import DelegatingGrid
 
@@ -84,6 +89,75 @@ def site_name(reply: Message) -> str | None:
 def _short(text: str) -> str:
     text = _SITE_PREFIX.sub("", str(text), count=1).replace("\n", " ")
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def classify_error(reply: Message) -> tuple[str, str]:
+    """An error reply's outcome (declined, dropped or failed) and its reason, shortened."""
+    code, reason = int(reply.error.code), _short(str(reply.error.reason))
+    if code == DECLINED_ERROR_CODE:
+        return "declined", reason
+    if code == NODE_UNAVAILABLE_CODE or reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+        return "dropped", f"node unavailable: {reason}"
+    return "failed", reason
+
+
+class RunFailed(FedEmbedError):
+    """The federation cannot give a trained head: the ServerApp raises it, Flower marks the run
+    ``finished:failed`` and no final head is exported."""
+
+
+class EmptyRoundError(RunFailed):
+    """A round added no site's update to the global head, one more in a row than max-empty-rounds."""
+
+    def __init__(
+        self, server_round: int, reasons: Sequence[str], *, streak: int, allowed: int
+    ) -> None:
+        self.server_round = server_round
+        super().__init__(
+            f"round {server_round}: no site's update was aggregated, {streak} round(s) in a row "
+            f"(max-empty-rounds = {allowed}); the run stops: "
+            + ("; ".join(reasons) or "no site was sampled")
+        )
+
+
+@dataclass
+class EmptyRounds:
+    """The run-config's rule for rounds whose aggregate leaves the global head unchanged."""
+
+    allowed: int
+    streak: int = 0
+
+    def record(self, server_round: int, *, updated: bool, reasons: Sequence[str]) -> None:
+        """Count the round; raise EmptyRoundError when more than ``allowed`` follow each other.
+
+        ``reasons``: each site that did not contribute and why (``"<site> failed: <error>"``).
+        """
+        if updated:
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak > self.allowed:
+            raise EmptyRoundError(server_round, reasons, streak=self.streak, allowed=self.allowed)
+
+
+def require_trained(history: Iterable[Mapping[str, Any]]) -> None:
+    """Raise RunFailed unless some round of the run's history changed the global head."""
+    entries = list(history)
+    if not any(entry.get("head_updated", bool(entry.get("sites"))) for entry in entries):
+        raise RunFailed(
+            f"none of the run's {len(entries)} round(s) aggregated a site's update: the head "
+            "never trained, so no final head is exported"
+        )
+
+
+OUTCOME_KINDS = ("rejected", "declined", "failed", "dropped")  # a site's ways of not contributing
+
+
+def round_counts(record: Mapping[str, Any]) -> str:
+    """``N sites aggregated, R rejected, D declined, F failed, X dropped`` of a history record."""
+    counts = ", ".join(f"{len(record.get(kind) or {})} {kind}" for kind in OUTCOME_KINDS)
+    unchanged = "" if record.get("head_updated", True) else " (head unchanged)"
+    return f"{len(record.get('sites') or [])} sites aggregated{unchanged}, {counts}"
 
 
 @dataclass
@@ -195,6 +269,7 @@ class RoundLog:
     skipped: dict[int, str] = field(default_factory=dict)
     evaluate_rejected: dict[int, str] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    head_updated: bool = False  # the round's aggregate replaced the global head
     # Seconds after ``started``: per node, when the site created its reply ("replied", the site's
     # clock) and when the ServerApp pulled it ("received").
     timing: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -288,6 +363,7 @@ def build_strategy(
         evaluate_every=run.eval_every,
         last_round=run.num_server_rounds,
         min_available=run.min_sites,
+        empty_rounds=EmptyRounds(run.max_empty_rounds),
     )
 
 
@@ -304,6 +380,7 @@ class FedEmbedStrategy(Strategy):
         evaluate_every: int,
         last_round: int,
         min_available: int = 1,
+        empty_rounds: EmptyRounds,
     ) -> None:
         self.inner = inner
         self.check = check
@@ -312,6 +389,7 @@ class FedEmbedStrategy(Strategy):
         self.evaluate_every = evaluate_every
         self.last_round = last_round
         self.min_available = min_available
+        self.empty_rounds = empty_rounds
         self._sent: list[Message] = []
         self._grid: Grid | None = None
 
@@ -375,10 +453,16 @@ class FedEmbedStrategy(Strategy):
             if n in self.accounting.names
         }
         self._log_outcomes(entry)
-        if not accepted:
-            log.warning("round %d: no valid update; the global head is unchanged", entry.round)
-            return None, None
-        return self.inner.aggregate_train(server_round, _uniform_metrics(accepted))
+        arrays: ArrayRecord | None = None
+        metrics: MetricRecord | None = None
+        if accepted:
+            arrays, metrics = self.inner.aggregate_train(server_round, _uniform_metrics(accepted))
+        entry.head_updated = arrays is not None
+        if not entry.head_updated:
+            log.warning("round %d: nothing aggregated; the global head is unchanged", entry.round)
+        reasons = [] if entry.head_updated else self._not_aggregated(entry, len(accepted))
+        self.empty_rounds.record(entry.round, updated=entry.head_updated, reasons=reasons)
+        return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -425,13 +509,22 @@ class FedEmbedStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round, _uniform_metrics(valid))
 
     def _record_error(self, entry: RoundLog, node: int, reply: Message) -> None:
-        code, reason = int(reply.error.code), _short(str(reply.error.reason))
-        if code == DECLINED_ERROR_CODE:
-            entry.declined[node] = reason
-        elif code == NODE_UNAVAILABLE_CODE or reply.metadata.src_node_id == SUPERLINK_NODE_ID:
-            entry.dropped[node] = f"node unavailable: {reason}"
-        else:
-            entry.failed[node] = reason
+        kind, reason = classify_error(reply)
+        getattr(entry, kind)[node] = reason  # entry.declined, entry.dropped or entry.failed
+
+    def _not_aggregated(self, entry: RoundLog, valid: int) -> list[str]:
+        """Why nothing reached the global head: each site's outcome, and a release refused."""
+        reasons = [
+            f"{entry.display(node)} {outcome}"
+            for node, outcome in entry.outcomes_by_node().items()
+            if outcome != "aggregated"
+        ]
+        if valid:
+            reasons.append(
+                f"{valid} valid update(s), but {type(self.inner).__name__} released no aggregate "
+                "(client-dp releases only rounds with min-sites valid updates)"
+            )
+        return reasons
 
     def _sampling_view(self, grid: Grid, entry: RoundLog | None) -> Grid:
         """``grid`` without quarantined nodes, unless that would leave too few to sample."""

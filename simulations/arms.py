@@ -97,8 +97,50 @@ class SiteSplits:
     test: EmbeddedDataset
 
 
-def split_holdout(site: SiteData, *, seed: int = VALIDATION_SEED) -> SiteSplits:
-    """Halve ``site``'s held-out split into validation and test (stratified by label); train untouched."""
+@dataclass
+class CommonTest:
+    """One test set that scores every arm instead of the sites' test halves.
+
+    Its rows are in no site's data (sites run with ``test-rows = "exclude"``), so each site's whole
+    held-out split is its validation split. ``per_site``: each site's own rows of it, for the
+    per-site table (None: no site has rows of its own).
+    """
+
+    data: EmbeddedDataset
+    per_site: Sequence[EmbeddedDataset] | None = None
+
+    def site_tests(self, run: RunSettings, sites: Sequence[SiteData]) -> list[EmbeddedDataset]:
+        """Each site's own test rows (maybe none), after checking the set fits the run and sites."""
+        if run.test_rows != "exclude":
+            raise ConfigError(
+                'a common test set needs run-config test-rows = "exclude" (the sites would '
+                "otherwise keep the rows marked split=test as their held-out split)"
+            )
+        reference = sites[0].train
+        if self.data.class_names != reference.class_names or self.data.dims != reference.dims:
+            raise ConfigError(
+                f"the common test set has classes {self.data.class_names} and inputs "
+                f"{self.data.dims}, the sites {reference.class_names} and {reference.dims}"
+            )
+        if self.per_site is None:
+            return [self.data.subset([]) for _ in sites]
+        if len(self.per_site) != len(sites):
+            raise ConfigError(
+                f"the common test set has rows for {len(self.per_site)} sites, not {len(sites)}"
+            )
+        return list(self.per_site)
+
+
+def split_holdout(
+    site: SiteData, *, seed: int = VALIDATION_SEED, own_test: EmbeddedDataset | None = None
+) -> SiteSplits:
+    """Halve ``site``'s held-out split into validation and test (stratified by label); train untouched.
+
+    With ``own_test`` (the site's rows of a ``CommonTest``), the whole held-out split is
+    validation and ``own_test`` is the site's test split.
+    """
+    if own_test is not None:
+        return SiteSplits(site.train, site.test, own_test)
     test_rows, val_rows = split_indices(
         len(site.test), site.test.labels, test_fraction=0.5, seed=seed
     )
@@ -286,12 +328,13 @@ def federate(
     """One federated arm on Flower's simulation engine, in its own ``home``.
 
     The simulated sites start fresh (their state dir, privacy ledger and audit log included: each
-    arm is a new consortium) and share the embedding cache ``cache_dir``. Raises FlowerError if the
-    run does not finish ``finished:completed``. ``privacy`` of the result: the epsilon spent as the
-    sites' audit logs (sample-level) or the history's accountant record (client-level) report it.
+    arm is a new consortium) and share the embedding cache ``cache_dir``. Raises ConfigError for a
+    run-config its coordinator would refuse (before any process starts) and FlowerError, with
+    Flower's reason, if the run does not finish ``finished:completed``. ``privacy`` of the result:
+    the epsilon spent as the sites' audit logs (sample-level) or the history's accountant record
+    (client-level) report it.
     """
     from simulations.federate import simulate
-    from simulations.localfed import FlowerError
 
     home = home.resolve()
     shutil.rmtree(home / "sites", ignore_errors=True)
@@ -302,12 +345,8 @@ def federate(
             link.unlink()
         target.mkdir(parents=True, exist_ok=True)
         os.symlink(target, link, target_is_directory=True)
-    RunSettings.from_run_config(run_config)  # ConfigError before any process starts
     fed = simulate(out_dir=home, sites=sites, run_config=dict(run_config), echo=echo)
-    if not fed.ok:
-        raise FlowerError(
-            f"federated arm '{label}' failed: {fed.result.status}; log {fed.result.log_path}"
-        )
+    fed.raise_for_status(f"federated arm '{label}'")
     model, _ = load_head(fed.final_head)
     privacy: dict[str, Any] = {}
     if float(run_config.get("dp-target-epsilon", 0) or 0) > 0:

@@ -6,6 +6,10 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from simulations.cache_command import register_cache
+from simulations.compare_command import register_compare
+from simulations.paths import dataset_option, run_config_paths, user_encoder, user_path
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the default job on built-in data and print the results table."""
@@ -19,7 +23,9 @@ def register_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="4 simulated hospitals: frozen vs alone vs pooled vs federated (built-in data)"
     )
-    p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--out", default="runs/demo", type=user_path, help="output directory (default: %(default)s)"
+    )
     p.add_argument(
         "--n", type=int, default=1200, help="examples to generate (default: %(default)s)"
     )
@@ -70,7 +76,7 @@ def _federation_run_config(args: argparse.Namespace) -> dict[str, Any]:
         config["dataset-n"] = args.n
     if args.task:
         config["task"] = args.task
-    config.update(parse_run_config(args.run_config))
+    config.update(run_config_paths(parse_run_config(args.run_config), option="--run-config"))
     return config
 
 
@@ -114,7 +120,10 @@ def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> Non
     p.add_argument("--sites", type=int, default=3, help="number of sites (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
     p.add_argument(
-        "--data", default="synthetic-radiology", help="built-in dataset split across the sites"
+        "--data",
+        default="synthetic-radiology",
+        type=dataset_option("--data"),
+        help="built-in dataset or CSV/JSONL manifest, split across the sites (default: %(default)s)",
     )
     p.add_argument("--n", type=int, default=None, help="examples in the pooled dataset")
     p.add_argument("--task", default=None, help="label task (iu-xray-reports)")
@@ -139,8 +148,8 @@ def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> Non
         choices=list(LOSSES),
     )
     p.add_argument("--head", default="default", help="head preset: default, paper, small")
-    p.add_argument("--image-encoder", default="mobilenetv2")
-    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--image-encoder", default="mobilenetv2", type=user_encoder)
+    p.add_argument("--text-encoder", default="minilm", type=user_encoder)
     p.add_argument("--encoder-image-size", type=int, default=128)
     p.add_argument(
         "--run-config",
@@ -150,6 +159,7 @@ def _add_federation_args(p: argparse.ArgumentParser, *, default_out: str) -> Non
     p.add_argument(
         "--out",
         default=default_out,
+        type=user_path,
         help="directory for caches, site state, logs and the run (default: %(default)s)",
     )
     p.add_argument(
@@ -228,8 +238,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def register_audit(sub: Any) -> None:
     p = sub.add_parser("audit", help="summarise and verify a site's egress audit log")
-    p.add_argument("site_dir", help="the site's state-dir (or its audit.jsonl)")
+    p.add_argument("site_dir", type=user_path, help="the site's state-dir (or its audit.jsonl)")
     p.set_defaults(func=cmd_audit)
 
 
-REGISTRATIONS: list[Callable[[Any], None]] = [register_demo, register_federation, register_audit]
+REGISTRATIONS: list[Callable[[Any], None]] = [
+    register_demo,
+    register_federation,
+    register_audit,
+    register_compare,
+    register_cache,
+]

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from common.atomic import atomic_write_json, atomic_write_text
 from common.config import RunSettings
-from simulations.experiment import compare, plot_comparison, ratios
+
+if TYPE_CHECKING:  # the experiment imports torch: only when a comparison runs
+    from simulations.experiment import Comparison
+
+ROUNDS = 20
+TRAINING: dict[str, Any] = {
+    "local-epochs": 8,
+    "batch-size": 64,
+    # labelled pairs with class prompts: InfoNCE + SupCon + the prompts as anchors (README
+    # "Should we federate?"); data without labels would use the default, "infonce"
+    "loss": "infonce+supcon+prompts",
+    "encoder-image-size": 128,
+}
+"""The demo's run-config besides data and rounds (`fedembed compare` starts from it too)."""
 
 
 def run_demo(
-    *, out_dir: str | Path = "runs/demo", n: int = 1200, rounds: int = 20, sites: int = 4
+    *, out_dir: str | Path = "runs/demo", n: int = 1200, rounds: int = ROUNDS, sites: int = 4
 ) -> Path:
     """Embed (cached), train every baseline, run a real Flower simulation, print one table."""
+    from simulations.experiment import compare
+
     out = Path(out_dir).resolve()
     started = time.perf_counter()
     run = RunSettings.from_run_config(
@@ -22,13 +39,8 @@ def run_demo(
             "dataset-n": n,
             "partition": "site",  # each hospital is one scanner/acquisition profile
             "num-server-rounds": rounds,
-            "local-epochs": 8,
-            "batch-size": 64,
-            # labelled pairs with class prompts: InfoNCE + SupCon + the prompts as anchors (README
-            # "Should we federate?"); data without labels would use the default, "infonce"
-            "loss": "infonce+supcon+prompts",
+            **TRAINING,
             "min-sites": sites,
-            "encoder-image-size": 128,
         }
     )
     print(
@@ -39,21 +51,53 @@ def run_demo(
         f" and federated with Flower (FedAvg, {rounds} rounds; only head weights travel)."
     )
     comparison = compare(run=run, sites=sites, out_dir=out, federated=True)
+    publish(
+        comparison,
+        out,
+        prefix="demo",
+        test_set="held-out test set: the union of the hospitals' test halves (their held-out "
+        "splits halved: the other half picks each arm's stopping point).",
+        started=started,
+    )
+    return out
+
+
+def publish(
+    comparison: Comparison,
+    out: Path,
+    *,
+    prefix: str,
+    test_set: str,
+    started: float,
+    notes: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Save results.json (+ ``extra``), results.md and the figures in ``out``; print the table,
+    the federated / centralized ratios, ``notes``, what ``test_set`` was and where it all is."""
+    from simulations.experiment import plot_comparison, ratios
+
     table = comparison.table()
+    ratio = ratios(comparison)
     atomic_write_json(
         out / "results.json",
-        {"rows": comparison.rows, "seconds": comparison.seconds, "ratios": ratios(comparison)},
+        {"rows": comparison.rows, "seconds": comparison.seconds, "ratios": ratio, **(extra or {})},
     )
-    figures = plot_comparison(comparison, out, prefix="demo")
+    figures = plot_comparison(comparison, out, prefix=prefix)
+    lines = [f"federated / centralized: {', '.join(f'{k} {v:.2f}' for k, v in ratio.items())}"]
+    lines = (lines if ratio else []) + [*notes, test_set]
     atomic_write_text(
-        out / "results.md", table + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
+        out / "results.md",
+        table
+        + "\n\n"
+        + "".join(f"{line}\n\n" for line in lines)
+        + "".join(f"![{p.stem}]({p.name})\n" for p in figures),
     )
     print()
     print(table)
-    shown = ", ".join(f"{k} {v:.2f}" for k, v in ratios(comparison).items())
-    print(f"\nfederated / centralized: {shown}")
-    print(
-        f"held-out test set: the union of the hospitals' test halves (their held-out splits halved: the other half picks each arm's stopping point). Results in {out}/ ({time.perf_counter() - started:.0f} s)"
-    )
+    if ratio:
+        print(f"\n{lines[0]}")
+    for line in notes:
+        print(line)
+    print(f"{test_set} Results in {out}/ ({time.perf_counter() - started:.0f} s)")
     print("figures: " + ", ".join(str(p) for p in figures))
-    return out
+    return figures

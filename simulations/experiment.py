@@ -24,6 +24,7 @@ from simulations.arms import (
     PRIVACY_COLUMNS,
     SAMPLE_DP_LOSS,
     SELECTION,
+    CommonTest,
     concat_embedded,
     federate,
     frozen_row,
@@ -37,6 +38,7 @@ from simulations.arms import (
 )
 from simulations.commands import parse_run_config
 from simulations.machine import machine_info
+from simulations.paths import run_config_paths, user_path
 from simulations.seed_summary import CHECKED, summarize_seeds, summary_markdown
 
 DEFAULT_OUT = "simulations/results/federated"
@@ -95,7 +97,9 @@ class Comparison:
 
     ``histories``: each federated arm's per-round history (history.jsonl); ``per_site``: for each
     site, each method's metrics on that site's own test half; ``selections``: each trained arm's
-    validation score per epoch step / round and the chosen stopping point (``Selection``).
+    validation score per epoch step / round and the chosen stopping point (``Selection``);
+    ``sizes``: each site's train / validation / test rows and the scored test set's
+    (``test_ids``).
     """
 
     partition: str
@@ -106,6 +110,8 @@ class Comparison:
     per_site: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    test_ids: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         shown = [*PRIVACY_COLUMNS, *HEADLINE, "stop"]
@@ -139,6 +145,7 @@ def compare(
     privacy: PrivacyArms | None = None,
     echo: bool = False,
     cache_dir: Path | None = None,
+    common_test: CommonTest | None = None,
 ) -> Comparison:
     """Run every method on the run's dataset split over ``sites`` sites (partition from ``run``).
 
@@ -149,6 +156,9 @@ def compare(
     ``privacy`` adds the two DP arms (and, when the run's loss is not the proxy loss, the
     non-private federated proxy-loss run the sample-level arm must be read against).
     ``cache_dir``: the embedding cache (default ``out_dir``/cache; shareable between comparisons).
+    ``common_test``: score every arm on this set instead (its rows in no site's data, which needs
+    ``run.test_rows == "exclude"``); each site's whole held-out split is then its validation
+    split, and the per-site table scores each site's own rows of the set.
     """
     import torch
 
@@ -161,11 +171,23 @@ def compare(
     )
     started = time.perf_counter()
     cache_dir = cache_dir or out_dir / "cache"
-    splits = [split_holdout(s) for s in prepare_sites(run, sites, cache_dir=cache_dir)]
+    prepared = prepare_sites(run, sites, cache_dir=cache_dir)
+    if common_test is None:
+        splits = [split_holdout(s) for s in prepared]
+        pooled_test = concat_embedded([s.test for s in splits])
+    else:
+        own = common_test.site_tests(run, prepared)
+        splits = [split_holdout(s, own_test=t) for s, t in zip(prepared, own, strict=True)]
+        pooled_test = common_test.data
     comparison.seconds["embedding"] = time.perf_counter() - started
+    comparison.sizes = {
+        f"site {i}": {"train": len(s.train), "validation": len(s.val), "test": len(s.test)}
+        for i, s in enumerate(splits)
+    }
+    comparison.sizes["scored"] = {"test": len(pooled_test)}
+    comparison.test_ids = list(pooled_test.ids)
     pooled_train = concat_embedded([s.train for s in splits])
     pooled_val = concat_embedded([s.val for s in splits])
-    pooled_test = concat_embedded([s.test for s in splits])
     frozen, frozen_sel = frozen_row(
         "frozen (+ closed-form lstsq alignment)", pooled_train, pooled_val, pooled_test
     )
@@ -233,9 +255,11 @@ def compare(
 
     started = time.perf_counter()
     for i, s in enumerate(splits):
-        own = {"this site alone": local[i][0], **models}
+        if not len(s.test):
+            continue  # a common test set with no rows of this site
+        mine = {"this site alone": local[i][0], **models}
         comparison.per_site[f"site {i}"] = {
-            method: metric_row(method, model, s.train, s.test) for method, model in own.items()
+            method: metric_row(method, model, s.train, s.test) for method, model in mine.items()
         }
     comparison.seconds["per_site_evaluation"] = time.perf_counter() - started
     return comparison
@@ -665,11 +689,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--out",
         default=None,
+        type=user_path,
         help=f"results directory (JSON + markdown + PNGs; default {DEFAULT_OUT}, which --merge "
         "does not take)",
     )
     parser.add_argument(
-        "--work", default="runs/experiment", help="caches, site state and Flower runs"
+        "--work",
+        default="runs/experiment",
+        type=user_path,
+        help="caches, site state and Flower runs",
     )
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--n", type=int, default=2000, help="pooled examples")
@@ -732,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "dataset-n": args.n,
         "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs,
-        **parse_run_config(" ".join(args.set), option="--set"),
+        **run_config_paths(parse_run_config(" ".join(args.set), option="--set"), option="--set"),
     }
     seeds = _ints(args.seeds, "--seeds")
     dp_seeds = seeds if args.dp_seeds is None else _ints(args.dp_seeds, "--dp-seeds")
@@ -788,4 +816,12 @@ def _partitions(text: str) -> list[tuple[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from common.errors import FedEmbedError
+
+    try:
+        main()
+    except FedEmbedError as exc:  # a bad setting or a failed federated arm: one line, exit 2
+        print(f"experiment: error: {exc}", file=sys.stderr)
+        sys.exit(2)

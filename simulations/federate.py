@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import HOME_ENV
+from common.errors import ConfigError
 from simulations.localfed import (
     ConfigValue,
     Connection,
@@ -51,6 +52,37 @@ class FederationResult:
     def final_head(self) -> Path:
         return self.run_dir / "final"
 
+    def raise_for_status(self, what: str) -> FederationResult:
+        """Return self if the run completed, else raise FlowerError naming ``what``, why and the log."""
+        if not self.ok:
+            raise FlowerError(
+                f"{what} failed: Flower run {self.result.run_id} ended {self.result.status}"
+                f"{f' ({self.result.details})' if self.result.details else ''}; "
+                f"log {self.result.log_path}"
+            )
+        return self
+
+
+def check_federation(run_config: Mapping[str, ConfigValue], *, sites: int) -> None:
+    """Refuse, before any Flower process starts, a run-config the app's coordinator would refuse.
+
+    The overrides must be keys of the app's ``[tool.flwr.app.config]`` (Flower refuses others);
+    the run-config they give, with ``sites`` sites taking a partition each, must pass
+    common/preflight.py (the checks the coordinator makes before round 1).
+    """
+    from flwr.common.config import get_fused_config_from_dir
+
+    from common.preflight import check_run, check_run_config
+
+    check_run_config(run_config)  # an unknown key is named with the valid ones
+    try:
+        fused = get_fused_config_from_dir(APP_DIR, dict(run_config))
+    except ValueError as exc:
+        raise ConfigError(
+            f"run-config: {exc} ([tool.flwr.app.config] of {APP_DIR / 'pyproject.toml'})"
+        ) from None
+    check_run(fused, sites=sites)
+
 
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "history.jsonl"
@@ -87,6 +119,7 @@ def simulate(
         **run_config,
     }
     config["run-dir"] = str(run_dir)
+    check_federation(config, sites=sites)
     with LocalSuperLink(home / "flower", simulation=True) as link:
         result = run_app(
             APP_DIR,
@@ -199,6 +232,7 @@ def deploy_local(
     home = _with_home(out_dir)
     run_dir = home / "run"
     config = {"min-sites": sites, **run_config, "run-dir": str(run_dir)}
+    check_federation(config, sites=sites)
     flower = home / "flower"
     names = [site_name(i) for i in range(sites)]
     pki = make_pki(home / "pki", names) if secure else None
@@ -249,7 +283,9 @@ def deploy_local(
 
 
 def summarize(fed: FederationResult) -> str:
-    """A short human summary: verdict, rounds, per-round metrics, final head location."""
+    """A short human summary: verdict, per-round outcomes and metrics, final head or why none."""
+    from server.strategy import round_counts
+
     lines = [f"Flower run {fed.result.run_id}: {fed.result.status} in {fed.result.elapsed:.0f} s"]
     if fed.pki_dir is not None:
         lines.append(
@@ -259,13 +295,15 @@ def summarize(fed: FederationResult) -> str:
         metrics = {**entry.get("site_metrics_mean", {}), **entry.get("server_metrics", {})}
         shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "seconds" not in k)
         lines.append(
-            f"  round {entry['round']}: {len(entry.get('sites', []))} sites, "
-            f"{len(entry.get('rejected', {}))} rejected, {entry.get('wall_seconds', 0):.1f} s; {shown}"
+            f"  round {entry['round']}: {round_counts(entry)}, "
+            f"{entry.get('wall_seconds', 0):.1f} s{'; ' + shown if shown else ''}"
         )
     if fed.ok:
         lines.append(
             f"final head: {fed.final_head} (evaluate with: fedembed evaluate --head {fed.final_head})"
         )
     else:
-        lines.append(f"log: {fed.result.log_path}")
+        if fed.result.details:
+            lines.append(f"failed: {fed.result.details}")
+        lines.append(f"no final head; log: {fed.result.log_path}")
     return "\n".join(lines)

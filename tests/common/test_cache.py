@@ -155,3 +155,96 @@ def test_shards_memory_map_and_record_their_checksum(tmp_path: Path, text_encode
     assert isinstance(mapped, np.memmap) and mapped.shape == (len(TEXTS), text_encoder.dim)
     identity = json.loads(next(tmp_path.glob("*/encoder.json")).read_text())["identity"]
     assert identity == json.loads(json.dumps(text_encoder.identity(), default=str))
+
+
+def test_prune_rewrites_shards_without_the_removed_keys_and_keeps_the_rest_bitwise(
+    tmp_path: Path, text_encoder: Encoder
+) -> None:
+    reference, _ = _embed(EmbeddingCache(tmp_path, shard_size=8), Counting(text_encoder), TEXTS)
+    withdrawn = {text_key(TEXTS[i]) for i in (1, 2, 9)}  # two in the first shard, one in the second
+    kept = [t for t in TEXTS if text_key(t) not in withdrawn]
+    keep = {text_key(t) for t in kept}
+
+    dry = EmbeddingCache(tmp_path, shard_size=8).prune(keep, dry_run=True)
+    assert (dry.entries_removed, dry.shards_rewritten) == (3, 2)
+    assert EmbeddingCache(tmp_path).verify().entries == len(TEXTS)  # a dry run changes nothing
+
+    report = EmbeddingCache(tmp_path, shard_size=8).prune(keep)
+    assert (report.entries_removed, report.entries_kept, report.shards_rewritten) == (3, 18, 2)
+    assert report.bytes_freed > 0
+    stored = {
+        k for p in tmp_path.glob("*/shards/*.json") for k in json.loads(p.read_text())["keys"]
+    }
+    assert stored == keep
+    counting = Counting(text_encoder)
+    vectors, stats = _embed(EmbeddingCache(tmp_path, shard_size=8), counting, kept)
+    assert stats.hits == len(kept) and counting.items == 0
+    np.testing.assert_array_equal(vectors, reference[[TEXTS.index(t) for t in kept]])
+    assert EmbeddingCache(tmp_path).verify().ok
+
+    assert EmbeddingCache(tmp_path).prune(set()).encoders_removed == 1  # nothing kept: all gone
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_prune_interrupted_after_the_new_shard_loses_nothing_and_the_next_prune_finishes(
+    tmp_path: Path, text_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference, _ = _embed(EmbeddingCache(tmp_path, shard_size=8), Counting(text_encoder), TEXTS)
+    keep = {text_key(t) for t in TEXTS[1:]}
+    real_unlink = Path.unlink
+
+    def crash(self: Path, missing_ok: bool = False) -> None:
+        raise KeyboardInterrupt("killed before the old shard was deleted")
+
+    monkeypatch.setattr(Path, "unlink", crash)
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddingCache(tmp_path, shard_size=8).prune(keep)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert EmbeddingCache(tmp_path).verify().ok  # the new shard is committed, the old one intact
+    vectors, stats = _embed(EmbeddingCache(tmp_path, shard_size=8), Counting(text_encoder), TEXTS)
+    assert stats.misses == 0
+    np.testing.assert_array_equal(vectors, reference)
+
+    report = EmbeddingCache(tmp_path).prune(keep)
+    assert report.entries_removed == 1
+    stored = [
+        k for p in tmp_path.glob("*/shards/*.json") for k in json.loads(p.read_text())["keys"]
+    ]
+    assert sorted(stored) == sorted(keep)
+
+
+def test_prune_removes_corrupt_and_uncommitted_files_and_rejected_encoders(
+    tmp_path: Path, text_encoder: Encoder
+) -> None:
+    _embed(EmbeddingCache(tmp_path, shard_size=8), Counting(text_encoder), TEXTS)
+    shards = next(tmp_path.glob("*/shards"))
+    (shards / "leftover.npy").write_bytes(b"uncommitted data")
+    (shards / "old.json.corrupt").write_text("{}")
+    keep = {text_key(t) for t in TEXTS}
+    report = EmbeddingCache(tmp_path).prune(keep)
+    assert (report.leftovers_removed, report.entries_removed) == (2, 0)
+    assert sorted(p.name for p in shards.iterdir() if p.suffix not in (".json", ".npy")) == []
+
+    report = EmbeddingCache(tmp_path).prune(keep, keep_encoder=lambda identity: False)
+    assert (report.encoders_removed, report.entries_removed) == (1, len(TEXTS))
+    assert not list(tmp_path.iterdir())
+
+
+def test_cache_keys_are_exactly_what_embed_dataset_stores(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> None:
+    from common.data.manifest import load_manifest
+    from common.embedding import cache_keys, embed_dataset
+    from tests.hospital_data import make_rows, write_manifest
+
+    dataset = load_manifest(write_manifest(tmp_path / "m.csv", make_rows(tmp_path, 6)))
+    embed_dataset(
+        dataset,
+        cache_dir=tmp_path / "cache",
+        image_encoder=load_encoder(str(tiny_model_dirs["image"])),
+        text_encoder=load_encoder(str(tiny_model_dirs["text"])),
+    )
+    stored = {
+        k for p in tmp_path.glob("cache/*/shards/*.json") for k in json.loads(p.read_text())["keys"]
+    }
+    assert stored == cache_keys(dataset)

@@ -64,8 +64,10 @@ def test_a_split_with_nothing_to_train_on_is_an_error(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     path = _manifest(tmp_path / "m.csv", 4, test_every=1)
-    with pytest.raises(DataError, match=r"m\.csv: no rows left to train on \(4 rows, 4 marked"):
-        prepare_site_data(_spec(tiny_model_dirs, path), cache_dir=tmp_path / "c")
+    for test_rows in ("holdout", "exclude"):
+        spec = _spec(tiny_model_dirs, path, test_rows=test_rows)
+        with pytest.raises(DataError, match=r"m\.csv: no rows left to train on \(4 rows, 4 marked"):
+            prepare_site_data(spec, cache_dir=tmp_path / "c")
 
 
 def test_test_rows_and_fraction_are_checked_and_reach_each_site() -> None:

@@ -27,7 +27,7 @@ from common.errors import ConfigError
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 from common.training import build_run_model
 from server.privacy import ClientDp, client_dp
-from server.strategy import Accounting, UpdateCheck, build_strategy
+from server.strategy import Accounting, EmptyRoundError, UpdateCheck, build_strategy
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"head.w": (4, 3), "head.b": (4,), "loss.logit_scale": ()}
@@ -227,12 +227,23 @@ def test_server_side_clipping_bounds_every_update_and_sites_weigh_equally() -> N
 
 
 def test_client_side_rejects_an_update_that_was_not_clipped_and_releases_nothing() -> None:
-    strategy, dp, accounting = _federation(_run("client-side", clip=1.0))
+    strategy, dp, accounting = _federation(_run("client-side", clip=1.0, max_empty_rounds=1))
     replies = [_reply(1, _update(0, 1.0)), _reply(2, _update(1, 0.3)), _reply(3, _update(2, 1.5))]
     assert _round(strategy, 1, replies) is None  # 2 valid of 3: Flower's strict mode skips it
     assert "exceeds the bound" in accounting.rounds[1].rejected[3]
+    assert not accounting.rounds[1].head_updated
     record = dp.round_record()
     assert not record["released"] and record["releases"] == 0 and record["epsilon"] == 0.0
+
+
+def test_a_round_that_releases_nothing_is_an_empty_round_and_stops_the_run() -> None:
+    strategy, dp, _ = _federation(_run("client-side", clip=1.0))  # max-empty-rounds = 0
+    replies = [_reply(1, _update(0, 1.0)), _reply(2, _update(1, 0.3)), _reply(3, _update(2, 1.5))]
+    with pytest.raises(EmptyRoundError) as stopped:
+        _round(strategy, 1, replies)
+    assert "node 3 rejected: update norm" in str(stopped.value)
+    assert "2 valid update(s), but ClientSideDp released no aggregate" in str(stopped.value)
+    assert not dp.round_record()["released"]
 
 
 def test_flowers_wrapper_alone_would_clip_a_malformed_update_and_crash() -> None:
@@ -253,7 +264,7 @@ def test_flowers_wrapper_alone_would_clip_a_malformed_update_and_crash() -> None
     ],
 )
 def test_invalid_updates_are_rejected_before_flowers_clipping(mutate: Any, reason: str) -> None:
-    strategy, dp, accounting = _federation(_run("server-side"))
+    strategy, dp, accounting = _federation(_run("server-side", max_empty_rounds=1))
     replies = [
         _reply(1, _update(0, 1.0)),
         _reply(2, _update(1, 2.0)),

@@ -36,6 +36,7 @@ from common.errors import ConfigError
 from server.privacy import client_dp
 from server.secagg import (
     HeadCodec,
+    ProtocolGrid,
     SecAggFedAvg,
     StrictClientSideDp,
     content_nbytes,
@@ -305,7 +306,7 @@ def test_server_adds_the_mean_update_and_releases_only_with_all_sites_noise_shar
 
     short, _ = strategy.aggregate_fit(1, _results([0.1, 0.2], codec), [RuntimeError("gone")])
     assert short is None and dp.round_record()["released"] is False
-    assert sorted(fedavg.summed[1]) == [2, 3]
+    assert sorted(fedavg.summed[1]) == [2, 3] and fedavg.released[1] is False  # an empty round
 
     released, _ = strategy.aggregate_fit(2, _results([0.1, 0.2, 0.3], codec), [])
     assert released is not None
@@ -315,7 +316,53 @@ def test_server_adds_the_mean_update_and_releases_only_with_all_sites_noise_shar
         assert np.allclose(head[k], 2.0 + 0.2, atol=1e-6)
     record = dp.round_record()
     assert record["released"] and record["releases"] == 1 and record["epsilon"] > 0
+    assert fedavg.released[2] is True
     assert fedavg._fit_config(2)["server-round"] == 2
+
+
+def test_protocol_grid_names_each_site_that_failed_declined_or_gave_no_reply() -> None:
+    from flwr.app import Error, MetricRecord
+
+    from server.strategy import DECLINED_ERROR_CODE
+    from tests.server.test_grid import DelayedGrid
+
+    class Answers(DelayedGrid):
+        """Node 1 answers, 2 declines, 3 fails, 4 never replies."""
+
+        def pull_messages(self, message_ids: Any) -> list[Message]:
+            replies = []
+            for message_id in message_ids:
+                message, _ = self.pushed[message_id]
+                node = message.metadata.dst_node_id
+                if node == 1:
+                    replies.append(
+                        Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=message)
+                    )
+                elif node == 2:
+                    error = Error(DECLINED_ERROR_CODE, "[site beta] site declined: budget spent")
+                    replies.append(Message(error, reply_to=message))
+                elif node == 3:
+                    replies.append(
+                        Message(Error(0, "[site gamma] ValueError: boom"), reply_to=message)
+                    )
+            return replies
+
+    grid = ProtocolGrid(Answers(dict.fromkeys((1, 2, 3, 4), 0.0)), poll_interval=0.01)
+    stage = ConfigRecord({Key.STAGE: Stage.SHARE_KEYS})
+    messages = [
+        grid.create_message(RecordDict({RECORD_KEY_CONFIGS: stage}), "train", node, "7")
+        for node in (1, 2, 3, 4)
+    ]
+    assert len(list(grid.send_and_receive(messages, timeout=0.3))) == 3
+    traffic = grid.round_traffic(7)
+    assert traffic.declined == {2: f"{Stage.SHARE_KEYS}: site declined: budget spent"}
+    assert traffic.failed == {3: f"{Stage.SHARE_KEYS}: ValueError: boom"}
+    assert traffic.dropped == {4: f"{Stage.SHARE_KEYS}: no reply within the round timeout"}
+    assert traffic.reasons(grid.names) == [
+        f"beta (node 2) declined: {Stage.SHARE_KEYS}: site declined: budget spent",
+        f"gamma (node 3) failed: {Stage.SHARE_KEYS}: ValueError: boom",
+        f"node 4 dropped: {Stage.SHARE_KEYS}: no reply within the round timeout",
+    ]
 
 
 # ---------------------------------------------------------------- the site's masked-vector stage

@@ -20,9 +20,13 @@ from server.strategy import (
     DECLINED_ERROR_CODE,
     SITE_RECORD,
     Accounting,
+    EmptyRoundError,
+    RunFailed,
     UpdateCheck,
     build_strategy,
     metrics_mean,
+    require_trained,
+    round_counts,
     site_name,
 )
 
@@ -130,12 +134,16 @@ def test_aggregation_skips_a_poisoned_site_and_logs_it() -> None:
     )  # serialized arrays: data + npy header
 
 
-def test_all_updates_rejected_leaves_the_global_head_unchanged() -> None:
+def test_all_updates_rejected_leaves_the_global_head_unchanged_or_stops_the_run() -> None:
+    bad = {"bad": np.zeros(1, np.float32)}
     accounting = Accounting()
     accounting.global_arrays = _global()
-    strategy = build_strategy(RunSettings(), check=CHECK, accounting=accounting)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, {"bad": np.zeros(1, np.float32)})])
-    assert arrays is None and metrics is None
+    tolerant = build_strategy(RunSettings(max_empty_rounds=1), check=CHECK, accounting=accounting)
+    arrays, metrics = tolerant.aggregate_train(1, [_reply(1, bad)])
+    assert arrays is None and metrics is None and not accounting.rounds[1].head_updated
+    strict = build_strategy(RunSettings(), check=CHECK, accounting=Accounting())
+    with pytest.raises(EmptyRoundError, match=r"^round 1: no site's update was aggregated"):
+        strict.aggregate_train(1, [_reply(1, bad)])
 
 
 def test_fedmedian_resists_one_poisoned_but_valid_site() -> None:
@@ -445,3 +453,90 @@ def test_a_restarted_site_is_named_by_its_live_node() -> None:
     entry.skipped = {21: "missed the last deadline; no heartbeat since"}
     assert entry.outcomes() == {"site-2": "aggregated", "site-1": "aggregated"}
     assert entry.outcomes_by_node()[21].startswith("skipped: ")
+
+
+# ---------------------------------------------------------------- rounds that aggregate nothing
+
+
+def _failures(nodes: tuple[int, int, int]) -> list[Message]:
+    """A declined, a crashed and a dead site (Flower's reply for it comes from node 1)."""
+    declined, crashed, dead = nodes
+    return [
+        Message(
+            Error(code=DECLINED_ERROR_CODE, reason="[site beta] site declined: privacy budget"),
+            reply_to=_incoming(declined),
+        ),
+        Message(
+            Error(code=2, reason="[site gamma] PrivacyError: sample-level DP is refused"),
+            reply_to=_incoming(crashed),
+        ),
+        Message(Error(code=5, reason="Node Unavailable"), reply_to=_incoming(dead, dst=1)),
+    ]
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_a_round_that_aggregates_nothing_stops_the_run_naming_each_sites_reason() -> None:
+    strategy, accounting = _strategy()
+    grid = _Nodes({12: 100.0, 13: 100.0, 14: 100.0, 15: 100.0})
+    _configure(strategy, 1, grid)
+    with pytest.raises(EmptyRoundError) as stopped:
+        strategy.aggregate_train(1, _failures((12, 13, 14)))
+    assert isinstance(stopped.value, RunFailed) and stopped.value.server_round == 1
+    assert str(stopped.value) == (
+        "round 1: no site's update was aggregated, 1 round(s) in a row (max-empty-rounds = 0); "
+        "the run stops: beta (node 12) declined: site declined: privacy budget; "
+        "gamma (node 13) failed: PrivacyError: sample-level DP is refused; "
+        "node 14 dropped: node unavailable: Node Unavailable; "
+        "node 15 dropped: no reply within the round timeout"
+    )
+    entry = accounting.rounds[1]  # the round's record is complete for the history
+    assert not entry.head_updated and entry.sites == []
+    assert (len(entry.declined), len(entry.failed), len(entry.dropped)) == (1, 1, 2)
+
+
+@pytest.mark.usefixtures("serverapp_process")
+def test_max_empty_rounds_allows_that_many_empty_rounds_in_a_row() -> None:
+    strategy, accounting = _strategy(RunSettings(min_sites=2, max_empty_rounds=1))
+    grid = _Nodes({12: 100.0, 13: 100.0, 14: 100.0})
+    _configure(strategy, 1, grid)
+    assert strategy.aggregate_train(1, _failures((12, 13, 14))) == (None, None)
+    accounting.quarantine.clear()
+    _configure(strategy, 2, grid)
+    arrays, _ = strategy.aggregate_train(2, [_named(12, "beta", _filled(1.0))])
+    assert arrays is not None and accounting.rounds[2].head_updated  # the count starts again
+    accounting.quarantine.clear()
+    _configure(strategy, 3, grid)
+    assert strategy.aggregate_train(3, _failures((12, 13, 14))) == (None, None)
+    accounting.quarantine.clear()
+    _configure(strategy, 4, grid)
+    with pytest.raises(
+        EmptyRoundError, match=r"^round 4: .* 2 round\(s\) in a row \(max-empty-rounds = 1\)"
+    ):
+        strategy.aggregate_train(4, _failures((12, 13, 14)))
+
+
+def test_a_run_whose_rounds_were_all_empty_has_no_trained_head() -> None:
+    empty = {"sites": [], "head_updated": False}
+    with pytest.raises(RunFailed, match="none of the run's 2 round"):
+        require_trained([empty, empty])
+    require_trained([empty, {"sites": [3], "head_updated": True}])
+    require_trained([{"sites": [3]}])  # a history written before head_updated existed
+    with pytest.raises(RunFailed):
+        require_trained([{"sites": [3], "head_updated": False}])  # client-dp released nothing
+
+
+def test_the_round_line_counts_every_outcome() -> None:
+    record = {
+        "sites": [1],
+        "rejected": {2: "x"},
+        "declined": {},
+        "failed": {3: "y", 4: "z"},
+        "dropped": {5: "w"},
+        "head_updated": True,
+    }
+    assert round_counts(record) == (
+        "1 sites aggregated, 1 rejected, 0 declined, 2 failed, 1 dropped"
+    )
+    assert round_counts({"sites": [], "failed": {3: "y"}, "head_updated": False}) == (
+        "0 sites aggregated (head unchanged), 0 rejected, 0 declined, 1 failed, 0 dropped"
+    )

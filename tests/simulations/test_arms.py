@@ -12,10 +12,12 @@ from common.config import RunSettings
 from common.errors import ConfigError
 from common.training import build_run_model
 from simulations.arms import (
+    CommonTest,
     metric_row,
     select_best,
     select_round,
     selection_score,
+    split_holdout,
     train_selected,
 )
 
@@ -110,3 +112,41 @@ def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path
     assert selection.chosen == int(np.argmax(expected)) + 1
     for key, value in state_arrays(loaded).items():
         np.testing.assert_array_equal(value, saved[selection.chosen][key])
+
+
+def _site(train: Any, held_out: Any) -> Any:
+    from common.embedding import EmbedReport
+    from common.pipeline import SiteData
+
+    return SiteData(train, held_out, EmbedReport(), {})
+
+
+def test_split_holdout_with_a_common_test_set_keeps_the_held_out_split_for_validation() -> None:
+    site = _site(_paired(40, 0), _paired(12, 1))
+    halves = split_holdout(site)  # no common test set: halved, as the committed results were
+    assert sorted(halves.val.ids + halves.test.ids) == sorted(site.test.ids)
+    assert len(halves.val) == len(halves.test) == 6
+    own = _paired(5, 2)
+    splits = split_holdout(site, own_test=own)
+    assert splits.train is site.train and splits.val.ids == site.test.ids and splits.test is own
+
+
+def test_common_test_set_refuses_sites_that_keep_the_marked_rows_or_other_classes() -> None:
+    sites = [_site(_paired(40, 0), _paired(12, 1)), _site(_paired(40, 3), _paired(12, 4))]
+    common = CommonTest(_paired(6, 2))
+    with pytest.raises(ConfigError, match='test-rows = "exclude"'):
+        common.site_tests(_small_run(), sites)  # holdout: the sites keep the marked rows
+    run = _small_run(**{"test-rows": "exclude"})
+    assert [len(t) for t in common.site_tests(run, sites)] == [0, 0]
+    per_site = [_paired(2, 5), _paired(4, 6)]
+    assert CommonTest(_paired(6, 2), per_site).site_tests(run, sites) == per_site
+    with pytest.raises(ConfigError, match="rows for 1 sites, not 2"):
+        CommonTest(_paired(6, 2), per_site[:1]).site_tests(run, sites)
+    other = _paired(6, 2)
+    other.class_names = ["x", "y", "z"]
+    with pytest.raises(ConfigError, match=r"classes \['x', 'y', 'z'\]"):
+        CommonTest(other).site_tests(run, sites)
+    text_only = _paired(6, 2)
+    text_only.image = None
+    with pytest.raises(ConfigError, match="inputs"):
+        CommonTest(text_only).site_tests(run, sites)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from common.config import HOME_ENV
 from simulations.cli import main
+from tests.simulations.site_files import link_encoders, write_site
 
 
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,3 +106,66 @@ def test_embed_train_evaluate_workflow(
     )
     rows = {r["embeddings"]: r for r in json.loads(metrics.read_text())["rows"]}
     assert {"frozen", "projected"} <= set(rows) and "f1_knn" in rows["projected"]
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "nan", "a fifth"])
+def test_test_fraction_outside_0_1_is_one_line(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--data", "digits", "--test-fraction", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"fedembed: error: --test-fraction {value}: must be a number in [0, 1) (0: hold nothing out)"
+    )
+
+
+def test_train_on_every_row_then_score_a_separate_test_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model_dirs: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    models = link_encoders(tmp_path, tiny_model_dirs)
+    write_site(Path("data") / "train.csv", 30)
+    write_site(Path("data") / "test.csv", 12, start=100)
+    common = ["--cache-dir", "cache", "--image-encoder", models["image"]]
+    common += ["--text-encoder", models["text"]]
+    train = ["train", "--data", "data/train.csv", "--test-fraction", "0", "--out", "head"]
+    assert main([*train, *common, "--epochs", "2", "--head", "small"]) == 0
+    out = capsys.readouterr().out
+    head = tmp_path / "head"
+    assert "held-out split: none (test-fraction 0): all 30 rows train" in out
+    assert "trained 2 epochs on 30 examples" in out
+    assert f"head saved to {head}\n" in out
+    assert f"no held-out rows: score with `fedembed evaluate --head {head} --data TEST.csv`" in out
+    assert "|" not in out and "R@" not in out and "probe" not in out  # no metric it did not compute
+    assert "metrics" not in json.loads((head / "head.json").read_text())
+    assert main(["evaluate", "--head", "head", "--cache-dir", "cache"]) == 2
+    assert "no held-out rows" in capsys.readouterr().err
+    argv = ["evaluate", "--head", "head", "--data", "data/test.csv", "--cache-dir", "cache"]
+    assert main([*argv, "--json", "m.json"]) == 0
+    metrics = json.loads(Path("m.json").read_text())
+    assert metrics["num_test"] == 12 and metrics["num_train"] == 30
+
+
+def test_train_holds_out_the_rows_its_split_column_marks_test(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model_dirs: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    models = link_encoders(tmp_path, tiny_model_dirs)
+    write_site(Path("site.csv"), 30, split=lambda k: "Test" if k % 5 == 0 else "train")
+    argv = ["train", "--data", "site.csv", "--out", "head", "--cache-dir", "cache"]
+    argv += ["--image-encoder", models["image"], "--text-encoder", models["text"]]
+    assert main([*argv, "--epochs", "1", "--head", "small"]) == 0
+    out = capsys.readouterr().out
+    expected = "the 6 rows marked test in its split column (24 rows train; test-fraction not used)"
+    assert f"held-out split: {expected}" in out
+    assert f"scored: {tmp_path / 'site.csv'}, {expected}" in out
+    assert "trained 1 epochs on 24 examples" in out and "| projected" in out

@@ -1,0 +1,180 @@
+"""A site's sample-level DP settings (the ``dp-*`` keys of run-config and node-config) and the loss rule.
+
+Pure configuration, shared by the site (client/privacy.py trains with it) and by the checks the CLI
+and the coordinator make before a run starts (common/preflight.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from common.errors import ConfigError, PrivacyError
+
+LEDGER_SCOPES: tuple[str, ...] = ("site", "run")
+
+_KEYS: dict[str, str] = {
+    "dp-noise-multiplier": "noise_multiplier",
+    "dp-target-epsilon": "target_epsilon",
+    "dp-delta": "delta",
+    "dp-max-grad-norm": "max_grad_norm",
+    "dp-max-epsilon": "max_epsilon",
+    "dp-poisson": "poisson",
+    "dp-ledger-scope": "ledger_scope",
+}
+_MECHANISM = ("noise_multiplier", "target_epsilon")
+_REQUEST = (*_MECHANISM, "max_epsilon")  # what ``PrivacySettings.requested`` looks at
+_NODE_ONLY = ("dp-ledger-scope",)
+_UNSET = ("", "none", "null")
+
+
+@dataclass
+class PrivacySettings:
+    """A site's sample-level DP-SGD settings (Opacus, RDP accounting).
+
+    Give either ``noise_multiplier`` (sigma) or ``target_epsilon`` (what this run's planned rounds
+    may cost together at ``delta``; sigma is then derived). ``max_epsilon`` is the site's budget at
+    ``delta``: the ledger's total (all entries of ``ledger_scope``) never exceeds it; a round that
+    would is declined. ``ledger_scope``: "site" (default, safe) counts everything this state dir
+    ever spent, across federation runs; "run" counts only the current run's entries, i.e. the site
+    treats each federation as spending a fresh budget (its own decision: node-config only).
+    ``poisson=False`` trains on shuffled fixed-size batches: RDP accounting assumes Poisson
+    sampling, so the reported epsilon is then only Opacus' usual approximation.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    max_epsilon: float | None = None
+    poisson: bool = True
+    ledger_scope: str = "site"
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError("privacy: give dp-noise-multiplier or dp-target-epsilon, not both")
+        _check_positive("dp-noise-multiplier", self.noise_multiplier)
+        _check_positive("dp-target-epsilon", self.target_epsilon)
+        _check_positive("dp-max-grad-norm", self.max_grad_norm)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy: dp-delta must be in (0, 1), got {self.delta!r}")
+        if self.max_epsilon is not None and self.max_epsilon < 0:
+            raise ConfigError(f"privacy: dp-max-epsilon must be >= 0, got {self.max_epsilon!r}")
+        if self.ledger_scope not in LEDGER_SCOPES:
+            raise ConfigError(
+                f"privacy: dp-ledger-scope must be one of {list(LEDGER_SCOPES)}, "
+                f"got {self.ledger_scope!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when a DP mechanism is configured (a noise multiplier or a target epsilon)."""
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @property
+    def requested(self) -> bool:
+        """True when training must be private: a mechanism, or a site budget, is configured."""
+        return any(getattr(self, name) is not None for name in _REQUEST)
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> PrivacySettings:
+        """Settings from the ``dp-*`` keys of a run-config or node-config (other keys are ignored).
+
+        Unset optional values: missing, ``""``/``"none"``; ``dp-noise-multiplier = 0`` and
+        ``dp-target-epsilon = 0`` also mean "off" (a zero sigma gives no privacy at all), while
+        ``dp-max-epsilon = 0`` is a real, zero budget. An unknown ``dp-*`` key is an error.
+        """
+        return cls(**_parse(values, source="config"))
+
+    @classmethod
+    def merge(
+        cls, run_values: Mapping[str, Any], node_values: Mapping[str, Any]
+    ) -> PrivacySettings:
+        """The site's effective settings: the node-config wins over the run-config.
+
+        Every ``dp-*`` value the node sets replaces the run's. The mechanism is replaced as a
+        whole: a node that sets a noise multiplier or a target epsilon drops both of the run's.
+        Unset node values keep the run's (so a node cannot switch DP off by leaving a key empty).
+        ``dp-ledger-scope`` is the site's own choice and is refused in the run-config: the
+        consortium must not be able to reset a site's cumulative budget.
+        """
+        for key in _NODE_ONLY:
+            if key in run_values:
+                raise ConfigError(
+                    f"run-config: '{key}' is a site's own setting; set it in the node-config"
+                )
+        run = _parse(run_values, source="run-config")
+        node = _parse(node_values, source="node-config")
+        if any(name in node for name in _MECHANISM):
+            run = {k: v for k, v in run.items() if k not in _MECHANISM}
+        return cls(**{**run, **node})
+
+    def request_keys(self) -> dict[str, Any]:
+        """The set ``dp-*`` values that make training private (a mechanism or a budget)."""
+        return {k: v for k, v in self.to_config().items() if _KEYS[k] in _REQUEST}
+
+    def to_config(self) -> dict[str, Any]:
+        """The settings as ``dp-*`` keys (unset values omitted)."""
+        names = {v: k for k, v in _KEYS.items()}
+        return {names[k]: v for k, v in asdict(self).items() if v is not None}
+
+
+def _check_positive(key: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"privacy: {key} must be a finite number > 0, got {value!r}")
+
+
+def _parse(values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """The set ``dp-*`` values of one mapping as PrivacySettings field names -> typed values."""
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        if not str(key).startswith("dp-"):
+            continue
+        if key not in _KEYS:
+            raise ConfigError(
+                f"{source}: unknown privacy key '{key}'; valid: {', '.join(sorted(_KEYS))}"
+            )
+        name = _KEYS[key]
+        value = _convert(name, raw, key=key, source=source)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _convert(name: str, raw: Any, *, key: str, source: str) -> Any:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _UNSET):
+        return None
+    try:
+        if name == "poisson":
+            if isinstance(raw, str):
+                if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(raw)
+                return raw.lower() in {"true", "1", "yes"}
+            return bool(raw)
+        if name == "ledger_scope":
+            return str(raw)
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        value = float(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: '{key}' = {raw!r} is not valid") from exc
+    if name in _MECHANISM and value == 0.0:
+        return None
+    return value
+
+
+def require_sample_level_dp(loss: str) -> None:
+    """Raise PrivacyError unless ``loss`` is per-example decomposable (valid for DP-SGD)."""
+    from common.losses import loss_is_per_example_decomposable  # imports torch: only when asked
+
+    if loss_is_per_example_decomposable(loss):
+        return
+    raise PrivacyError(
+        f"sample-level DP (DP-SGD) is refused for loss '{loss}': it uses in-batch negatives, so "
+        "removing one example changes the other examples' loss terms; Opacus' per-sample "
+        "clipping then does not bound the sensitivity and the epsilon it would report is not a "
+        "valid guarantee. Use loss 'proxy' for sample-level DP, or client-level DP (Flower's "
+        "clipping + noise of the whole site update) with any loss"
+    )
