@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.clipping import clip_update_mod, requested_clipping_norm
+from client.clipping import clip_update_mod
+from client.egress import audit_reply, declined_reply, secagg_stage
 from client.identity import site_identity_mod, site_settings
-from client.secagg import is_secagg_message, secagg_train
+from client.secagg import secagg_train
 from common.config import SiteSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
+from common.wire import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD
 
 log = logging.getLogger(__name__)
-
-DECLINED_ERROR_CODE = 4001  # a site declined the round (privacy budget); not a failure of the site
 
 app = ClientApp(mods=[site_identity_mod])  # names the site in train replies and errors
 
@@ -43,51 +43,32 @@ def train(msg: Message, context: Context) -> Message:
     """
     handler_started = time.time()
     site = site_settings(context)
-    if is_secagg_message(msg):
-        return secagg_train(
-            msg,
-            context,
-            site=site,
-            local_round=lambda incoming, config: _run(
-                _request("train", incoming, config, context), site
-            ),
-            declined_code=DECLINED_ERROR_CODE,
-            timing=_timing(handler_started),
-        )
     result: dict[str, Any] = {}
+    stage = secagg_stage(msg)
+    if stage is not None:
 
-    def local_round(message: Message, ctx: Context) -> Message:
-        result.update(_execute("train", message, ctx, site))
-        if result.get("declined"):
-            return Message(
-                Error(code=DECLINED_ERROR_CODE, reason=f"site declined: {result['reason']}"),
-                reply_to=message,
+        def secagg_round(incoming: dict[str, np.ndarray], config: dict[str, Any]) -> dict[str, Any]:
+            result.update(_run(_request("train", incoming, config, context), site))
+            return result
+
+        reply = secagg_train(msg, context, site=site, local_round=secagg_round)
+    else:
+
+        def local_round(message: Message, ctx: Context) -> Message:
+            result.update(_execute("train", message, ctx, site))
+            if result.get("declined"):
+                return declined_reply(message, str(result["reason"]))
+            content = RecordDict(
+                {
+                    ARRAYS_RECORD: record_from_arrays(result["arrays"]),
+                    METRICS_RECORD: metric_record(result["metrics"]),
+                }
             )
-        arrays, metrics = result["arrays"], result["metrics"]
-        content = RecordDict(
-            {"arrays": record_from_arrays(arrays), "metrics": metric_record(metrics)}
-        )
-        return Message(content=content, reply_to=message)
+            return Message(content=content, reply_to=message)
 
-    reply = clip_update_mod(msg, context, local_round)
-    privacy = dict(result.get("privacy") or {})
-    if result.get("declined"):
-        _audit(context, msg, site, {}, {}, message_type="train", declined=True, privacy=privacy)
-    elif not reply.has_error():
-        norm = requested_clipping_norm(msg)
-        if norm is not None:
-            privacy["client-dp-clipping-norm"] = norm
-        sent = arrays_from_record(reply.content.array_records["arrays"])
-        _audit(
-            context,
-            msg,
-            site,
-            sent,
-            result["metrics"],
-            message_type="train",
-            privacy=privacy,
-            timing=_timing(handler_started),
-        )
+        reply = clip_update_mod(msg, context, local_round)
+    privacy, timing = result.get("privacy"), _timing(handler_started)
+    audit_reply(context, site, msg, reply, stage=stage, privacy=privacy, timing=timing)
     return reply
 
 
@@ -96,12 +77,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global head on the site's held-out split; reply with scalar metrics only."""
     site = site_settings(context)
     metrics = _execute("evaluate", msg, context, site)["metrics"]
-    _audit(context, msg, site, {}, metrics, message_type="evaluate")
-    return Message(content=RecordDict({"metrics": metric_record(metrics)}), reply_to=msg)
+    reply = Message(content=RecordDict({METRICS_RECORD: metric_record(metrics)}), reply_to=msg)
+    audit_reply(context, site, msg, reply)
+    return reply
 
 
 def _execute(op: str, msg: Message, context: Context, site: SiteSettings) -> dict[str, Any]:
-    incoming = arrays_from_record(msg.content.array_records["arrays"])
+    incoming = arrays_from_record(msg.content.array_records[ARRAYS_RECORD])
     return _run(_request(op, incoming, _config(msg), context), site)
 
 
@@ -163,34 +145,4 @@ def _use_worker(site: SiteSettings) -> bool:
 
 def _config(msg: Message) -> dict[str, Any]:
     records = msg.content.config_records
-    return dict(records["config"]) if "config" in records else {}
-
-
-def _audit(
-    context: Context,
-    msg: Message,
-    site: SiteSettings,
-    arrays: Mapping[str, np.ndarray],
-    metrics: Mapping[str, float | int],
-    *,
-    message_type: str,
-    declined: bool = False,
-    privacy: Mapping[str, Any] | None = None,
-    timing: Mapping[str, float] | None = None,
-) -> None:
-    from client.audit import record_egress
-
-    config = _config(msg)
-    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
-    record_egress(
-        site.state_path,
-        run_id=context.run_id,
-        server_round=server_round,
-        message_type=message_type,
-        site=site.name,
-        arrays=arrays,
-        metrics=metrics,
-        declined=declined,
-        privacy=privacy,
-        timing=timing,
-    )
+    return dict(records[CONFIG_RECORD]) if CONFIG_RECORD in records else {}

@@ -9,12 +9,15 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.config import SiteSettings
+from common.wire import (
+    ARRAYS_RECORD,
+    CLIENT_APP_RAISED_EXCEPTION,
+    SITE_NAME_KEY,
+    SITE_RECORD,
+    site_error_reason,
+)
 
 log = logging.getLogger(__name__)
-
-SITE_RECORD = "site"  # server/strategy.py accepts exactly {"name": <site name>} under this key
-# flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION: what Flower sends for an exception
-CLIENT_APP_RAISED_EXCEPTION = 2
 
 
 def site_settings(context: Context) -> SiteSettings:
@@ -41,11 +44,11 @@ def site_identity_mod(msg: Message, context: Context, call_next: ClientAppCallab
         reply = call_next(msg, context)
     except Exception as exc:  # what Flower would send, with the site's name in front
         log.exception("site %s: the train handler raised", name)
-        reason = f"[site {name}] {type(exc).__name__}: {exc}"
+        reason = site_error_reason(name, f"{type(exc).__name__}: {exc}")
         return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
     if reply.has_error():
-        reason = f"[site {name}] {reply.error.reason}"
+        reason = site_error_reason(name, str(reply.error.reason))
         return Message(Error(code=reply.error.code, reason=reason), reply_to=msg)
-    if "arrays" in reply.content.array_records:
-        reply.content[SITE_RECORD] = ConfigRecord({"name": name})
+    if ARRAYS_RECORD in reply.content.array_records:
+        reply.content[SITE_RECORD] = ConfigRecord({SITE_NAME_KEY: name})
     return reply

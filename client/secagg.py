@@ -22,24 +22,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from client.clipping import requested_clipping_norm
+from client.egress import declined_reply
 from common.config import RunSettings, SiteSettings
 from common.errors import ConfigError
+from common.wire import (
+    HEAD_KEYS,
+    HEAD_SHAPES,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    ROUND_OFFSET,
+    SERVER_ROUND,
+)
 
 log = logging.getLogger(__name__)
-
-HEAD_KEYS = "head-keys"  # fit config: JSON list of the head's parameter names, in sending order
-HEAD_SHAPES = "head-shapes"  # fit config: JSON {name: shape} (0-d parameters travel as shape (1,))
 
 # incoming head arrays + the round's config -> the local round's result (client/training.py execute)
 LocalRound = Callable[[dict[str, np.ndarray], dict[str, Any]], dict[str, Any]]
@@ -48,79 +53,28 @@ LocalRound = Callable[[dict[str, np.ndarray], dict[str, Any]], dict[str, Any]]
 class SiteDeclined(Exception):
     """The site declined the round (its sample-level privacy budget); it drops out of SecAgg+."""
 
-    def __init__(self, reason: str, privacy: Mapping[str, Any]) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.privacy = dict(privacy)
-
-
-def is_secagg_message(msg: Message) -> bool:
-    """Whether ``msg`` is a stage of Flower's SecAgg+ protocol (not a Message-API train message)."""
-    return RECORD_KEY_CONFIGS in msg.content.config_records
 
 
 def secagg_train(
-    msg: Message,
-    context: Context,
-    *,
-    site: SiteSettings,
-    local_round: LocalRound,
-    declined_code: int,
-    timing: Mapping[str, float] | None = None,
+    msg: Message, context: Context, *, site: SiteSettings, local_round: LocalRound
 ) -> Message:
-    """Answer one SecAgg+ stage; log exactly what the reply carries in the site's audit log.
-
-    ``timing``: when the handler (and its process) started, kept in the audit line at the site.
-    """
-    from client.audit import record_egress
-
+    """Answer one SecAgg+ stage (a decline becomes the site's decline reply)."""
     run = RunSettings.from_run_config(dict(context.run_config))
-    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
-    server_round = int(msg.metadata.group_id or 0)
     clip_norm = requested_clipping_norm(msg)
-    outcome: dict[str, Any] = {}
 
     def fit(message: Message, ctx: Context) -> Message:
-        outcome.update(_fit(message, run=run, site=site, local_round=local_round))
-        return outcome.pop("reply")
+        return _fit(message, run=run, site=site, local_round=local_round)
 
     def update(message: Message, ctx: Context) -> Message:
         return site_update(message, ctx, fit, run=run, site=site, clipping_norm=clip_norm)
 
     try:
-        reply = secaggplus_mod(msg, context, update)
+        return secaggplus_mod(msg, context, update)
     except SiteDeclined as declined:
-        record_egress(
-            site.state_path,
-            run_id=context.run_id,
-            server_round=server_round,
-            message_type="train",
-            site=site.name,
-            arrays={},
-            metrics={},
-            declined=True,
-            privacy=declined.privacy,
-        )
-        return Message(
-            Error(code=declined_code, reason=f"site declined: {declined.reason}"), reply_to=msg
-        )
-    fields, metrics, arrays = _reply_payload(reply)
-    privacy = dict(outcome.get("privacy") or {})
-    if clip_norm is not None:
-        privacy["client-dp-clipping-norm"] = clip_norm
-    record_egress(
-        site.state_path,
-        run_id=context.run_id,
-        server_round=server_round,
-        message_type="train",
-        site=site.name,
-        arrays=arrays,
-        metrics=metrics,
-        privacy=privacy,
-        protocol=(stage, fields),
-        timing=timing,
-    )
-    return reply
+        return declined_reply(msg, declined.reason)
 
 
 def site_update(
@@ -167,7 +121,7 @@ def _add_noise_share(reply: Message, received: Message, *, std: float) -> Messag
 
 def _fit(
     message: Message, *, run: RunSettings, site: SiteSettings, local_round: LocalRound
-) -> dict[str, Any]:
+) -> Message:
     """NumPyClient-style fit: the site's normal local round on the head the server sent."""
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     config = dict(fitins.config)
@@ -180,18 +134,18 @@ def _fit(
         )
     incoming = {n: a.reshape(shapes[n]) for n, a in zip(names, received, strict=True)}
     round_config = {
-        "server-round": int(config["server-round"]),
-        "round-offset": 0,
-        "proximal-mu": float(config.get("proximal-mu", 0.0)),
+        SERVER_ROUND: int(config[SERVER_ROUND]),
+        ROUND_OFFSET: 0,
+        PROXIMAL_MU: float(config.get(PROXIMAL_MU, 0.0)),
     }
     result = local_round(incoming, round_config)
     if result.get("declined"):
-        raise SiteDeclined(str(result.get("reason", "")), result.get("privacy") or {})
+        raise SiteDeclined(str(result.get("reason", "")))
     trained: dict[str, np.ndarray] = result["arrays"]
     if list(trained) != names:
         raise ConfigError(f"site {site.name}: the trained head's keys differ from the server's")
     metrics = dict(result["metrics"])
-    examples = int(metrics.get("num-examples", 0))
+    examples = int(metrics.get(NUM_EXAMPLES, 0))
     # SecAgg+ weighs each masked head by num_examples / max_weight; under client-level DP the noise
     # is calibrated to the plain mean, so every site weighs 1 (server/secagg.py sets max_weight 1).
     weight = 1 if run.client_dp != "off" else max(1, min(examples, int(run.secagg_max_weight)))
@@ -213,10 +167,7 @@ def _fit(
         num_examples=weight,
         metrics=metrics,
     )
-    return {
-        "reply": Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message),
-        "privacy": result.get("privacy") or {},
-    }
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
 
 def _as_update(
@@ -249,31 +200,3 @@ def _as_update(
             )
     fitres.parameters = ndarrays_to_parameters(update)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=received)
-
-
-def _reply_payload(
-    reply: Message,
-) -> tuple[dict[str, Any], dict[str, float | int], dict[str, np.ndarray]]:
-    """Everything the reply carries: protocol fields, scalar metrics, and any (unmasked) arrays."""
-    content = reply.content
-    fields: dict[str, Any] = {}
-    metrics: dict[str, float | int] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for name, config in content.config_records.items():
-        if name == RECORD_KEY_CONFIGS:
-            fields.update(dict(config))
-        elif name == "fitres.status":
-            fields.update({f"status.{k}": v for k, v in config.items()})
-        elif name == "fitres.metrics":
-            metrics.update({k: v for k, v in config.items() if isinstance(v, int | float)})
-            fields.update({f"metric:{k}": v for k, v in config.items() if k not in metrics})
-        else:
-            fields[f"record:{name}"] = str(dict(config))
-    for name, record in content.metric_records.items():
-        if name == "fitres.num_examples":  # the site's SecAgg+ weight, sent in the clear
-            metrics.update({k: v for k, v in record.items() if isinstance(v, int | float)})
-        else:
-            fields[f"record:{name}"] = str(dict(record))
-    for name, array_record in content.array_records.items():
-        arrays.update({f"{name}/{k}": a.numpy() for k, a in array_record.items()})
-    return fields, metrics, arrays

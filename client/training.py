@@ -15,6 +15,7 @@ from common.artifacts import load_state_arrays, state_arrays
 from common.config import RunSettings, SiteSettings
 from common.evaluation import quick_metrics
 from common.training import HeadModel, build_run_model, train_head
+from common.wire import NUM_EXAMPLES, PROXIMAL_MU, ROUND_OFFSET, SERVER_ROUND, absolute_round
 
 
 @dataclass
@@ -60,8 +61,8 @@ def run_local_round(
     metrics: dict[str, float | int] = {}
     if run.report_eval:
         metrics.update(quick_metrics(model, site.test))
-    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
-    mu = float(config.get("proximal-mu", 0.0))
+    server_round = absolute_round(config.get(SERVER_ROUND, 0), config.get(ROUND_OFFSET, 0))
+    mu = float(config.get(PROXIMAL_MU, 0.0))
     reference = {k: v.clone() for k, v in model.state_dict().items()} if mu > 0 else None
     train_config = run.train_config(proximal_mu=mu, seed=run.seed * 100_003 + server_round)
     if privacy is not None and privacy.requested:
@@ -84,7 +85,7 @@ def run_local_round(
                 arrays={}, declined=True, reason=private.reason, privacy=private.metrics()
             )
         metrics.update(
-            {"num-examples": int(private.num_examples), "train-seconds": float(private.seconds)}
+            {NUM_EXAMPLES: int(private.num_examples), "train-seconds": float(private.seconds)}
         )
         metrics.update(private.metrics())
         return RoundOutcome(
@@ -93,7 +94,7 @@ def run_local_round(
     result = train_head(model, site.train, train_config, reference=reference)
     metrics.update(
         {
-            "num-examples": int(result.num_examples),
+            NUM_EXAMPLES: int(result.num_examples),
             "train-loss": float(result.loss),
             "train-seconds": float(result.seconds),
         }
@@ -107,7 +108,7 @@ def evaluate_locally(
     """Held-out metrics of the received head at this site (evaluate messages)."""
     site = load_site(site_settings, run)
     model = _load_global(run, site, incoming)
-    metrics: dict[str, float | int] = {"num-examples": len(site.test)}
+    metrics: dict[str, float | int] = {NUM_EXAMPLES: len(site.test)}
     metrics.update(quick_metrics(model, site.test, prefix=""))
     return _finite(metrics)
 

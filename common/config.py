@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common import registries
 from common.data.manifest import ON_ERROR_CHOICES
 from common.data.partition import PARTITION_SCHEMES
 from common.errors import ConfigError
@@ -26,7 +27,6 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    temperature: float | None = None
     proximal_mu: float = 0.0
     seed: int = 0
 
@@ -133,33 +133,13 @@ def resolve_path(value: str, default: str) -> Path:
     return path if path.is_absolute() else fedembed_home() / path
 
 
-# Loss name -> what it optimises (common/losses.py builds them; here so config checks names cheaply).
-LOSSES: dict[str, str] = {
-    "infonce": "CLIP symmetric InfoNCE over image-text pairs, learnable temperature (no labels)",
-    "infonce+supcon": "InfoNCE + 2 x SupCon (T 0.2): retrieval from the pairs, classes from labels",
-    "infonce+supcon+prompts": "infonce+supcon + 1 x cross-entropy over the class prompts (T 0.1): "
-    "classes tied to their prompt's text, negatives at single-class sites",
-    "pairwise": "label-aware pairwise BCE on in-batch similarities (arXiv 2502.02048)",
-    "supcon": "supervised contrastive (Khosla et al.), image and text rows of a class are positives",
-    "proxy": "cross-entropy to learnable class proxies; per-example decomposable (DP-SGD safe)",
-}
-
-# Head preset names (common/heads.py HEAD_PRESETS holds their shapes, in this order).
-HEAD_PRESET_NAMES = ("default", "paper", "small")
-
-STRATEGIES = (
-    "fedavg",
-    "fedavgm",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-)
+# Names a run-config may choose (common/registries.py says what each needs).
+LOSSES: dict[str, str] = {name: info.description for name, info in registries.LOSSES.items()}
+HEAD_PRESET_NAMES = tuple(registries.HEADS)
+STRATEGIES = tuple(registries.STRATEGIES)
 CLIENT_DP_MODES = ("off", "client-side", "server-side")
 # Strategies that aggregate with FedAvg's mean, the only aggregation Flower's DP accountant covers.
-CLIENT_DP_STRATEGIES = ("fedavg", "fedprox")
+CLIENT_DP_STRATEGIES = tuple(name for name, info in registries.STRATEGIES.items() if info.mean)
 
 T = TypeVar("T")
 
@@ -170,7 +150,7 @@ def _coerce(cls: type[T], values: Mapping[str, Any], *, source: str) -> T:
     kwargs: dict[str, Any] = {}
     for raw_key, value in values.items():
         if raw_key.startswith(PRIVACY_PREFIX):
-            continue  # differential-privacy keys belong to client.privacy.PrivacySettings
+            continue  # differential-privacy keys belong to common.privacy.PrivacySettings
         key = raw_key.replace("-", "_")
         if key not in known:
             raise ConfigError(

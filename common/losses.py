@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.config import LOSSES
 from common.errors import ConfigError
+from common.registries import LOSSES, loss_info
 
 # Conventions shared by all losses:
 # - inputs are the head's outputs, [B, d] each, expected L2-normalised (similarities are plain dot
@@ -253,7 +254,7 @@ class CLIPLabelLoss(nn.Module):
     both, as UniCL (Yang et al. 2022) does for image-text-label data. The prompt term ties each
     class to its prompt's text (what zero-shot scores) and keeps negatives at a site that holds
     few classes. On ``synthetic-radiology`` the weights and temperatures were chosen on the
-    validation split (simulations/results/federated/defaults_on_validation.md). Not per-example
+    validation split (docs/results/federated/defaults_on_validation.md). Not per-example
     decomposable (no DP-SGD).
     """
 
@@ -378,19 +379,40 @@ def _check_temperature(loss: str, temperature: float) -> float:
     return float(temperature)
 
 
-NEEDS_LABELS = ("pairwise", "supcon", "proxy", "infonce+supcon", "infonce+supcon+prompts")
-NEEDS_PROMPTS = ("infonce+supcon+prompts",)
-
-
-def _check_name(name: str) -> None:
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
+# Loss names by need (common/registries.py LOSSES is the one list).
+NEEDS_LABELS = tuple(name for name, info in LOSSES.items() if info.labels)
+NEEDS_PROMPTS = tuple(name for name, info in LOSSES.items() if info.prompts)
 
 
 def loss_is_per_example_decomposable(name: str) -> bool:
     """True when each example's loss depends on that example alone (required for DP-SGD)."""
-    _check_name(name)
-    return name == "proxy"
+    return loss_info(name).per_example
+
+
+def _clip_label(name: str, temperature: float | None) -> nn.Module:
+    weights = {"prompt_weight": 1.0 if LOSSES[name].prompts else 0.0}
+    if temperature is None:
+        return CLIPLabelLoss(**weights)
+    return CLIPLabelLoss(init_temperature=temperature, **weights)
+
+
+def _proxy(num_classes: int | None, dim: int, kwargs: dict[str, float]) -> nn.Module:
+    assert num_classes is not None
+    if dim < 1:
+        raise ConfigError(f"loss 'proxy': dim must be >= 1, got {dim}")
+    return ClassProxyLoss(num_classes=num_classes, dim=dim, **kwargs)
+
+
+# name -> (temperature or None, num_classes, dim) -> the loss module; one per registered loss.
+_BUILDERS: dict[str, Callable[[float | None, int | None, int], nn.Module]] = {
+    "infonce": lambda t, n, d: InfoNCELoss() if t is None else InfoNCELoss(init_temperature=t),
+    "infonce+supcon": lambda t, n, d: _clip_label("infonce+supcon", t),
+    "infonce+supcon+prompts": lambda t, n, d: _clip_label("infonce+supcon+prompts", t),
+    "pairwise": lambda t, n, d: PairwiseLabelLoss(**({} if t is None else {"temperature": t})),
+    "supcon": lambda t, n, d: SupConLoss(**({} if t is None else {"temperature": t})),
+    "proxy": lambda t, n, d: _proxy(n, d, {} if t is None else {"temperature": t}),
+}
+assert set(_BUILDERS) == set(LOSSES), "common/losses.py: a registered loss has no builder"
 
 
 def build_loss(
@@ -398,33 +420,18 @@ def build_loss(
 ) -> nn.Module:
     """Build a loss by name; ``temperature=None`` keeps the loss's default (initial) value.
 
-    ``num_classes`` is None for unlabelled data, which only "infonce" accepts; ``dim`` is the head's
-    output dimension (used by "proxy").
+    ``num_classes`` is None for unlabelled data, which only losses without labels accept; ``dim``
+    is the head's output dimension (used by "proxy").
     """
-    _check_name(name)
+    info = loss_info(name)
     if temperature is not None and temperature <= 0:
         raise ConfigError(f"loss temperature must be > 0, got {temperature}")
-    if name in NEEDS_LABELS and num_classes is None:
+    if info.labels and num_classes is None:
         raise ConfigError(
             f"loss {name!r} needs labelled data (num_classes); use 'infonce' without labels"
         )
-    if num_classes is not None and num_classes < (2 if name == "proxy" else 1):
+    if num_classes is not None and num_classes < info.min_classes:
         raise ConfigError(
-            f"loss {name!r}: num_classes must be >= {2 if name == 'proxy' else 1}, got {num_classes}"
+            f"loss {name!r}: num_classes must be >= {info.min_classes}, got {num_classes}"
         )
-    if name == "infonce":
-        return InfoNCELoss() if temperature is None else InfoNCELoss(init_temperature=temperature)
-    if name in ("infonce+supcon", "infonce+supcon+prompts"):
-        weights = {"prompt_weight": 1.0 if name in NEEDS_PROMPTS else 0.0}
-        if temperature is None:
-            return CLIPLabelLoss(**weights)
-        return CLIPLabelLoss(init_temperature=temperature, **weights)
-    kwargs = {} if temperature is None else {"temperature": temperature}
-    if name == "pairwise":
-        return PairwiseLabelLoss(**kwargs)
-    if name == "supcon":
-        return SupConLoss(**kwargs)
-    assert num_classes is not None
-    if dim < 1:
-        raise ConfigError(f"loss 'proxy': dim must be >= 1, got {dim}")
-    return ClassProxyLoss(num_classes=num_classes, dim=dim, **kwargs)
+    return _BUILDERS[name](temperature, num_classes, dim)

@@ -1,6 +1,6 @@
 """What a run's configuration must satisfy before round 1, checked by the CLI and by the coordinator.
 
-The CLI (simulations/federate.py) runs these checks before it starts any Flower process, the
+The CLI (simulations/flower/federate.py) runs these checks before it starts any Flower process, the
 coordinator (server/app.py) before it sends the first round; both fail with one ConfigError line.
 Checks that need the sites' own settings (their data, their dp-* budget) stay with the sites.
 """

@@ -1,6 +1,6 @@
 """A site's sample-level DP settings (the ``dp-*`` keys of run-config and node-config) and the loss rule.
 
-Pure configuration, shared by the site (client/privacy.py trains with it) and by the checks the CLI
+Pure configuration, shared by the site (client/privacy/ trains with it) and by the checks the CLI
 and the coordinator make before a run starts (common/preflight.py).
 """
 
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common.errors import ConfigError, PrivacyError
+from common.registries import loss_info
 
 LEDGER_SCOPES: tuple[str, ...] = ("site", "run")
 
@@ -167,9 +168,7 @@ def _convert(name: str, raw: Any, *, key: str, source: str) -> Any:
 
 def require_sample_level_dp(loss: str) -> None:
     """Raise PrivacyError unless ``loss`` is per-example decomposable (valid for DP-SGD)."""
-    from common.losses import loss_is_per_example_decomposable  # imports torch: only when asked
-
-    if loss_is_per_example_decomposable(loss):
+    if loss_info(loss).per_example:
         return
     raise PrivacyError(
         f"sample-level DP (DP-SGD) is refused for loss '{loss}': it uses in-batch negatives, so "

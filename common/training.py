@@ -16,7 +16,8 @@ from common.config import RunSettings, TrainConfig
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.heads import HEAD_PRESETS, HeadConfig, MultimodalHead
-from common.losses import NEEDS_LABELS, build_loss
+from common.losses import build_loss
+from common.registries import loss_info
 
 
 class HeadModel(nn.Module):
@@ -103,9 +104,10 @@ def build_head_model(
     seed: int = 0,
 ) -> HeadModel:
     """A freshly initialised head + loss for inputs of the given per-modality dimensions."""
-    if loss.startswith("infonce") and (layout != "two-tower" or set(dims) != {"image", "text"}):
+    info = loss_info(loss)
+    if info.pairs and (layout != "two-tower" or set(dims) != {"image", "text"}):
         raise ConfigError(f"loss '{loss}' needs paired images and texts with the two-tower layout")
-    if loss in NEEDS_LABELS and not num_classes:
+    if info.labels and not num_classes:
         raise ConfigError(f"loss '{loss}' needs class labels, but the dataset has none")
     torch.manual_seed(seed)
     head = MultimodalHead(dims=dict(dims), config=head_config, layout=layout)
@@ -154,7 +156,7 @@ class TrainResult:
 def training_rows(model: HeadModel, data: EmbeddedDataset) -> np.ndarray:
     """Indices of the rows the model's loss can use (label losses skip unlabelled rows)."""
     rows = np.arange(len(data))
-    if model.loss_spec["name"] in NEEDS_LABELS:
+    if loss_info(model.loss_spec["name"]).labels:
         if data.labels is None:
             raise DataError(f"loss '{model.loss_spec['name']}' needs labels, but the data has none")
         rows = rows[data.labels >= 0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,17 @@ from common.config import RunSettings
 from common.errors import FedEmbedError
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 from common.preflight import check_run
+from common.wire import ROUND_OFFSET, absolute_round
 from server.checkpoints import RunStore
 from server.grid import PromptGrid
+from server.history import write_round
 from server.privacy import client_dp
 from server.strategy import (
     Accounting,
     EmptyRoundError,
-    RoundLog,
     UpdateCheck,
     build_strategy,
-    metrics_mean,
     require_trained,
-    round_counts,
 )
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run-config.
 
     A run-config no site could run (common/preflight.py) is refused before round 1, and a run that
-    cannot give a trained head (server/strategy.py RunFailed) stops: both raise, so Flower marks
+    cannot give a trained head (server/strategy/rounds.py RunFailed) stops: both raise, so Flower marks
     the run ``finished:failed``, and no final head is exported.
     """
     try:
@@ -96,14 +94,14 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
         )
 
         def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord | None:
-            absolute = server_round + start_round
+            absolute = absolute_round(server_round, start_round)
             current = arrays_from_record(record)
             server_metrics = evaluator.evaluate(current) if evaluator else {}
             if server_round > 0:
                 # History first: a crash between the two leaves round r in the history but not
                 # checkpointed, and resume trims the history back to the last checkpoint.
                 entry = accounting.current(absolute)
-                _log_round(store, entry, server_metrics, dp.round_record() if dp else None)
+                write_round(store, entry, server_metrics, dp.round_record() if dp else None)
                 store.save_checkpoint(absolute, current, meta)
             return metric_record(server_metrics) if server_metrics else None
 
@@ -117,18 +115,19 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
                 initial_arrays=record_from_arrays(arrays),
                 num_rounds=remaining,
                 timeout=run.round_timeout,
-                train_config=ConfigRecord({"round-offset": start_round}),
-                evaluate_config=ConfigRecord({"round-offset": start_round}),
+                train_config=ConfigRecord({ROUND_OFFSET: start_round}),
+                evaluate_config=ConfigRecord({ROUND_OFFSET: start_round}),
                 evaluate_fn=evaluate_fn,
             )
         except EmptyRoundError as stop:  # the round goes into the history, not into a checkpoint
             entry = accounting.current(stop.server_round)
-            _log_round(store, entry, {}, dp.round_record() if dp else None)
+            write_round(store, entry, {}, dp.round_record() if dp else None)
             raise
         if len(result.arrays) > 0:
             arrays = arrays_from_record(result.arrays)
         client_eval = {
-            str(r + start_round): dict(m) for r, m in result.evaluate_metrics_clientapp.items()
+            str(absolute_round(r, start_round)): dict(m)
+            for r, m in result.evaluate_metrics_clientapp.items()
         }
     else:
         client_eval = {}
@@ -159,62 +158,3 @@ def _evaluation_spec(run: RunSettings) -> dict[str, Any]:
         encoder_image_size=run.encoder_image_size or None,
         max_length=run.max_length,
     ).to_dict()
-
-
-def _log_round(
-    store: RunStore,
-    entry: RoundLog,
-    server_metrics: dict[str, float],
-    client_dp: dict[str, Any] | None,
-) -> None:
-    """Append the round to history.jsonl and print it, naming every site that did not contribute.
-
-    Per-node dicts are keyed by node id (a restarted SuperNode has a new one); ``site_names`` maps
-    ids to the names sites gave, and ``outcomes`` says per site name: aggregated, rejected, declined,
-    failed, dropped (no reply in time / node dead) or skipped (quarantined after a drop).
-    """
-    wall = time.time() - entry.started
-    record: dict[str, Any] = {
-        "round": entry.round,
-        "started": entry.started,
-        "wall_seconds": round(wall, 3),
-        "sites": entry.sites,
-        "sampled": entry.sampled,
-        "site_names": entry.names,
-        "outcomes": entry.outcomes(),
-        "bytes_received": entry.bytes_received,
-        "bytes_sent": entry.bytes_sent,
-        "rejected": entry.rejected,
-        "failed": entry.failed,
-        "declined": entry.declined,
-        "dropped": entry.dropped,
-        "skipped": entry.skipped,
-        "evaluate_rejected": entry.evaluate_rejected,
-        "head_updated": entry.head_updated,
-        "site_metrics": entry.site_metrics,
-        "site_metrics_mean": metrics_mean(entry.site_metrics),
-        "server_metrics": server_metrics,
-        "site_timing": {n: {k: round(v, 3) for k, v in t.items()} for n, t in entry.timing.items()},
-        "time": time.time(),
-    }
-    if client_dp is not None:
-        record["client_dp"] = client_dp
-    store.append_history(record)
-    shown = ", ".join(
-        f"{k}={v:.3f}"
-        for k, v in {**record["site_metrics_mean"], **server_metrics}.items()
-        if "seconds" not in k
-    )
-    if client_dp is not None:
-        shown += (
-            f"; client-level DP: epsilon={client_dp['epsilon']:.4g} at delta={client_dp['delta']:g}"
-            f"{'' if client_dp['released'] else ' (nothing released this round)'}"
-        )
-    print(
-        f"[fedembed] round {entry.round}: {round_counts(record)}, "
-        f"{sum(entry.bytes_received.values())} B in, {wall:.1f} s; {shown}",
-        flush=True,
-    )
-    for node, outcome in entry.outcomes_by_node().items():
-        if outcome != "aggregated":
-            print(f"[fedembed] round {entry.round}: {entry.display(node)} {outcome}", flush=True)

@@ -15,7 +15,7 @@ What the guarantee assumes, and how this module makes it hold:
 - FedAvg must weight sites equally (the noise is calibrated to the plain mean of m clipped updates).
   FedAvg weights by ``num-examples``; here it weights by ``WEIGHT_KEY``, which the server sets to 1 on
   every train reply (federated evaluation stays example-weighted).
-- Exactly m valid updates per released round: every reply is validated (server/strategy.py) BEFORE
+- Exactly m valid updates per released round: every reply is validated (server/strategy/contract.py) BEFORE
   Flower's wrapper sees it (clipping a malformed update would crash or mis-clip), and Flower's strict
   accounted mode then releases nothing in a round with fewer than m valid updates (the global head
   stays unchanged and no privacy is spent). Each round samples exactly m of the connected sites.
@@ -55,6 +55,7 @@ from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedCl
 from common.config import RunSettings
 from common.dp_clipping import lift_scalars, record_shapes, restore_shapes
 from common.errors import ConfigError
+from common.wire import NUM_EXAMPLES
 from server.strategy import BASES, strategy_kwargs
 
 WEIGHT_KEY = "client-dp-weight"  # FedAvg's weight under client-level DP, set by the server
@@ -78,7 +79,7 @@ class _FedEmbedDp(DifferentialPrivacyFixedClippingBase):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        weighted = [_with_weight(reply, lambda m: m.get("num-examples")) for reply in replies]
+        weighted = [_with_weight(reply, lambda m: m.get(NUM_EXAMPLES)) for reply in replies]
         return super().aggregate_evaluate(server_round, weighted)
 
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +53,15 @@ from flwr.serverapp import GaussianPrivacyEvent, Grid
 
 from common.config import RunSettings
 from common.flower import record_nbytes
+from common.wire import HEAD_KEYS, HEAD_SHAPES, PROXIMAL_MU, SERVER_ROUND
 from server.checkpoints import RunStore
 from server.grid import PromptGrid
+from server.history import write_round
 from server.privacy import ClientDp, client_dp
-from server.strategy import (
-    EmptyRounds,
-    classify_error,
-    metrics_mean,
-    require_trained,
-    round_counts,
-    site_name,
-)
+from server.strategy import Accounting, EmptyRounds, RoundLog, classify_error, require_trained
 
 log = logging.getLogger(__name__)
 
-HEAD_KEYS = "head-keys"  # must match client/secagg.py
-HEAD_SHAPES = "head-shapes"
 MODULUS_RANGE = 2**32  # Flower's default mask modulus
 
 
@@ -108,43 +99,18 @@ def secagg_workflow(run: RunSettings) -> SecAggPlusWorkflow:
     )
 
 
-@dataclass
-class RoundTraffic:
-    """What one SecAgg+ round exchanged, per site: bytes of every stage, and each site that failed,
-    declined or gave no reply at some stage (``"<stage>: <reason>"``)."""
-
-    started: float = field(default_factory=time.time)
-    bytes_sent: dict[int, int] = field(default_factory=dict)
-    bytes_received: dict[int, int] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    declined: dict[int, str] = field(default_factory=dict)
-    dropped: dict[int, str] = field(default_factory=dict)
-
-    def reasons(self, names: Mapping[int, str]) -> list[str]:
-        """``"<site> (node <id>) <outcome>: <stage>: <reason>"`` for each site that did not contribute."""
-        return [
-            f"{_display(node, names)} {kind}: {reason}"
-            for kind in ("declined", "failed", "dropped")
-            for node, reason in getattr(self, kind).items()
-        ]
-
-
-def _display(node: int, names: Mapping[int, str]) -> str:
-    return f"{names[node]} (node {node})" if node in names else f"node {node}"
-
-
 class ProtocolGrid(PromptGrid):
-    """``PromptGrid`` that also counts each round's protocol bytes per site and records site errors."""
+    """``PromptGrid`` that also counts each round's protocol bytes per site and records site errors
+    (as ``"<stage>: <reason>"``) in the round's RoundLog."""
 
     def __init__(
         self, grid: Grid, *, poll_interval: float, first_round_timeout: float | None = None
     ) -> None:
         super().__init__(grid, poll_interval=poll_interval, first_round_timeout=first_round_timeout)
-        self.traffic: dict[int, RoundTraffic] = {}
-        self.names: dict[int, str] = {}  # node id -> the name the site gave (client/identity.py)
+        self.accounting = Accounting()  # names: node id -> the name the site gave
 
-    def round_traffic(self, server_round: int) -> RoundTraffic:
-        return self.traffic.setdefault(server_round, RoundTraffic())
+    def round_log(self, server_round: int) -> RoundLog:
+        return self.accounting.current(server_round)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -153,7 +119,7 @@ class ProtocolGrid(PromptGrid):
         stages: dict[int, str] = {}
         for message in messages:
             node = message.metadata.dst_node_id
-            traffic = self.round_traffic(int(message.metadata.group_id or 0))
+            traffic = self.round_log(int(message.metadata.group_id or 0))
             traffic.bytes_sent[node] = traffic.bytes_sent.get(node, 0) + content_nbytes(
                 message.content
             )
@@ -166,9 +132,10 @@ class ProtocolGrid(PromptGrid):
         for reply in replies:
             node = target.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
-            traffic = self.round_traffic(int(reply.metadata.group_id or 0))
-            if (name := site_name(reply)) is not None:
-                self.names[node] = name
+            traffic = self.round_log(int(reply.metadata.group_id or 0))
+            self.accounting.learn_name(node, reply)
+            if node in self.accounting.names:
+                traffic.names[node] = self.accounting.names[node]
             if reply.has_error():
                 kind, reason = classify_error(reply)
                 getattr(traffic, kind)[node] = f"{stages.get(node, '?')}: {reason}"
@@ -179,7 +146,7 @@ class ProtocolGrid(PromptGrid):
         for message in messages:
             node = message.metadata.dst_node_id
             if node not in answered:
-                traffic = self.round_traffic(int(message.metadata.group_id or 0))
+                traffic = self.round_log(int(message.metadata.group_id or 0))
                 traffic.dropped[node] = (
                     f"{stages.get(node, '?')}: no reply within the round timeout"
                 )
@@ -266,9 +233,9 @@ class SecAggFedAvg(FedAvg):
         return self.min_fit_clients, self.min_available_clients
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
-        config: dict[str, Scalar] = {"server-round": server_round, **self.codec.fit_config()}
+        config: dict[str, Scalar] = {SERVER_ROUND: server_round, **self.codec.fit_config()}
         if self.proximal_mu > 0:
-            config["proximal-mu"] = self.proximal_mu
+            config[PROXIMAL_MU] = self.proximal_mu
         return config
 
     def aggregate_fit(
@@ -371,25 +338,27 @@ def run_secure_federation(
         stop the run after too many empty rounds, else checkpoint the head."""
         if server_round == 0:
             return None
-        traffic = protocol_grid.round_traffic(server_round)
+        entry = protocol_grid.round_log(server_round)
         updated = fedavg.released.get(server_round, False)
+        summed = fedavg.summed.get(server_round, {})
+        entry.sampled = sorted(entry.bytes_sent)
+        entry.sites = sorted(summed)
+        entry.site_metrics = {node: dict(m) for node, m in summed.items()}
+        entry.head_updated = updated
         current = codec.decode(ndarrays)
         server_metrics = evaluator.evaluate(current) if evaluator else {}
-        _log_round(  # history before checkpoint, as in server/app.py
+        write_round(  # history before checkpoint, as in server/app.py
             store,
-            server_round,
-            traffic,
-            fedavg.summed.get(server_round, {}),
+            entry,
             server_metrics,
             dp.round_record() if dp else None,
-            protocol,
-            updated=updated,
-            names=protocol_grid.names,
+            extra={"secure_aggregation": protocol},
+            note=" (securely summed)",
         )
-        reasons = traffic.reasons(protocol_grid.names)
-        if not updated and fedavg.summed.get(server_round):
+        reasons = entry.shortfalls()
+        if not updated and summed:
             reasons.append(
-                f"{len(fedavg.summed[server_round])} site(s) summed, but the sum was not released "
+                f"{len(summed)} site(s) summed, but the sum was not released "
                 f"(client-dp releases only the sum of all {run.min_sites} sites' noise shares)"
             )
         empty_rounds.record(server_round, updated=updated, reasons=reasons)
@@ -423,54 +392,3 @@ def run_secure_federation(
         {**meta, "rounds": run.num_server_rounds, "secure_aggregation": protocol},
     )
     return store.root
-
-
-def _log_round(
-    store: RunStore,
-    server_round: int,
-    traffic: RoundTraffic,
-    summed: Mapping[int, Mapping[str, float]],
-    server_metrics: Mapping[str, float],
-    client_dp_record: Mapping[str, Any] | None,
-    protocol: Mapping[str, Any],
-    *,
-    updated: bool,
-    names: Mapping[int, str],
-) -> None:
-    wall = time.time() - traffic.started
-    site_metrics = {node: dict(m) for node, m in summed.items()}
-    record: dict[str, Any] = {
-        "round": server_round,
-        "wall_seconds": round(wall, 3),
-        "sites": sorted(summed),
-        "bytes_received": traffic.bytes_received,
-        "bytes_sent": traffic.bytes_sent,
-        "rejected": {},
-        "failed": traffic.failed,
-        "declined": traffic.declined,
-        "dropped": traffic.dropped,
-        "head_updated": updated,
-        "site_names": {
-            node: names[node]
-            for node in {*summed, *traffic.failed, *traffic.declined, *traffic.dropped}
-            if node in names
-        },
-        "site_metrics": site_metrics,
-        "site_metrics_mean": metrics_mean(site_metrics),
-        "server_metrics": dict(server_metrics),
-        "secure_aggregation": dict(protocol),
-        "time": time.time(),
-    }
-    if client_dp_record is not None:
-        record["client_dp"] = dict(client_dp_record)
-    store.append_history(record)
-    shown = ""
-    if client_dp_record is not None:
-        shown = f"; client-level DP: epsilon={client_dp_record['epsilon']:.4g}"
-    print(
-        f"[fedembed] round {server_round}: {round_counts(record)} (securely summed), "
-        f"{sum(traffic.bytes_received.values())} B in, {wall:.1f} s{shown}",
-        flush=True,
-    )
-    for line in traffic.reasons(names):
-        print(f"[fedembed] round {server_round}: {line}", flush=True)

@@ -142,12 +142,12 @@ def _pillow_to_unit(image: Any) -> np.ndarray:
 def _read_dicom(file: Path, data: bytes, context: str | None) -> np.ndarray:
     import pydicom
 
-    from common.data.dicom_codecs import decode_failure, register_fallback
+    from common.data.dicom_codecs import decode_failure, register_plugin
 
     def failed(reason: str) -> DataError:
         return DataError(_message(context, f"cannot decode DICOM {file}: {reason}"))
 
-    register_fallback()
+    register_plugin()
     # pydicom signals bad files and missing decoders with many exception types
     with warnings.catch_warnings(record=True) as caught, _pydicom_logs_held() as logged:
         warnings.simplefilter("always")

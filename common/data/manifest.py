@@ -1,41 +1,46 @@
-"""Site data as a hospital exports it: CSV/JSONL manifests of image paths, reports and labels."""
+"""Site data as a hospital exports it: CSV/JSONL manifests of image paths, reports and labels.
+
+The entry points live here; file parsing in ``manifest_parsing``, cell checks in ``manifest_rows``,
+class declarations in ``manifest_classes``.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from common.data.dataset import SPLITS, ImageRef, SiteDataset, SkippedRow
-from common.data.images import file_key
+from common.data.dataset import ImageRef, SiteDataset, SkippedRow
+from common.data.manifest_classes import _declared_classes, default_prompt
+from common.data.manifest_parsing import MANIFEST_SUFFIXES, _Collector, _parse
+from common.data.manifest_rows import (
+    DEFAULT_COLUMNS,
+    _convert_row,
+    _Example,
+    _header_where,
+    _resolve_columns,
+)
 from common.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "DEFAULT_COLUMNS",
+    "MANIFEST_SUFFIXES",
+    "ON_ERROR_CHOICES",
+    "LoadReport",
+    "SkippedRow",
+    "default_prompt",
+    "load_manifest",
+    "read_manifest",
+    "verify_images",
+]
+
 ON_ERROR_CHOICES = ("raise", "skip")
-__all__ = ["LoadReport", "SkippedRow", "load_manifest", "read_manifest", "verify_images"]
-MANIFEST_SUFFIXES = (".csv", ".jsonl")
-DEFAULT_COLUMNS = {
-    "id": "id",
-    "image": "image",
-    "text": "text",
-    "label": "label",
-    "site": "site",
-    "split": "split",
-}
-
-
-def default_prompt(class_name: str) -> str:
-    """The zero-shot prompt used for a class that was declared without one."""
-    return f"a report describing {class_name.replace('_', ' ').strip()}"
 
 
 @dataclass
@@ -49,14 +54,10 @@ class LoadReport:
         """One line: how many rows were kept and skipped, with the first reasons."""
         text = f"{self.dataset.name}: kept {len(self.dataset)} rows, skipped {len(self.skipped)}"
         if self.skipped:
-            shown = "; ".join(_describe_skip(row) for row in self.skipped[:limit])
+            shown = "; ".join(row.describe() for row in self.skipped[:limit])
             more = f"; ... {len(self.skipped) - limit} more" if len(self.skipped) > limit else ""
             text += f" ({shown}{more})"
         return text
-
-
-def _describe_skip(row: SkippedRow) -> str:
-    return row.describe()
 
 
 def load_manifest(
@@ -215,312 +216,7 @@ def _check_on_error(on_error: str) -> None:
 
 
 def _first_skip_hint(skipped: list[SkippedRow]) -> str:
-    return f" ({len(skipped)} skipped; first: {_describe_skip(skipped[0])})" if skipped else ""
-
-
-# ----------------------------------------------------------------------------- row bookkeeping
-
-
-@dataclass
-class _Collector:
-    """Raises or records row problems, depending on ``on_error``."""
-
-    file: Path
-    on_error: str
-    skipped: list[SkippedRow] = field(default_factory=list)
-
-    def problem(self, line: int, reason: str, row_id: str | None = None) -> None:
-        if self.on_error == "raise":
-            raise DataError(f"{self.file} line {line}: {reason}")
-        self.skipped.append(SkippedRow(row=line, id=row_id, reason=reason))
-
-
-@dataclass(frozen=True)
-class _RawRow:
-    line: int
-    values: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _Example:
-    line: int
-    id: str
-    image: Path | None
-    image_key: str | None
-    text: str | None
-    label: str | None
-    site: str | None
-    split: str
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def _parse(file: Path, collector: _Collector) -> tuple[list[str], list[_RawRow]]:
-    suffix = file.suffix.lower()
-    if suffix not in MANIFEST_SUFFIXES:
-        raise DataError(
-            f"{file}: unsupported manifest format {suffix or '(no suffix)'!r}; use .csv or .jsonl"
-        )
-    if not file.is_file():
-        raise DataError(f"manifest not found: {file}")
-    text = _decode_utf8(file)
-    if suffix == ".csv":
-        return _parse_csv(file, text, collector)
-    return _parse_jsonl(text, collector)
-
-
-def _decode_utf8(file: Path) -> str:
-    """The file's text; bytes that are not UTF-8 become lone surrogates, rejected per field."""
-    return file.read_bytes().decode("utf-8-sig", errors="surrogateescape")
-
-
-def _encoding_problem(value: str) -> str | None:
-    """Why ``value`` is not valid text (a non-UTF-8 byte or a lone surrogate), else None."""
-    for position, char in enumerate(value, start=1):
-        code = ord(char)
-        if 0xDC80 <= code <= 0xDCFF:
-            return (
-                f"not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {position}); "
-                "save the manifest as UTF-8"
-            )
-        if 0xD800 <= code <= 0xDFFF:
-            return f"invalid Unicode (lone surrogate U+{code:04X} at character {position})"
-    return None
-
-
-def _parse_csv(file: Path, text: str, collector: _Collector) -> tuple[list[str], list[_RawRow]]:
-    header: list[str] | None = None
-    rows: list[_RawRow] = []
-    for line, record in _csv_records(file, text):
-        if not any(cell.strip() for cell in record):
-            continue
-        if header is None:
-            header = _csv_header(file, line, record)
-            continue
-        extra = [cell for cell in record[len(header) :] if cell.strip()]
-        if extra:
-            collector.problem(
-                line,
-                f"{len(record)} fields but the header has {len(header)}: extra value "
-                f"{extra[0][:30]!r} after field {header[-1]!r} (unquoted comma in a text?)",
-            )
-            continue
-        absent = [name for name in header[len(record) :] if name]
-        if absent:
-            collector.problem(
-                line,
-                f"{len(record)} fields but the header has {len(header)}: missing field "
-                f"{absent[0]!r} (row cut short?)",
-            )
-            continue
-        values = {name: cell for name, cell in zip(header, record, strict=False) if name}
-        rows.append(_RawRow(line=line, values=values))
-    if header is None:
-        raise DataError(f"{file}: empty manifest (no header row)")
-    return [name for name in header if name], rows
-
-
-def _csv_records(file: Path, text: str) -> Iterator[tuple[int, list[str]]]:
-    """Yield (first line number, fields) for each CSV record."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    start = 1
-    while True:
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise DataError(f"{file} line {reader.line_num}: malformed CSV ({exc})") from exc
-        yield start, record
-        start = reader.line_num + 1
-
-
-def _csv_header(file: Path, line: int, record: list[str]) -> list[str]:
-    header = [cell.strip() for cell in record]
-    seen: set[str] = set()
-    for position, name in enumerate(header, start=1):
-        problem = _encoding_problem(name)
-        if problem:
-            raise DataError(f"{file} line {line} (header): column {position} name is {problem}")
-        if name and name in seen:
-            raise DataError(f"{file} line {line}: duplicate column {name!r} in the header")
-        seen.add(name)
-    return header
-
-
-def _parse_jsonl(text: str, collector: _Collector) -> tuple[list[str], list[_RawRow]]:
-    found: dict[str, None] = {}
-    rows: list[_RawRow] = []
-    for line, content in enumerate(text.split("\n"), start=1):
-        if not content.strip():
-            continue
-        try:
-            value = json.loads(content)
-        except json.JSONDecodeError as exc:
-            collector.problem(line, f"malformed JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(value, dict):
-            collector.problem(line, f"expected a JSON object, got {type(value).__name__}")
-            continue
-        bad_key = next((key for key in value if _encoding_problem(key)), None)
-        if bad_key is not None:
-            collector.problem(line, f"a field name is {_encoding_problem(bad_key)}")
-            continue
-        found.update(dict.fromkeys(value))
-        rows.append(_RawRow(line=line, values=value))
-    return list(found), rows
-
-
-# ----------------------------------------------------------------------------- columns and rows
-
-
-def _header_where(file: Path) -> str:
-    """Where a column is missing: the CSV header line, or (JSONL) every row of the file."""
-    return f"{file} line 1 (header)" if file.suffix.lower() == ".csv" else f"{file} (all rows)"
-
-
-def _resolve_columns(
-    where: str, found: list[str], requested: dict[str, str | None]
-) -> dict[str, str]:
-    """Map roles (id, image, text, label, site, split) to column names present in the file."""
-    columns: dict[str, str] = {}
-    listing = ", ".join(found) or "(none)"
-    for role, explicit in requested.items():
-        if explicit is not None and explicit not in found:
-            raise DataError(
-                f"{where}: no column {explicit!r} (the {role} column); columns found: {listing}"
-            )
-        column = explicit or DEFAULT_COLUMNS[role]
-        if column in found:
-            columns[role] = column
-    if "image" not in columns and "text" not in columns:
-        raise DataError(
-            f"{where}: needs an image column ({DEFAULT_COLUMNS['image']!r}) or a text column "
-            f"({DEFAULT_COLUMNS['text']!r}); columns found: {listing}"
-        )
-    return columns
-
-
-def _convert_row(
-    file: Path, raw: _RawRow, columns: dict[str, str], collector: _Collector
-) -> _Example | None:
-    """Validate one row; report a problem and return None if it cannot be used."""
-    try:
-        row_id = _cell_id(raw, columns)
-        text = _cell_text(raw, columns)
-        label = _cell_label(raw, columns)
-        site = _cell_site(raw, columns)
-        split = _cell_split(raw, columns)
-        image, key = _cell_image(file, raw, columns, row_id)
-    except _RowProblem as problem:
-        collector.problem(raw.line, str(problem), _raw_id(raw, columns))
-        return None
-    return _Example(raw.line, row_id, image, key, text, label, site, split)
-
-
-class _RowProblem(Exception):
-    """A bad cell; becomes a DataError or a skipped row."""
-
-
-def _raw_id(raw: _RawRow, columns: dict[str, str]) -> str | None:
-    value = raw.values.get(columns.get("id", ""))
-    return (
-        str(value).strip() if isinstance(value, str | int) and not isinstance(value, bool) else None
-    )
-
-
-def _cell_string(raw: _RawRow, column: str, *, what: str) -> str | None:
-    """The stripped string in ``column``; None when absent, null or empty."""
-    value = raw.values.get(column)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise _RowProblem(f"field {column!r} must be {what}, got JSON {type(value).__name__}")
-    text = _checked(str(value), column).strip()
-    return text or None
-
-
-def _checked(value: str, column: str) -> str:
-    problem = _encoding_problem(value)
-    if problem:
-        raise _RowProblem(f"field {column!r} is {problem}")
-    return value
-
-
-def _cell_id(raw: _RawRow, columns: dict[str, str]) -> str:
-    if "id" not in columns:
-        return str(raw.line)
-    value = _cell_string(raw, columns["id"], what="a string or integer id")
-    if value is None:
-        raise _RowProblem(f"empty id in field {columns['id']!r}")
-    return value
-
-
-def _cell_text(raw: _RawRow, columns: dict[str, str]) -> str | None:
-    if "text" not in columns:
-        return None
-    column = columns["text"]
-    value = raw.values.get(column)
-    if value is not None and not isinstance(value, str):
-        raise _RowProblem(f"field {column!r} must be a string, got JSON {type(value).__name__}")
-    if value is None or not value.strip():
-        missing = column not in raw.values
-        raise _RowProblem(
-            f"missing field {column!r}" if missing else f"empty text in field {column!r}"
-        )
-    return _checked(value, column).strip()
-
-
-def _cell_label(raw: _RawRow, columns: dict[str, str]) -> str | None:
-    if "label" not in columns:
-        return None
-    return _cell_string(raw, columns["label"], what="a class name")
-
-
-def _cell_site(raw: _RawRow, columns: dict[str, str]) -> str | None:
-    if "site" not in columns:
-        return None
-    value = _cell_string(raw, columns["site"], what="a site name")
-    if value is None:
-        raise _RowProblem(f"empty site in field {columns['site']!r}")
-    return value
-
-
-def _cell_split(raw: _RawRow, columns: dict[str, str]) -> str:
-    if "split" not in columns:
-        return SPLITS[0]
-    value = _cell_string(raw, columns["split"], what="train or test")
-    split = (value or SPLITS[0]).lower()
-    if split not in SPLITS:
-        raise _RowProblem(f"split {value!r} in field {columns['split']!r} is not train or test")
-    return split
-
-
-def _cell_image(
-    file: Path, raw: _RawRow, columns: dict[str, str], row_id: str
-) -> tuple[Path | None, str | None]:
-    if "image" not in columns:
-        return None, None
-    column = columns["image"]
-    value = _cell_string(raw, column, what="an image path")
-    if value is None:
-        raise _RowProblem(f"empty image path in field {column!r}")
-    image = Path(value).expanduser()
-    if not image.is_absolute():
-        image = file.parent / image
-    if not image.is_file():
-        reason = "is a directory, not an image file" if image.is_dir() else "image file not found"
-        raise _RowProblem(f"{reason} (field {column!r}): {image}")
-    try:
-        return image, file_key(image)
-    except DataError as exc:
-        raise _RowProblem(f"{exc} (field {column!r})") from exc
-
-
-def _image_source(file: Path, ex: _Example, column: str) -> str:
-    """How an image's errors name it: manifest, line, id and field."""
-    return f"{file} line {ex.line} (id {ex.id!r}) field {column!r}"
+    return f" ({len(skipped)} skipped; first: {skipped[0].describe()})" if skipped else ""
 
 
 def _drop_duplicate_ids(
@@ -559,75 +255,6 @@ def _drop_unknown_labels(
     return kept
 
 
-# ----------------------------------------------------------------------------- classes
-
-
-def _declared_classes(
-    file: Path, classes: Sequence[str] | None, prompts: Sequence[str] | None
-) -> tuple[list[str] | None, list[str] | None]:
-    """Classes and prompts from the arguments, else from a sidecar file, else (None, None)."""
-    if classes is not None:
-        names = _validate_classes(list(classes), "classes argument", ConfigError)
-        return names, _validate_prompts(names, prompts, "prompts argument", ConfigError)
-    if prompts is not None:
-        raise ConfigError("prompts argument given without classes")
-    sidecar = _find_sidecar(file)
-    if sidecar is None:
-        return None, None
-    content = _read_sidecar(sidecar)
-    names = _validate_classes(content.get("classes"), f"{sidecar}: field 'classes'", DataError)
-    return names, _validate_prompts(
-        names, content.get("prompts"), f"{sidecar}: field 'prompts'", DataError
-    )
-
-
-def _find_sidecar(file: Path) -> Path | None:
-    candidates = [Path(f"{file}.classes.json"), file.with_suffix(".classes.json")]
-    existing = [path for path in candidates if path.is_file()]
-    if len(existing) > 1:
-        raise DataError(
-            f"{file}: two class declarations, {existing[0]} and {existing[1]}; keep one"
-        )
-    return existing[0] if existing else None
-
-
-def _read_sidecar(sidecar: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{sidecar}: not a valid UTF-8 JSON file ({exc})") from exc
-    if not isinstance(content, dict):
-        raise DataError(f'{sidecar}: expected a JSON object {{"classes": [...], "prompts": [...]}}')
-    return content
-
-
-def _validate_classes(value: Any, where: str, error: type[Exception]) -> list[str]:
-    if not isinstance(value, list) or not value:
-        raise error(f"{where}: expected a non-empty list of class names")
-    names = [item.strip() if isinstance(item, str) else item for item in value]
-    if not all(isinstance(item, str) and item for item in names):
-        raise error(f"{where}: class names must be non-empty strings")
-    duplicates = sorted({item for item in names if names.count(item) > 1})
-    if duplicates:
-        raise error(f"{where}: duplicate class names {', '.join(duplicates)}")
-    return names
-
-
-def _validate_prompts(
-    names: list[str], value: Any, where: str, error: type[Exception]
-) -> list[str]:
-    if value is None:
-        return [default_prompt(name) for name in names]
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(names):
-        raise error(f"{where}: expected a list of {len(names)} prompts, one per class")
-    if not all(isinstance(item, str) and item.strip() for item in value):
-        raise error(f"{where}: prompts must be non-empty strings")
-    return [item.strip() for item in value]
-
-
-# ----------------------------------------------------------------------------- assembly
-
-
 def _build_dataset(
     file: Path,
     name: str | None,
@@ -664,3 +291,8 @@ def _build_dataset(
         sites=[str(ex.site) for ex in examples] if "site" in columns else None,
         splits=[ex.split for ex in examples] if "split" in columns else None,
     )
+
+
+def _image_source(file: Path, ex: _Example, column: str) -> str:
+    """How an image's errors name it: manifest, line, id and field."""
+    return f"{file} line {ex.line} (id {ex.id!r}) field {column!r}"

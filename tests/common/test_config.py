@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
 from common.config import HEAD_PRESET_NAMES, LOSSES, RunSettings, SiteSettings
-from common.errors import ConfigError
+from common.errors import ConfigError, PrivacyError
 
 
 def test_a_site_chooses_how_much_it_holds_out() -> None:
@@ -31,3 +35,38 @@ def test_run_config_names_an_unknown_head_preset_before_any_encoder_loads() -> N
     assert RunSettings.from_run_config({"head": "small"}).head == "small"
     with pytest.raises(ConfigError, match=r"run-config: head 'huge' is not one of default, "):
         RunSettings.from_run_config({"head": "huge"})
+
+
+def test_pyproject_run_config_defaults_are_run_settings_defaults() -> None:
+    """[tool.flwr.app.config] lists exactly RunSettings' keys (plus dp-* run keys), same defaults."""
+    import tomli
+
+    from common.privacy import PrivacySettings
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    config = tomli.loads(pyproject.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    dp = {k: v for k, v in config.items() if k.startswith("dp-")}
+    run = {k.replace("-", "_"): v for k, v in config.items() if k not in dp}
+    defaults = {f.name: f.default for f in fields(RunSettings)}
+    assert sorted(run) == sorted(defaults)
+    assert {k: v for k, v in run.items() if v != defaults[k]} == {}
+    assert all(type(run[k]) is type(defaults[k]) for k in run), "a default's type differs"
+    assert PrivacySettings.merge(dp, {}) == PrivacySettings()
+
+
+def test_loss_names_and_needs_come_from_the_registry() -> None:
+    from common import registries
+    from common.losses import NEEDS_LABELS, NEEDS_PROMPTS
+    from common.privacy import require_sample_level_dp
+
+    assert list(LOSSES) == list(registries.LOSSES)
+    assert set(NEEDS_LABELS) == {n for n, i in registries.LOSSES.items() if i.labels}
+    assert NEEDS_PROMPTS == ("infonce+supcon+prompts",)
+    assert registries.sample_dp_losses() == ("proxy",)
+    require_sample_level_dp("proxy")  # the only per-example decomposable loss
+    for name in set(registries.LOSSES) - {"proxy"}:
+        with pytest.raises(PrivacyError, match=f"refused for loss '{re.escape(name)}'"):
+            require_sample_level_dp(name)
+    with pytest.raises(ConfigError, match="unknown loss 'clip'"):
+        require_sample_level_dp("clip")
+    assert tuple(registries.HEADS) == HEAD_PRESET_NAMES

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -42,12 +43,12 @@ from pydicom.uid import (
 )
 
 from common.config import DataSpec
-from common.data.dicom_codecs import FALLBACK_PLUGIN, register_fallback
+from common.data.dicom_codecs import PLUGIN, register_plugin
 from common.data.images import read_image
 from common.data.manifest import read_manifest
 from common.errors import DataError
 from common.pipeline import embed_site
-from simulations.cli import main
+from simulations.cli.app import main
 
 REPO = Path(__file__).resolve().parents[2]
 # A lossy file against a decompressed copy of the same instance made by another tool (dcmtk,
@@ -277,7 +278,7 @@ def _stored_values(path: Path, plugin: str) -> np.ndarray | None:
 def test_installed_decoders_agree_where_no_reference_ships(sample: Sample) -> None:
     """Without an uncompressed twin, every other installed decoder that reads the file is the
     reference: equal for lossless syntaxes, within 3 levels for lossy ones."""
-    register_fallback()
+    register_plugin()
     decoded = {
         plugin: values
         for plugin in get_decoder(sample.syntax).available_plugins
@@ -290,16 +291,54 @@ def test_installed_decoders_agree_where_no_reference_ships(sample: Sample) -> No
         assert int(np.abs(values - first).max()) <= (0 if sample.lossless else 3)
 
 
-def test_fallback_decodes_the_jpeg_libjpeg_rejects() -> None:
-    """JPEG-lossy.dcm (WG04 NM1_JPLY) has a non-sequential scan header that libjpeg refuses;
-    JPGExtended.dcm is the same stream with the header fixed."""
-    register_fallback()
-    broken = _testdata("JPEG-lossy.dcm")
-    assert _stored_values(broken, "pylibjpeg") is None
-    fixed = _stored_values(_testdata("JPGExtended.dcm"), "pylibjpeg")
-    ours = _stored_values(broken, FALLBACK_PLUGIN)
-    assert fixed is not None and ours is not None and ours.max() > 255  # 12-bit samples
-    assert int(np.abs(ours - fixed).max()) <= 1  # IDCT rounding between libjpeg and -turbo
+def test_imagecodecs_decodes_a_jpeg_with_a_nonstandard_scan_header() -> None:
+    """JPEG-lossy.dcm (WG04 NM1_JPLY) has a sequential scan whose spectral selection is not
+    0-63, which libjpeg refuses; JPGExtended.dcm is the same stream with the header fixed."""
+    register_plugin()
+    broken = _stored_values(_testdata("JPEG-lossy.dcm"), PLUGIN)
+    fixed = _stored_values(_testdata("JPGExtended.dcm"), PLUGIN)
+    assert broken is not None and fixed is not None and broken.max() > 255  # 12-bit samples
+    np.testing.assert_array_equal(broken, fixed)
+
+
+def _encoded(tmp_path: Path, syntax: UID, photometric: str, stream: bytes) -> Path:
+    """SC_rgb_16bit.dcm with ``stream`` as its one compressed 12-bit frame."""
+    dataset = pydicom.dcmread(_testdata("SC_rgb_16bit.dcm"))
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.BitsStored, dataset.HighBit = 12, 11
+    dataset.PhotometricInterpretation = photometric
+    dataset.PixelData = encapsulate([stream])
+    dataset["PixelData"].VR = "OB"
+    path = tmp_path / f"{syntax.keyword}.dcm"
+    dataset.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("syntax", "photometric", "options", "atol"),
+    [
+        # pydicom converts only 8-bit YCbCr to RGB: the plugin has libjpeg-turbo convert 12-bit
+        (JPEGExtended12Bit, "YBR_FULL", {"level": 95, "subsampling": "444"}, 8),
+        (JPEGLosslessSV1, "RGB", {"lossless": True, "predictor": 1}, 0),
+    ],
+    ids=["extended-ybr", "lossless-rgb"],
+)
+def test_twelve_bit_colour_jpeg_decodes(
+    tmp_path: Path, syntax: UID, photometric: str, options: dict[str, Any], atol: int
+) -> None:
+    """No 12-bit colour JPEG ships: encode one with imagecodecs' libjpeg-turbo and read it back
+    through pydicom and read_image."""
+    import imagecodecs
+
+    rgb = pydicom.dcmread(_testdata("SC_rgb_16bit.dcm")).pixel_array >> 4
+    stream = bytes(imagecodecs.jpeg8_encode(rgb, bitspersample=12, **options))
+    path = _encoded(tmp_path, syntax, photometric, stream)
+    register_plugin()
+    decoded = pydicom.dcmread(path).pixel_array
+    assert decoded.shape == rgb.shape and int(decoded.max()) > 255
+    assert int(np.abs(decoded.astype(np.int64) - rgb).max()) <= atol
+    image = read_image(path)
+    assert image.shape == rgb.shape and float(image.max()) == 1.0
 
 
 @pytest.mark.parametrize("name", ["MR_small.dcm", "emri_small.dcm"])
@@ -311,7 +350,7 @@ def test_htj2k_decodes_losslessly(tmp_path: Path, name: str) -> None:
     dataset = pydicom.dcmread(_testdata(name))
     frames = dataset.pixel_array.reshape(-1, dataset.Rows, dataset.Columns)
     dataset.file_meta.TransferSyntaxUID = HTJ2KLossless
-    dataset.PixelData = encapsulate([imagecodecs.htj2k_encode(frame) for frame in frames])
+    dataset.PixelData = encapsulate([bytes(imagecodecs.htj2k_encode(frame)) for frame in frames])
     dataset["PixelData"].VR = "OB"
     dataset.save_as(tmp_path / name)
     np.testing.assert_array_equal(read_image(tmp_path / name), read_image(_testdata(name)))
@@ -356,8 +395,9 @@ def _site_packages_without(root: Path, prefixes: tuple[str, ...]) -> Path:
 
 
 def test_missing_decoder_names_the_syntax_and_the_packages(tmp_path: Path) -> None:
-    """On a machine without pylibjpeg-libjpeg and imagecodecs (a fresh interpreter on a copy of
-    the venv that lacks them) the errors name the transfer syntax and the packages to install."""
+    """On a machine without imagecodecs (a fresh interpreter on a copy of the venv that lacks it
+    and pylibjpeg-libjpeg) the errors name the transfer syntax and the permissively licensed
+    packages to install, never the GPL pylibjpeg-libjpeg."""
     view = _site_packages_without(
         tmp_path, ("libjpeg", "_libjpeg", "pylibjpeg_libjpeg", "imagecodecs")
     )
@@ -385,10 +425,12 @@ def test_missing_decoder_names_the_syntax_and_the_packages(tmp_path: Path) -> No
         f"cannot decode DICOM {files[0]}: transfer syntax 'JPEG-LS Lossless Image Compression' "
         "(1.2.840.10008.1.2.4.80): no decoder for it is installed (install one of: " in jpeg_ls
     )
-    assert "pylibjpeg-libjpeg" in jpeg_ls and "pyjpegls" in jpeg_ls
+    assert "imagecodecs" in jpeg_ls and "pyjpegls" in jpeg_ls
     assert f"transfer syntax '{JPEGExtended12Bit.name}' ({JPEGExtended12Bit}): " in extended
     assert "every installed decoder (pillow) failed" in extended and "12-bit" in extended
-    assert "pylibjpeg-libjpeg" in extended and "imagecodecs" in extended
+    assert "not installed: " in extended and "imagecodecs" in extended
+    for message in (jpeg_ls, extended):
+        assert "pylibjpeg-libjpeg" not in message, message  # GPL-3.0
 
 
 def test_fedembed_embed_gives_lossless_files_their_uncompressed_embedding(

@@ -41,8 +41,8 @@ from common.encoders import (
     fingerprint_files,
     load_encoder,
 )
+from common.encoders.mobilenet import load_mobilenet_v2
 from common.errors import ConfigError, DataError
-from common.mobilenet import load_mobilenet_v2
 
 TEXTS = [
     "the chest is normal",

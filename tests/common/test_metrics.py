@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import common.metrics as metrics
+import common.metrics.retrieval as retrieval
 from common.errors import DataError
 from common.metrics import (
     CLASSIFIERS,
@@ -99,7 +99,7 @@ def test_recall_large_n_uses_chunks_consistently(monkeypatch: pytest.MonkeyPatch
     query = rng.normal(size=(700, 4))
     gallery = query + rng.normal(size=(700, 4))
     full = recall_at_k(query, gallery)
-    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 700 * 64)  # 64-row chunks, last one partial
+    monkeypatch.setattr(retrieval, "_CHUNK_ELEMENTS", 700 * 64)  # 64-row chunks, last one partial
     assert recall_at_k(query, gallery) == pytest.approx(full)
 
 

@@ -21,18 +21,10 @@ import tomli_w
 from client.audit import audit_path
 from common.config import HOME_ENV
 from common.tensorfile import read_tensorfile
-from simulations.federate import SITE_ENV, site_node_config
-from simulations.localfed import (
-    ConfigValue,
-    LocalSuperLink,
-    LocalSuperNode,
-    descendants_running,
-    run_app,
-    run_logs,
-    run_status,
-    submit_run,
-    wait_for_run,
-)
+from simulations.flower.federate import SITE_ENV, site_node_config
+from simulations.flower.flwr_cli import run_app, run_logs, run_status, submit_run, wait_for_run
+from simulations.flower.processes import LocalSuperLink, LocalSuperNode, descendants_running
+from simulations.flower.run_config import ConfigValue
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from common.config import HOME_ENV
-from simulations.cli import main
-from tests.simulations.test_run_failures import (
+from simulations.cli.app import main
+from tests.simulations.cli.test_federation_failures import (
     assert_failed_without_final_head,
     federation_argv,
     write_unreadable_images,

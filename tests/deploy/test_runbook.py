@@ -79,16 +79,10 @@ from typing import Any
 import pytest
 
 from common.config import HOME_ENV
-from simulations.federate import APP_DIR, STARTUP_TIMEOUT
-from simulations.localfed import (
-    FINISHED_COMPLETED,
-    ConfigValue,
-    ManagedProcess,
-    flower_command,
-    flower_env,
-    format_config,
-    free_port,
-)
+from simulations.flower.federate import APP_DIR, STARTUP_TIMEOUT
+from simulations.flower.flwr_cli import FINISHED_COMPLETED, flower_command, flower_env
+from simulations.flower.processes import ManagedProcess, free_port
+from simulations.flower.run_config import ConfigValue, format_config
 
 PKI = APP_DIR / "deploy" / "pki.sh"
 SITES = ("hospital-a", "hospital-b")

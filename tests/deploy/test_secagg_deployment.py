@@ -17,7 +17,7 @@ from client.audit import SECAGG_PAYLOADS, verify_audit_log
 from client.training import execute
 from common.artifacts import load_head, state_arrays
 from server.checkpoints import RunStore
-from simulations.federate import (
+from simulations.flower.federate import (
     APP_DIR,
     SITE_ENV,
     STARTUP_TIMEOUT,
@@ -25,7 +25,8 @@ from simulations.federate import (
     site_name,
     site_node_config,
 )
-from simulations.localfed import LocalSuperLink, LocalSuperNode, RunResult, run_app
+from simulations.flower.flwr_cli import RunResult, run_app
+from simulations.flower.processes import LocalSuperLink, LocalSuperNode
 
 pytestmark = pytest.mark.slow
 

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import tomli
 
-from simulations.federate import (
+from simulations.flower.federate import (
     STARTUP_TIMEOUT,
     SitePki,
     deploy_local,
     make_pki,
     register_supernode,
 )
-from simulations.localfed import LocalSuperLink, LocalSuperNode
+from simulations.flower.processes import LocalSuperLink, LocalSuperNode
 
 pytestmark = pytest.mark.slow
 

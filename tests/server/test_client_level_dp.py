@@ -394,7 +394,7 @@ def test_simulation_with_client_side_clipping_reports_the_rdp_epsilon(
     tmp_path: Path, tiny_model_dirs: dict[str, Path]
 ) -> None:
     from client.audit import verify_audit_log
-    from simulations.federate import simulate
+    from simulations.flower.federate import simulate
 
     sigma, clip = 1.2, 1e-3
     fed = simulate(

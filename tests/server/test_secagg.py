@@ -30,7 +30,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from client.audit import SECAGG_PAYLOADS, audit_path, record_egress, verify_audit_log
-from client.secagg import LocalRound, _fit, is_secagg_message, noise_share_std, site_update
+from client.egress import secagg_stage
+from client.secagg import LocalRound, _fit, noise_share_std, site_update
 from common.config import RunSettings, SiteSettings
 from common.errors import ConfigError
 from server.privacy import client_dp
@@ -163,8 +164,8 @@ def test_client_app_answers_a_secagg_stage_and_audits_exactly_its_payload(tmp_pa
         run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
     )
     msg = _setup_message()
-    assert is_secagg_message(msg)
-    assert not is_secagg_message(_message(RecordDict({"config": ConfigRecord({"lr": 0.1})})))
+    assert secagg_stage(msg) == "setup"
+    assert secagg_stage(_message(RecordDict({"config": ConfigRecord({"lr": 0.1})}))) is None
     reply = client_app(msg, context)
     assert not reply.has_error()
     sent = reply.content.config_records[RECORD_KEY_CONFIGS]
@@ -323,7 +324,7 @@ def test_server_adds_the_mean_update_and_releases_only_with_all_sites_noise_shar
 def test_protocol_grid_names_each_site_that_failed_declined_or_gave_no_reply() -> None:
     from flwr.app import Error, MetricRecord
 
-    from server.strategy import DECLINED_ERROR_CODE
+    from common.wire import DECLINED_ERROR_CODE
     from tests.server.test_grid import DelayedGrid
 
     class Answers(DelayedGrid):
@@ -354,11 +355,11 @@ def test_protocol_grid_names_each_site_that_failed_declined_or_gave_no_reply() -
         for node in (1, 2, 3, 4)
     ]
     assert len(list(grid.send_and_receive(messages, timeout=0.3))) == 3
-    traffic = grid.round_traffic(7)
+    traffic = grid.round_log(7)
     assert traffic.declined == {2: f"{Stage.SHARE_KEYS}: site declined: budget spent"}
     assert traffic.failed == {3: f"{Stage.SHARE_KEYS}: ValueError: boom"}
     assert traffic.dropped == {4: f"{Stage.SHARE_KEYS}: no reply within the round timeout"}
-    assert traffic.reasons(grid.names) == [
+    assert traffic.shortfalls() == [
         f"beta (node 2) declined: {Stage.SHARE_KEYS}: site declined: budget spent",
         f"gamma (node 3) failed: {Stage.SHARE_KEYS}: ValueError: boom",
         f"node 4 dropped: {Stage.SHARE_KEYS}: no reply within the round timeout",
@@ -387,11 +388,9 @@ def _send(msg: Message, run: RunSettings, local_round: LocalRound, clip: bool) -
     """The inner part of the masked-vector stage, as client/secagg.py chains it under secaggplus_mod."""
     site = SiteSettings(site_name="site-a")
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
-    outcome: dict[str, Any] = {}
 
     def fit(message: Message, ctx: Context) -> Message:
-        outcome.update(_fit(message, run=run, site=site, local_round=local_round))
-        return cast(Message, outcome.pop("reply"))
+        return _fit(message, run=run, site=site, local_round=local_round)
 
     clipping_norm = (
         float(compat.recorddict_to_fitins(msg.content, keep_input=True).config[KEY_CLIPPING_NORM])

@@ -16,9 +16,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.identity import site_identity_mod
 from common.config import RunSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
+from common.wire import DECLINED_ERROR_CODE, SITE_RECORD
 from server.strategy import (
-    DECLINED_ERROR_CODE,
-    SITE_RECORD,
     Accounting,
     EmptyRoundError,
     RunFailed,
@@ -393,10 +392,15 @@ def test_invalid_evaluate_replies_are_ignored_and_recorded() -> None:
     assert set(accounting.rounds[1].evaluate_rejected) == {3}
 
 
-def test_declined_code_matches_the_client() -> None:
-    from client.app import DECLINED_ERROR_CODE as CLIENT_CODE
+def test_the_servers_classification_of_the_sites_decline_reply() -> None:
+    from client.egress import declined_reply
+    from server.strategy import classify_error
 
-    assert DECLINED_ERROR_CODE == CLIENT_CODE
+    msg = _incoming(2)
+    assert classify_error(declined_reply(msg, "budget spent")) == (
+        "declined",
+        "site declined: budget spent",
+    )
 
 
 def test_identity_mod_names_replies_and_errors() -> None:
@@ -540,3 +544,15 @@ def test_the_round_line_counts_every_outcome() -> None:
     assert round_counts({"sites": [], "failed": {3: "y"}, "head_updated": False}) == (
         "0 sites aggregated (head unchanged), 0 rejected, 0 declined, 1 failed, 0 dropped"
     )
+
+
+def test_every_registered_strategy_builds_its_flower_class() -> None:
+    from common.config import CLIENT_DP_STRATEGIES
+    from common.registries import STRATEGIES
+    from server.strategy import BASES
+
+    assert set(BASES) == set(STRATEGIES)
+    for name in STRATEGIES:
+        strategy, _ = _strategy(RunSettings(strategy=name, min_sites=3))
+        assert type(strategy.inner) is BASES[name]
+    assert set(CLIENT_DP_STRATEGIES) == {"fedavg", "fedprox"}

@@ -1,0 +1,116 @@
+"""A site's persistent privacy ledger: every round's DP-SGD spend, and its RDP epsilon."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.atomic import atomic_write_json
+from common.errors import PrivacyError
+
+LEDGER_FILE = "privacy-ledger.json"
+LEDGER_VERSION = 1
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of a composition of (noise multiplier, sample rate, steps) entries."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [entry for entry in history if entry[2] > 0]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def ledger_path(state_dir: str | os.PathLike[str]) -> Path:
+    """Where a site keeps its privacy ledger (one per site state dir)."""
+    return Path(state_dir) / LEDGER_FILE
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round's privacy spend (written before the round trains: a crash can only over-count)."""
+
+    run_id: int
+    server_round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    poisson: bool
+    num_examples: int
+    delta: float
+    epsilon_total: float  # the scope's total at ``delta`` once this entry counts (for auditors)
+    utc: str
+
+
+class PrivacyLedger:
+    """The site's RDP history in a JSON file, read afresh by every (possibly new) process.
+
+    The file is never reset or repaired automatically: an unreadable ledger raises PrivacyError,
+    because starting over would silently forget what the site has already spent.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def entries(self) -> list[LedgerEntry]:
+        """All recorded spends, oldest first (an absent file is an empty ledger)."""
+        if not self.path.exists():
+            return []
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+            if document.get("version") != LEDGER_VERSION:
+                raise ValueError(f"version {document.get('version')!r} != {LEDGER_VERSION}")
+            entries = [LedgerEntry(**item) for item in document["entries"]]
+            for entry in entries:
+                if not (entry.noise_multiplier > 0 and 0 < entry.sample_rate <= 1):
+                    raise ValueError(f"invalid entry {entry}")
+                if not (isinstance(entry.steps, int) and entry.steps >= 0):
+                    raise ValueError(f"invalid entry {entry}")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise PrivacyError(
+                f"privacy ledger {self.path} is unreadable ({exc}); refusing to train: restore it "
+                "from a backup (deleting it would reset the site's privacy budget)"
+            ) from exc
+        return entries
+
+    def history(
+        self, *, scope: str = "site", run_id: int | None = None
+    ) -> list[tuple[float, float, int]]:
+        """Opacus RDPAccountant history of the entries in ``scope`` ("run" needs ``run_id``)."""
+        return [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in self.entries()
+            if scope == "site" or e.run_id == run_id
+        ]
+
+    def epsilon(self, delta: float, *, scope: str = "site", run_id: int | None = None) -> float:
+        """Epsilon at ``delta`` spent so far in ``scope``."""
+        return rdp_epsilon(self.history(scope=scope, run_id=run_id), delta)
+
+    def record(self, entry: LedgerEntry) -> None:
+        """Append ``entry`` (atomic rewrite of the file)."""
+        entries = [*self.entries(), entry]
+        atomic_write_json(
+            self.path, {"version": LEDGER_VERSION, "entries": [asdict(e) for e in entries]}
+        )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock (POSIX) so a budget check and its spend are one step across processes."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - Windows: one training process per site
+                yield
+                return
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)

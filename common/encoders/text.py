@@ -1,0 +1,181 @@
+"""Hugging Face text encoders: tokenisation and token pooling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.encoders.base import Encoder, _check_choice, _forward_params, _freeze
+from common.errors import ConfigError, DataError
+
+TEXT_POOLINGS = ("mean", "cls", "last-token")
+
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class HFTextEncoder(Encoder):
+    """A Hugging Face text model (AutoTokenizer + AutoModel) with token pooling.
+
+    Poolings: "mean" (average of the hidden states of non-padding tokens), "cls" (the first
+    non-padding token, i.e. [CLS] for BERT-style models) and "last-token" (the last non-padding
+    token, for decoder LLMs; works with left or right padding). Default rule: "last-token" for
+    decoder-only models (``is_decoder_only``), "mean" for everything else. Texts are truncated to
+    ``max_length`` tokens (capped by the tokenizer's and the model's maximum). Decoders without a
+    pad token get eos (else unk, else bos) as pad token; with left padding they also get
+    position ids counted from the first real token, so padding never shifts positions.
+    Embeddings are not L2-normalised.
+    """
+
+    modality = "text"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        source: str,
+        weight_files: Sequence[Path],
+        pooling: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__(source=source, weight_files=weight_files, batch_size=batch_size)
+        self.model = _freeze(model)
+        self.tokenizer = tokenizer
+        config: Any = model.config
+        self.decoder_only = is_decoder_only(config)
+        self.pooling = _check_choice(
+            pooling or ("last-token" if self.decoder_only else "mean"),
+            TEXT_POOLINGS,
+            "pooling",
+            source,
+        )
+        self.max_length = _effective_max_length(max_length, tokenizer, config, source)
+        if tokenizer.pad_token is None:
+            _set_pad_token(tokenizer, source)
+        params = _forward_params(self.model)
+        if "attention_mask" not in params:
+            raise ConfigError(
+                f"encoder {source!r}: the model takes no attention_mask; cannot pool padded batches"
+            )
+        self._inputs = tuple(name for name in _TEXT_INPUTS if name in params)
+        self._positions_from_mask = (
+            self.decoder_only and tokenizer.padding_side == "left" and "position_ids" in params
+        )
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
+        self.dim = self._probe_dim("probe")
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model inputs for one batch (padded to its longest text, truncated to max_length)."""
+        encoded = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        inputs = {name: encoded[name] for name in self._inputs if name in encoded}
+        if self._positions_from_mask:
+            inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return inputs
+
+    def _embed_batch(self, items: list[Any]) -> torch.Tensor:
+        inputs = self.tokenize(items)
+        mask = inputs["attention_mask"]
+        empty = (mask.sum(dim=1) == 0).nonzero().flatten()
+        if len(empty):
+            raise DataError(f"text {items[int(empty[0])]!r} has no tokens after tokenisation")
+        hidden = self.model(**inputs).last_hidden_state
+        return pool_tokens(hidden, mask, self.pooling)
+
+    def _order(self, items: Sequence[Any]) -> np.ndarray:
+        # Longest first, so each batch holds texts of similar length (less padding); stable.
+        return np.argsort(-np.array([len(text) for text in items], dtype=np.int64), kind="stable")
+
+    def _validate(self, items: list[Any]) -> None:
+        for index, item in enumerate(items):
+            if not isinstance(item, str):
+                raise DataError(f"text item {index}: expected str, got {type(item).__name__}")
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "model_type": getattr(self.model.config, "model_type", None),
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+            "padding_side": self.tokenizer.padding_side,
+            "position_ids_from_mask": self._positions_from_mask,
+        }
+
+
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states [B, T, D] with attention mask [B, T] (1 = real token) to [B, D]."""
+    keep = mask.bool()
+    if pooling == "mean":
+        summed = hidden.masked_fill(~keep[..., None], 0.0).sum(dim=1)
+        return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)
+    if pooling == "cls":
+        index = keep.long().argmax(dim=1)  # first real token
+    elif pooling == "last-token":
+        index = (keep.long() * positions).argmax(dim=1)  # last real token, either padding side
+    else:
+        raise ConfigError(
+            f"unknown text pooling {pooling!r}; expected one of {', '.join(TEXT_POOLINGS)}"
+        )
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def is_decoder_only(config: Any) -> bool:
+    """True for decoder-only (causal LM) text models.
+
+    Rule: not encoder-decoder, and either ``config.is_decoder`` is set, or an architecture name
+    ends in "ForCausalLM" / "LMHeadModel", or the model type has a causal-LM class but no
+    masked-LM class (BERT-like types have both and count as encoders).
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    architectures = getattr(config, "architectures", None) or []
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        return True
+    model_type = getattr(config, "model_type", "")
+    return (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
+def _effective_max_length(max_length: int, tokenizer: Any, config: Any, source: str) -> int:
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ConfigError(
+            f"encoder {source!r}: max_length must be a positive integer, got {max_length!r}"
+        )
+    limits = [
+        max_length,
+        getattr(tokenizer, "model_max_length", None),
+        getattr(config, "max_position_embeddings", None),
+    ]
+    return min(int(v) for v in limits if isinstance(v, int) and v > 0)
+
+
+def _set_pad_token(tokenizer: Any, source: str) -> None:
+    for name in ("eos_token", "unk_token", "bos_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            tokenizer.pad_token = token
+            return
+    raise ConfigError(
+        f"encoder {source!r}: the tokenizer has no pad, eos, unk or bos token to pad batches with"
+    )

@@ -1,0 +1,235 @@
+"""Image encoders: shared torch preprocessing and Hugging Face vision backbones."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.encoders.base import Encoder, _check_choice, _first_line, _forward_params, _freeze
+from common.errors import ConfigError, DataError
+
+IMAGE_POOLINGS = ("pooled", "cls", "mean", "gap")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageEncoder(Encoder):
+    """Base for image encoders: shared torch preprocessing, subclasses run the network.
+
+    Preprocessing (no torchvision, no image processor): uint8 input is divided by 255;
+    grayscale becomes 3 channels; each image is resized to ``image_size`` x ``image_size``
+    (bilinear with antialiasing; the aspect ratio is not kept, no crop); then
+    ``(x * value_scale - mean) / std`` per channel.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        weight_files: Sequence[Path],
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        value_scale: float = 1.0,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__(source=source, weight_files=weight_files, batch_size=batch_size)
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ConfigError(
+                f"encoder {source!r}: image_size must be a positive integer, got {image_size!r}"
+            )
+        self.image_size = image_size
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.value_scale = float(value_scale)
+        self._mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.std).view(1, 3, 1, 1)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Model input [B, 3, image_size, image_size] for a batch of images."""
+        pixels = torch.stack([_resize_to_rgb(image, self.image_size) for image in images])
+        return (pixels * self.value_scale - self._mean) / self._std
+
+    @abstractmethod
+    def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Run the network on preprocessed pixels; returns [B, dim]."""
+
+    def _embed_batch(self, items: list[Any]) -> torch.Tensor:
+        return self.forward_pixels(self.preprocess(items))
+
+    def _validate(self, items: list[Any]) -> None:
+        for index, item in enumerate(items):
+            shape = getattr(item, "shape", None)
+            if not isinstance(item, np.ndarray) or not (
+                len(item.shape) == 2 or (len(item.shape) == 3 and item.shape[2] in (1, 3))
+            ):
+                raise DataError(
+                    f"image item {index}: expected an (H, W) or (H, W, 3) array, got shape {shape}"
+                )
+            if min(item.shape[:2]) < 1 or not np.isfinite(item).all():
+                raise DataError(
+                    f"image item {index}: empty or non-finite pixels (shape {item.shape})"
+                )
+
+    def _preprocessing(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "resize": "bilinear-antialias-square",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "value_scale": self.value_scale,
+        }
+
+
+def _resize_to_rgb(image: np.ndarray, size: int) -> torch.Tensor:
+    """One image (H, W) / (H, W, 1) / (H, W, 3) -> float32 [3, size, size] in the input's range."""
+    array = (
+        image.astype(np.float32) / 255.0
+        if image.dtype == np.uint8
+        else np.asarray(image, dtype=np.float32)
+    )
+    if not array.flags.writeable:
+        array = array.copy()
+    tensor = torch.from_numpy(array)
+    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    if tuple(tensor.shape[1:]) != (size, size):
+        tensor = F.interpolate(
+            tensor[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )[0]
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+
+
+class HFVisionEncoder(ImageEncoder):
+    """A Hugging Face vision backbone (ViT, DINOv2, ConvNeXt, ResNet, ...) loaded with AutoModel.
+
+    Poolings: "pooled" (the model's ``pooler_output``), "cls" (first token of a transformer's
+    ``last_hidden_state``), "mean" / "gap" (average of ``last_hidden_state`` over all tokens, or
+    over the spatial dims of a CNN feature map). Default: "pooled" when the model has a pooler
+    whose weights are in the checkpoint, else "cls" for transformers, else "mean".
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        source: str,
+        weight_files: Sequence[Path],
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        value_scale: float = 1.0,
+        pooling: str | None = None,
+        pooler_loaded: bool = True,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__(
+            source=source,
+            weight_files=weight_files,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            value_scale=value_scale,
+            batch_size=batch_size,
+        )
+        self.model = _freeze(model)
+        self._forward_kwargs: dict[str, Any] = {}
+        config_size = _as_int(getattr(model.config, "image_size", None))
+        if "interpolate_pos_encoding" in _forward_params(self.model) and config_size not in (
+            None,
+            image_size,
+        ):
+            self._forward_kwargs["interpolate_pos_encoding"] = True
+        if pooling is not None:
+            _check_choice(pooling, IMAGE_POOLINGS, "pooling", source)
+        outputs = self._probe_outputs()
+        has_pooler = getattr(outputs, "pooler_output", None) is not None and pooler_loaded
+        tokens = outputs.last_hidden_state.ndim == 3
+        if pooling is None:
+            pooling = "pooled" if has_pooler else "cls" if tokens else "mean"
+        elif pooling == "pooled" and not has_pooler:
+            raise ConfigError(
+                f"encoder {source!r}: pooling 'pooled' needs a trained pooler, and this model has none"
+            )
+        elif pooling == "cls" and not tokens:
+            raise ConfigError(
+                f"encoder {source!r}: pooling 'cls' needs a transformer (token outputs), not a CNN"
+            )
+        self.pooling = "mean" if pooling == "gap" else pooling
+        self.dim = int(self._pool(outputs).shape[1])
+
+    def _probe_outputs(self) -> Any:
+        """One forward pass on a black image: checks the model runs at this size, shows its outputs."""
+        pixels = self.preprocess([np.zeros((self.image_size, self.image_size), dtype=np.float32)])
+        try:
+            with torch.inference_mode():
+                return self.model(pixel_values=pixels, **self._forward_kwargs)
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            raise ConfigError(
+                f"encoder {self.source!r}: test forward pass as an image model failed: {_first_line(exc)}"
+            ) from exc
+
+    def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._pool(self.model(pixel_values=pixels, **self._forward_kwargs))
+
+    def _pool(self, outputs: Any) -> torch.Tensor:
+        if self.pooling == "pooled":
+            return outputs.pooler_output.flatten(1)
+        hidden = outputs.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        return hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden.mean(dim=1)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "model_type": getattr(self.model.config, "model_type", None),
+            "pooling": self.pooling,
+            **self._preprocessing(),
+        }
+
+
+def vision_preprocessing(
+    config: Any, preprocessor: dict[str, Any], image_size: int | None
+) -> tuple[int, tuple[float, ...], tuple[float, ...], float]:
+    """Input size, mean, std and value scale of a vision model.
+
+    Size: ``image_size`` if given, else preprocessor_config.json's crop_size (when it crops) or
+    size (height / shortest_edge), else ``config.image_size``, else 224. Mean/std: the
+    preprocessor's (identity when it does not normalise), else ImageNet's. Value scale maps our
+    [0, 1] pixels to what the model was trained on (255 * rescale_factor, 1 by default).
+    """
+    size = image_size
+    keys = ("crop_size", "size") if preprocessor.get("do_center_crop", True) else ("size",)
+    for key in keys:
+        size = size or _as_int(preprocessor.get(key))
+    size = size or _as_int(getattr(config, "image_size", None)) or 224
+    if preprocessor.get("do_normalize", True) is False:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean = tuple(preprocessor.get("image_mean") or IMAGENET_MEAN)
+        std = tuple(preprocessor.get("image_std") or IMAGENET_STD)
+    rescale = (
+        float(preprocessor.get("rescale_factor", 1 / 255))
+        if preprocessor.get("do_rescale", True)
+        else 1.0
+    )
+    return size, mean, std, round(255.0 * rescale, 6)
+
+
+def _as_int(value: Any) -> int | None:
+    """An image size from an int, a [h, w] list or a {"height"/"shortest_edge": n} dict."""
+    if isinstance(value, dict):
+        value = value.get("height", value.get("shortest_edge"))
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -1,0 +1,103 @@
+"""The names a run-config may choose, and what each needs: losses, head presets, strategies.
+
+Torch-free, so config checks and the CLI read it cheaply. common/losses.py builds the losses,
+common/heads.py HEAD_PRESETS holds the heads' shapes and server/strategy/factory.py the
+strategies' Flower classes, each keyed by these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """A loss: what data it needs, and whether it is valid under DP-SGD."""
+
+    description: str
+    labels: bool = False  # needs class labels (rows without one are skipped)
+    prompts: bool = False  # needs the task's class prompts (frozen text embeddings) each step
+    pairs: bool = False  # needs paired image and text rows (two-tower layout)
+    per_example: bool = False  # each example's loss depends on that example alone (DP-SGD safe)
+    min_classes: int = 1  # labelled data must have at least this many classes
+
+
+LOSSES: dict[str, LossInfo] = {
+    "infonce": LossInfo(
+        "CLIP symmetric InfoNCE over image-text pairs, learnable temperature (no labels)",
+        pairs=True,
+    ),
+    "infonce+supcon": LossInfo(
+        "InfoNCE + 2 x SupCon (T 0.2): retrieval from the pairs, classes from labels",
+        labels=True,
+        pairs=True,
+    ),
+    "infonce+supcon+prompts": LossInfo(
+        "infonce+supcon + 1 x cross-entropy over the class prompts (T 0.1): "
+        "classes tied to their prompt's text, negatives at single-class sites",
+        labels=True,
+        prompts=True,
+        pairs=True,
+    ),
+    "pairwise": LossInfo(
+        "label-aware pairwise BCE on in-batch similarities (arXiv 2502.02048)", labels=True
+    ),
+    "supcon": LossInfo(
+        "supervised contrastive (Khosla et al.), image and text rows of a class are positives",
+        labels=True,
+    ),
+    "proxy": LossInfo(
+        "cross-entropy to learnable class proxies; per-example decomposable (DP-SGD safe)",
+        labels=True,
+        per_example=True,
+        min_classes=2,  # a softmax over the class proxies
+    ),
+}
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """A head preset (its shapes: common/heads.py HEAD_PRESETS, same names, same order)."""
+
+    description: str
+
+
+HEADS: dict[str, HeadInfo] = {
+    "default": HeadInfo("Linear(in, 512) -> LayerNorm -> GELU -> Linear(512, 128), L2-normalised"),
+    "paper": HeadInfo("arXiv 2502.02048: Linear(in, min(in//2, 16)) -> ReLU -> Linear(., 128)"),
+    "small": HeadInfo("out 64, hidden 128: cheap to send each round and to train under DP-SGD"),
+}
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    """A Flower aggregation strategy (its class: server/strategy/factory.py BASES)."""
+
+    description: str
+    mean: bool = False  # aggregates with FedAvg's weighted mean (client-level DP, SecAgg+ need it)
+
+
+STRATEGIES: dict[str, StrategyInfo] = {
+    "fedavg": StrategyInfo("example-weighted mean of the sites' heads", mean=True),
+    "fedavgm": StrategyInfo("FedAvg with server momentum (server-momentum)"),
+    "fedprox": StrategyInfo("FedAvg with a proximal term at the sites (proximal-mu)", mean=True),
+    "fedadam": StrategyInfo("server-side Adam on the mean update (server-lr)"),
+    "fedyogi": StrategyInfo("server-side Yogi on the mean update (server-lr)"),
+    "fedmedian": StrategyInfo("coordinate-wise median of the sites' heads"),
+    "fedtrimmedavg": StrategyInfo("coordinate-wise trimmed mean (trim-beta)"),
+    "krum": StrategyInfo("Krum: the site head closest to its neighbours"),
+}
+
+
+def sample_dp_losses() -> tuple[str, ...]:
+    """The losses valid under sample-level DP (DP-SGD): per-example decomposable ones."""
+    return tuple(name for name, info in LOSSES.items() if info.per_example)
+
+
+def loss_info(name: str) -> LossInfo:
+    """The loss named ``name``; ConfigError naming the valid ones otherwise."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
+    return LOSSES[name]

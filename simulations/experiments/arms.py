@@ -1,0 +1,399 @@
+"""The comparison's arms: the sites' splits, how each arm is trained, stopped on validation and scored."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.artifacts import load_head
+from common.config import RunSettings, SiteSettings
+from common.embedding import EmbeddedDataset
+from common.errors import ConfigError
+from common.evaluation import aligned_metrics, evaluate_head, projected_metrics, quick_metrics
+from common.metrics import RIDGES, linear_alignments
+from common.pipeline import SiteData, prepare_site_data, split_indices
+from common.training import HeadModel, build_run_model, train_head
+
+HEADLINE = ("mean_R@1", "mean_R@5", "mean_R@10", "zs_acc", "zs_auroc", "probe_f1_macro")
+PRIVACY_COLUMNS = ("epsilon",)  # delta is in the note under the table
+
+
+SAMPLE_DP_LOSS = "proxy"  # the decomposable loss: the only one DP-SGD's guarantee holds for
+
+
+# Each site's held-out split (never trained on) is halved, stratified by label, with this seed:
+# one half is the VALIDATION split every trained arm stops on, the other the TEST split it is
+# scored on once. The sites' own per-round ``eval-*`` reports cover both halves, so they are
+# plotted but never used for selection.
+VALIDATION_SEED = 1
+
+
+SELECTION = "mean of validation R@5 and zero-shot AUROC"
+"""What every trained arm is stopped on (label-only data: nearest-centroid accuracy)."""
+
+
+@dataclass
+class FederatedArm:
+    """One federated run of the comparison: its final head and what its history says."""
+
+    label: str
+    model: HeadModel
+    history: list[dict[str, Any]]
+    privacy: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None  # checkpoints of every round (server/checkpoints.py RunStore)
+
+
+def concat_embedded(parts: Sequence[EmbeddedDataset]) -> EmbeddedDataset:
+    """Row-wise union of several sites' embedded data (same classes and prompts)."""
+
+    def cat(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    groups = None
+    site_groups = [p.text_groups for p in parts]
+    if all(g is not None and g.size for g in site_groups):  # per-site ids: shift them apart
+        offset, shifted = 0, []
+        for g in site_groups:
+            assert g is not None
+            shifted.append(g + offset)
+            offset += int(g.max()) + 1
+        groups = np.concatenate(shifted)
+    return EmbeddedDataset(
+        ids=[i for p in parts for i in p.ids],
+        image=cat("image"),
+        text=cat("text"),
+        labels=cat("labels"),
+        class_names=list(parts[0].class_names),
+        prompts=parts[0].prompts,
+        text_groups=groups,
+    )
+
+
+def prepare_sites(run: RunSettings, sites: int, *, cache_dir: Path) -> list[SiteData]:
+    """Every simulated site's embedded train/test split, exactly as its ClientApp will see it."""
+    return [
+        prepare_site_data(
+            SiteSettings(partition_id=i, num_partitions=sites).data_spec(run), cache_dir=cache_dir
+        )
+        for i in range(sites)
+    ]
+
+
+@dataclass
+class SiteSplits:
+    """A site's training split (what its ClientApp trains on) and its held-out split, halved."""
+
+    train: EmbeddedDataset
+    val: EmbeddedDataset
+    test: EmbeddedDataset
+
+
+@dataclass
+class CommonTest:
+    """One test set that scores every arm instead of the sites' test halves.
+
+    Its rows are in no site's data (sites run with ``test-rows = "exclude"``), so each site's whole
+    held-out split is its validation split. ``per_site``: each site's own rows of it, for the
+    per-site table (None: no site has rows of its own).
+    """
+
+    data: EmbeddedDataset
+    per_site: Sequence[EmbeddedDataset] | None = None
+
+    def site_tests(self, run: RunSettings, sites: Sequence[SiteData]) -> list[EmbeddedDataset]:
+        """Each site's own test rows (maybe none), after checking the set fits the run and sites."""
+        if run.test_rows != "exclude":
+            raise ConfigError(
+                'a common test set needs run-config test-rows = "exclude" (the sites would '
+                "otherwise keep the rows marked split=test as their held-out split)"
+            )
+        reference = sites[0].train
+        if self.data.class_names != reference.class_names or self.data.dims != reference.dims:
+            raise ConfigError(
+                f"the common test set has classes {self.data.class_names} and inputs "
+                f"{self.data.dims}, the sites {reference.class_names} and {reference.dims}"
+            )
+        if self.per_site is None:
+            return [self.data.subset([]) for _ in sites]
+        if len(self.per_site) != len(sites):
+            raise ConfigError(
+                f"the common test set has rows for {len(self.per_site)} sites, not {len(sites)}"
+            )
+        return list(self.per_site)
+
+
+def split_holdout(
+    site: SiteData, *, seed: int = VALIDATION_SEED, own_test: EmbeddedDataset | None = None
+) -> SiteSplits:
+    """Halve ``site``'s held-out split into validation and test (stratified by label); train untouched.
+
+    With ``own_test`` (the site's rows of a ``CommonTest``), the whole held-out split is
+    validation and ``own_test`` is the site's test split.
+    """
+    if own_test is not None:
+        return SiteSplits(site.train, site.test, own_test)
+    test_rows, val_rows = split_indices(
+        len(site.test), site.test.labels, test_fraction=0.5, seed=seed
+    )
+    return SiteSplits(site.train, site.test.subset(val_rows), site.test.subset(test_rows))
+
+
+@dataclass
+class Selection:
+    """Where a trained arm was stopped: the validation score after each step and the best step.
+
+    ``unit`` is "epoch" (a step = ``per_step`` epochs of local training) or "round" (a federated
+    round); ``chosen`` is the 1-based step of the best score (the earliest on ties).
+    """
+
+    unit: str
+    scores: list[float]
+    per_step: int = 1
+
+    @property
+    def chosen(self) -> int:
+        return select_best(self.scores)
+
+    @property
+    def label(self) -> str:
+        return f"{self.unit} {self.chosen * self.per_step}/{len(self.scores) * self.per_step}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "chosen": self.chosen * self.per_step,
+            "budget": len(self.scores) * self.per_step,
+            "validation_scores": self.scores,
+        }
+
+
+def select_best(scores: Sequence[float]) -> int:
+    """1-based index of the highest validation score (the earliest on ties; NaN never wins)."""
+    if not scores:
+        raise ConfigError("model selection: no validation scores (zero epochs or rounds?)")
+    values = np.asarray(scores, dtype=np.float64)
+    if np.isnan(values).all():
+        raise ConfigError("model selection: every validation score is NaN")
+    return int(np.nanargmax(values)) + 1
+
+
+def selection_score(model: HeadModel, val: Sequence[EmbeddedDataset]) -> float:
+    """The validation score of ``model`` on one or more validation splits (higher is better).
+
+    Per split: the mean of recall@5 and zero-shot AUROC (paired data), or nearest-centroid
+    accuracy (label-only data), as ``quick_metrics`` computes them; several splits (the sites'
+    own validation halves) are averaged weighted by their sizes, as the sites' reports would be.
+    """
+    scores, weights = [], []
+    for data in val:
+        metrics = quick_metrics(model, data, prefix="")
+        keys: list[str] = [k for k in ("R@5", "zs_auroc") if k in metrics] or ["centroid_acc"]
+        if keys[0] not in metrics:
+            raise ConfigError("model selection: the validation split gives no metric to select on")
+        scores.append(float(np.mean([metrics[k] for k in keys])))
+        weights.append(len(data))
+    return float(np.average(scores, weights=weights))
+
+
+def train_selected(
+    run: RunSettings, train: EmbeddedDataset, val: EmbeddedDataset, *, steps: int
+) -> tuple[HeadModel, Selection]:
+    """Train ``steps`` x ``run.local_epochs`` epochs; return the head at the best validation step.
+
+    Each step is one federated round's local training on all of ``train`` (same optimiser reset
+    and per-round seed), so a site alone or the pooled data get exactly a round's procedure, and
+    the stopping point is chosen as the federated arm's is: by ``selection_score`` on ``val``.
+    """
+    model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
+    scores: list[float] = []
+    best: dict[str, Any] | None = None
+    for step in range(1, steps + 1):
+        config = run.train_config(seed=run.seed * 100_003 + step)
+        train_head(model, train, config)
+        scores.append(selection_score(model, [val]))
+        if select_best(scores) == step:
+            best = copy.deepcopy(model.state_dict())
+    assert best is not None
+    model.load_state_dict(best)
+    return model, Selection("epoch", scores, per_step=run.local_epochs)
+
+
+def select_round(
+    run_dir: Path, model: HeadModel, val: Sequence[EmbeddedDataset]
+) -> tuple[HeadModel, Selection]:
+    """Load into ``model`` the federated run's checkpoint (round >= 1) with the best validation score."""
+    from common.artifacts import load_state_arrays
+    from server.checkpoints import RunStore
+
+    store = RunStore(run_dir)
+    paths = sorted(store.checkpoints.glob("round-*.safetensors"))
+    checkpoints = [(int(p.stem.split("-")[1]), p) for p in paths]
+    checkpoints = [(r, p) for r, p in checkpoints if r >= 1]
+    if [r for r, _ in checkpoints] != list(range(1, len(checkpoints) + 1)):
+        raise ConfigError(f"{store.checkpoints}: rounds missing from the checkpoints")
+    scores, states = [], []
+    for server_round, path in checkpoints:
+        states.append(RunStore.load_checkpoint(path, server_round).arrays)
+        load_state_arrays(model, states[-1], source=str(path))
+        scores.append(selection_score(model, val))
+    selection = Selection("round", scores)
+    _, path = checkpoints[selection.chosen - 1]
+    load_state_arrays(model, states[selection.chosen - 1], source=str(path))
+    return model, selection
+
+
+def metric_row(
+    method: str,
+    model: HeadModel | None,
+    train: EmbeddedDataset,
+    test: EmbeddedDataset,
+    *,
+    alignments: Sequence[str] = ("lstsq",),
+) -> dict[str, Any]:
+    """The headline metrics of ``model`` (None: the frozen embeddings' probe and, for paired data,
+    the ``alignments`` rows of ``evaluate_head``) fitted on ``train`` and scored on ``test``."""
+    if model is not None:
+        source = projected_metrics(model, train, test)
+    else:  # paired data also has the closed-form aligned row; label-only data has just "frozen"
+        rows = {
+            r["embeddings"]: r for r in evaluate_head(None, train, test, alignments=alignments).rows
+        }
+        source = {**rows.get("frozen+lstsq", {}), **rows["frozen"]}
+    return {"method": method, **{k: v for k, v in source.items() if k in HEADLINE}}
+
+
+# The frozen baseline's one hyperparameter, the least-squares map's relative ridge (one of
+# common.metrics.RIDGES), is chosen on the pooled validation halves by the same score.
+def frozen_row(
+    method: str, train: EmbeddedDataset, val: EmbeddedDataset, test: EmbeddedDataset
+) -> tuple[dict[str, Any], Selection | None]:
+    """The frozen embeddings' row: the probe, and for paired data the least-squares alignment
+    whose ridge (``RIDGES``) scores best on ``val`` by the selection score, scored on ``test``."""
+    row = metric_row(method, None, train, test, alignments=())  # the map is tuned below
+    if train.image is None or train.text is None:
+        return row, None
+    alignments = linear_alignments(train.image, train.text, method="lstsq", ridges=RIDGES)
+    scores = []
+    for alignment in alignments:
+        metrics = _finite(aligned_metrics(alignment, val, ks=(5,)))
+        keys = [k for k in ("mean_R@5", "zs_auroc") if k in metrics]
+        scores.append(float(np.mean([metrics[k] for k in keys])))
+    selection = Selection("ridge", scores)
+    ridge = RIDGES[selection.chosen - 1]
+    aligned = _finite(aligned_metrics(alignments[selection.chosen - 1], test))
+    row.update({k: v for k, v in aligned.items() if k in HEADLINE})
+    return {**row, "stop": f"ridge {ridge:g}"}, selection
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def ridge_selection(selection: Selection) -> dict[str, Any]:
+    """The frozen row's selection as JSON: the chosen ridge itself, and every ridge's score."""
+    return {
+        "unit": selection.unit,
+        "chosen": RIDGES[selection.chosen - 1],
+        "ridges": list(RIDGES),
+        "validation_scores": selection.scores,
+    }
+
+
+def run_config_of(run: RunSettings, **extra: Any) -> dict[str, Any]:
+    """``run`` as Flower run-config keys (without run-dir/resume, which the simulation sets)."""
+    config = {
+        k.replace("_", "-"): v for k, v in run.to_dict().items() if k not in ("run_dir", "resume")
+    }
+    return {**config, **extra}
+
+
+def federate(
+    *,
+    label: str,
+    run_config: Mapping[str, Any],
+    sites: int,
+    home: Path,
+    cache_dir: Path,
+    echo: bool = False,
+) -> FederatedArm:
+    """One federated arm on Flower's simulation engine, in its own ``home``.
+
+    The simulated sites start fresh (their state dir, privacy ledger and audit log included: each
+    arm is a new consortium) and share the embedding cache ``cache_dir``. Raises ConfigError for a
+    run-config its coordinator would refuse (before any process starts) and FlowerError, with
+    Flower's reason, if the run does not finish ``finished:completed``. ``privacy`` of the result:
+    the epsilon spent as the sites' audit logs (sample-level) or the history's accountant record
+    (client-level) report it.
+    """
+    from simulations.flower.federate import simulate
+
+    home = home.resolve()
+    shutil.rmtree(home / "sites", ignore_errors=True)
+    home.mkdir(parents=True, exist_ok=True)
+    link, target = home / "cache", cache_dir.resolve()
+    if link.resolve() != target:
+        if link.is_symlink():
+            link.unlink()
+        target.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, link, target_is_directory=True)
+    fed = simulate(out_dir=home, sites=sites, run_config=dict(run_config), echo=echo)
+    fed.raise_for_status(f"federated arm '{label}'")
+    model, _ = load_head(fed.final_head)
+    privacy: dict[str, Any] = {}
+    if float(run_config.get("dp-target-epsilon", 0) or 0) > 0:
+        privacy = sample_level_spent(home, sites, delta=float(run_config["dp-delta"]))
+    elif str(run_config.get("client-dp", "off")) != "off":
+        privacy = client_level_spent(fed.history)
+    return FederatedArm(label, model, fed.history, privacy, fed.run_dir)
+
+
+def sample_level_spent(home: Path, sites: int, *, delta: float) -> dict[str, Any]:
+    """Each site's cumulative epsilon at ``delta`` as its audit log records it (its ledger's total).
+
+    ``epsilon`` is the largest: the guarantee every site's examples have at least.
+    """
+    from client.audit import audit_path, verify_audit_log
+    from simulations.flower.federate import site_name
+
+    per_site: dict[str, float] = {}
+    for i in range(sites):
+        path = audit_path(home / "sites" / site_name(i))
+        summary = verify_audit_log(path)
+        if not summary.ok:
+            raise ConfigError(f"{path}: egress audit failed: {summary.violations[:3]}")
+        if summary.epsilon_spent is None:
+            raise ConfigError(f"{path}: no privacy spend recorded although DP-SGD was on")
+        per_site[site_name(i)] = summary.epsilon_spent
+    return {
+        "privacy": "sample-level",
+        "epsilon": max(per_site.values()),
+        "delta": delta,
+        "epsilon_per_site": per_site,
+        "accounting": "Opacus RDP, per site, cumulative over all rounds (site audit log)",
+    }
+
+
+def client_level_spent(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The federation's (epsilon, delta) after the last round, from the accountant's history record."""
+    records = [e["client_dp"] for e in history if "client_dp" in e]
+    if not records:
+        raise ConfigError("client-level DP was on but the run's history has no client_dp record")
+    last = records[-1]
+    return {
+        "privacy": "client-level",
+        "epsilon": float(last["epsilon"]),
+        "delta": float(last["delta"]),
+        "releases": int(last["releases"]),
+        "noise_multiplier": float(last["noise_multiplier"]),
+        "clipping_norm": float(last["clipping_norm"]),
+        "accounting": str(last["accounting"]),
+    }

@@ -1,0 +1,152 @@
+"""The comparison's arms: the frozen row, stopping points chosen on validation, the kept checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import RunSettings
+from common.errors import ConfigError
+from common.training import build_run_model
+from simulations.experiments.arms import (
+    CommonTest,
+    metric_row,
+    select_best,
+    select_round,
+    selection_score,
+    split_holdout,
+    train_selected,
+)
+
+
+def test_frozen_row_of_text_only_data_has_the_probe_and_no_retrieval() -> None:
+    import numpy as np
+
+    from common.embedding import EmbeddedDataset
+
+    rng = np.random.default_rng(0)
+
+    def part(n: int) -> EmbeddedDataset:
+        labels = np.arange(n) % 2
+        text = rng.normal(size=(n, 8)).astype(np.float32) + 3.0 * labels[:, None]
+        return EmbeddedDataset(
+            ids=[str(i) for i in range(n)], text=text, labels=labels, class_names=["a", "b"]
+        )
+
+    row = metric_row("frozen", None, part(60), part(30))
+    assert row["probe_f1_macro"] > 0.9  # separable classes: the frozen probe finds them
+    assert not any(k.startswith("mean_R@") for k in row)  # no image side: no retrieval
+
+
+def _paired(n: int, seed: int) -> Any:
+    """Paired image/text embeddings of 3 classes (text = a noisy linear map of image), with prompts."""
+    import numpy as np
+
+    from common.embedding import EmbeddedDataset
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    centres = np.random.default_rng(99).normal(size=(3, 12))
+    image = centres[labels] + rng.normal(size=(n, 12))
+    text = image @ np.random.default_rng(98).normal(size=(12, 10)) + rng.normal(size=(n, 10))
+    prompts = centres @ np.random.default_rng(98).normal(size=(12, 10))
+    return EmbeddedDataset(
+        ids=[f"{seed}-{i}" for i in range(n)],
+        image=image.astype(np.float32),
+        text=text.astype(np.float32),
+        labels=labels,
+        class_names=["a", "b", "c"],
+        prompts=prompts.astype(np.float32),
+    )
+
+
+def _small_run(**extra: Any) -> RunSettings:
+    return RunSettings.from_run_config(
+        {"head": "small", "local-epochs": 1, "batch-size": 16, "lr": 0.01, **extra}
+    )
+
+
+def test_select_best_is_the_earliest_validation_argmax() -> None:
+    assert select_best([0.1, 0.3, 0.3, math.nan, 0.2]) == 2
+    assert select_best([math.nan, 0.0]) == 2
+    with pytest.raises(ConfigError, match="no validation scores"):
+        select_best([])
+    with pytest.raises(ConfigError, match="NaN"):
+        select_best([math.nan, math.nan])
+
+
+def test_train_selected_keeps_the_head_of_its_best_validation_step() -> None:
+    train, val = _paired(96, 0), _paired(30, 1)
+    model, selection = train_selected(_small_run(), train, val, steps=6)
+    assert len(selection.scores) == 6 and selection.unit == "epoch"
+    assert selection.chosen == select_best(selection.scores)
+    # The returned head is the chosen step's, not the last one's: it reproduces that score.
+    assert selection_score(model, [val]) == pytest.approx(selection.scores[selection.chosen - 1])
+    assert selection.to_dict()["chosen"] == selection.chosen  # 1 local epoch per step
+
+
+def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path: Path) -> None:
+    import numpy as np
+
+    from common.artifacts import state_arrays
+    from server.checkpoints import RunStore
+
+    run, train = _small_run(), _paired(96, 0)
+    vals = [_paired(20, 2), _paired(40, 3)]
+    store = RunStore(tmp_path)
+    model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
+    store.save_checkpoint(0, state_arrays(model), {})  # the initial head is never a candidate
+    saved, expected = {}, []
+    for server_round in range(1, 5):
+        trained, _ = train_selected(_small_run(seed=server_round), train, vals[1], steps=1)
+        saved[server_round] = state_arrays(trained)
+        store.save_checkpoint(server_round, saved[server_round], {})
+        expected.append(selection_score(trained, vals))
+    loaded, selection = select_round(
+        tmp_path, build_run_model(run, dims=train.dims, num_classes=train.num_classes), vals
+    )
+    assert selection.scores == pytest.approx(expected)
+    assert selection.chosen == int(np.argmax(expected)) + 1
+    for key, value in state_arrays(loaded).items():
+        np.testing.assert_array_equal(value, saved[selection.chosen][key])
+
+
+def _site(train: Any, held_out: Any) -> Any:
+    from common.embedding import EmbedReport
+    from common.pipeline import SiteData
+
+    return SiteData(train, held_out, EmbedReport(), {})
+
+
+def test_split_holdout_with_a_common_test_set_keeps_the_held_out_split_for_validation() -> None:
+    site = _site(_paired(40, 0), _paired(12, 1))
+    halves = split_holdout(site)  # no common test set: halved, as the committed results were
+    assert sorted(halves.val.ids + halves.test.ids) == sorted(site.test.ids)
+    assert len(halves.val) == len(halves.test) == 6
+    own = _paired(5, 2)
+    splits = split_holdout(site, own_test=own)
+    assert splits.train is site.train and splits.val.ids == site.test.ids and splits.test is own
+
+
+def test_common_test_set_refuses_sites_that_keep_the_marked_rows_or_other_classes() -> None:
+    sites = [_site(_paired(40, 0), _paired(12, 1)), _site(_paired(40, 3), _paired(12, 4))]
+    common = CommonTest(_paired(6, 2))
+    with pytest.raises(ConfigError, match='test-rows = "exclude"'):
+        common.site_tests(_small_run(), sites)  # holdout: the sites keep the marked rows
+    run = _small_run(**{"test-rows": "exclude"})
+    assert [len(t) for t in common.site_tests(run, sites)] == [0, 0]
+    per_site = [_paired(2, 5), _paired(4, 6)]
+    assert CommonTest(_paired(6, 2), per_site).site_tests(run, sites) == per_site
+    with pytest.raises(ConfigError, match="rows for 1 sites, not 2"):
+        CommonTest(_paired(6, 2), per_site[:1]).site_tests(run, sites)
+    other = _paired(6, 2)
+    other.class_names = ["x", "y", "z"]
+    with pytest.raises(ConfigError, match=r"classes \['x', 'y', 'z'\]"):
+        CommonTest(other).site_tests(run, sites)
+    text_only = _paired(6, 2)
+    text_only.image = None
+    with pytest.raises(ConfigError, match="inputs"):
+        CommonTest(text_only).site_tests(run, sites)

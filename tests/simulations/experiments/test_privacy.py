@@ -1,0 +1,115 @@
+"""The utility-vs-epsilon study on a tiny federation: accountant epsilons, one row per epsilon, figure."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import pytest
+
+from client.privacy import PrivacyLedger, ledger_path
+from common.errors import ConfigError
+from simulations.experiments.privacy import METRIC, run_study
+
+pytestmark = pytest.mark.slow
+EPSILONS, DELTA = (2.0, math.inf), 1e-5
+
+
+@pytest.fixture(scope="module")
+def study(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], Path, Path]:
+    out, work = tmp_path_factory.mktemp("privacy-out"), tmp_path_factory.mktemp("privacy-work")
+    document = run_study(
+        out_dir=out,
+        work_dir=work,
+        datasets=["synthetic-radiology"],
+        epsilons=EPSILONS,
+        seeds=[0],
+        sites=2,
+        rounds=2,
+        local_epochs=1,
+        delta=DELTA,
+        overrides={
+            "image-encoder": str(tiny_model_dirs["image"]),
+            "text-encoder": str(tiny_model_dirs["text"]),
+            "encoder-image-size": 0,
+            "dataset-n": 120,
+            "batch-size": 16,
+            "head": "small",
+        },
+    )
+    return document, out, work
+
+
+def test_one_row_per_epsilon_with_the_accountants_epsilon(
+    study: tuple[dict[str, Any], Path, Path],
+) -> None:
+    document, _, work = study
+    summary = document["summary"]
+    assert [row["target_epsilon"] for row in summary] == sorted(EPSILONS)
+    private, baseline = summary
+    assert 0.5 * EPSILONS[0] < private["epsilon"] <= EPSILONS[0]
+    assert private["noise_multiplier_mean"] > 0 and private["delta"] == DELTA
+    assert math.isinf(baseline["epsilon"]) and baseline["delta"] is None
+    (run,) = [r for r in document["runs"] if r["target_epsilon"] == EPSILONS[0]]
+    assert run["rounds_completed"] == 2
+    # The reported epsilon is each site's ledger total, recomputed here from (sigma, q, steps).
+    home = work / "synthetic-radiology" / "seed-0" / "eps-2"
+    for site, spent in run["epsilon_per_site"].items():
+        ledger = PrivacyLedger(ledger_path(home / "sites" / site))
+        assert spent == pytest.approx(ledger.epsilon(DELTA), rel=1e-9)
+    # The no-DP row trained without a ledger: the same federation, just not private.
+    inf_home = work / "synthetic-radiology" / "seed-0" / "eps-inf"
+    assert not ledger_path(inf_home / "sites" / "site-0").exists()
+    for row in summary:
+        assert 0.0 <= row[METRIC] <= 1.0 and f"frozen_{METRIC}" in row
+
+
+def test_outputs_json_markdown_and_figure(study: tuple[dict[str, Any], Path, Path]) -> None:
+    document, out, _ = study
+    saved = json.loads((out / "privacy.json").read_text())
+    assert saved["summary"][1]["epsilon"] == "inf"  # JSON has no infinity
+    assert saved["summary"][0]["epsilon"] == document["summary"][0]["epsilon"]
+    markdown = (out / "privacy.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| synthetic-radiology")]
+    assert len(table) == len(EPSILONS)
+    assert f"{document['summary'][0]['epsilon']:.3f}" in table[0] and "∞ (no DP)" in table[1]
+    assert "utility_vs_epsilon.png" in markdown
+    image = matplotlib.image.imread(out / "utility_vs_epsilon.png")
+    assert image.ndim == 3 and image.shape[1] > 300
+
+
+def test_restart_reuses_finished_runs(
+    study: tuple[dict[str, Any], Path, Path], tiny_model_dirs: dict[str, Path]
+) -> None:
+    document, out, work = study
+    again = run_study(
+        out_dir=out,
+        work_dir=work,
+        datasets=["synthetic-radiology"],
+        epsilons=EPSILONS,
+        seeds=[0],
+        sites=2,
+        rounds=2,
+        local_epochs=1,
+        delta=DELTA,
+        overrides={
+            "image-encoder": str(tiny_model_dirs["image"]),
+            "text-encoder": str(tiny_model_dirs["text"]),
+            "encoder-image-size": 0,
+            "dataset-n": 120,
+            "batch-size": 16,
+            "head": "small",
+        },
+    )
+    assert again["runs"] == document["runs"]  # from the journal: no Flower run started
+    assert again["seconds"] < 60
+
+
+def test_rejects_non_positive_epsilon(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="epsilons"):
+        run_study(out_dir=tmp_path, work_dir=tmp_path, epsilons=[0.0, math.inf])
