@@ -25,8 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	# 4 workers on 2 cores: the end-to-end tests mostly wait on Flower's fixed 3 s polls.
-	$(BIN)/pytest -q -n 4 --dist loadfile
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # Unit tests only: no Flower processes, no long runs (those carry the `slow` marker).
 test-fast: $(STAMP)

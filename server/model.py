@@ -56,12 +56,14 @@ class ServerEvaluator:
     """Scores the global head each round on a coordinator-held validation set (never site data)."""
 
     def __init__(self, run: RunSettings) -> None:
+        from common.data.registry import BUILTIN_DATASETS
 
+        builtin = run.server_eval in BUILTIN_DATASETS  # a manifest is used whole, as it is
         spec = DataSpec(
             dataset=run.server_eval,
-            n=run.server_eval_n or None,
+            n=(run.server_eval_n or None) if builtin else None,
             seed=run.seed + 7919,  # disjoint from the sites' generated data
-            task=run.task or None,
+            task=(run.task or None) if builtin else None,
             image_encoder=run.image_encoder,
             text_encoder=run.text_encoder,
             encoder_image_size=run.encoder_image_size or None,

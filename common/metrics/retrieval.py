@@ -23,6 +23,16 @@ TIE_TOLERANCE = 1e-6
 _CHUNK_ELEMENTS = 1 << 24  # similarity-matrix entries held at once (128 MB of float64)
 
 
+def _paired_matrices(
+    a: np.ndarray, name_a: str, b: np.ndarray, name_b: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two embedding matrices whose rows are paired (same shape)."""
+    a_arr, b_arr = _matrix(a, name_a), _matrix(b, name_b)
+    _same_rows(a_arr, name_a, b_arr, name_b)
+    _same_columns(a_arr, name_a, b_arr, name_b)
+    return a_arr, b_arr
+
+
 def _prob_correct_in_top(m: np.ndarray, n_correct: np.ndarray, n_wrong: np.ndarray) -> np.ndarray:
     """P(at least one of ``n_correct`` items lands in the first ``m`` of a random order.
 
@@ -89,10 +99,7 @@ def recall_at_k(
     broken uniformly at random *in expectation*: a collapsed model that maps everything to one
     point scores chance, not 1.0. Returns ``{"R@1": ..., "R@5": ..., "R@10": ...}`` (fractions).
     """
-    q = _matrix(query, "query")
-    g = _matrix(gallery, "gallery")
-    _same_rows(q, "query", g, "gallery")
-    _same_columns(q, "query", g, "gallery")
+    q, g = _paired_matrices(query, "query", gallery, "gallery")
     ks = _ks(ks)
     n = q.shape[0]
     grouping = np.arange(n) if groups is None else _int_vector(groups, "groups", n)
@@ -140,10 +147,7 @@ def cross_modal_retrieval(
     Keys: ``"i2t_R@k"`` (image queries, text gallery), ``"t2i_R@k"`` (text queries, image
     gallery) and ``"mean_R@k"`` (their average), for each k in ``ks``.
     """
-    img = _matrix(image_z, "image_z")
-    txt = _matrix(text_z, "text_z")
-    _same_rows(img, "image_z", txt, "text_z")
-    _same_columns(img, "image_z", txt, "text_z")
+    img, txt = _paired_matrices(image_z, "image_z", text_z, "text_z")
     ks = _ks(ks)
     n = img.shape[0]
     groupings = [np.arange(n)]

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from common.config import HOME_ENV, RunSettings, SiteSettings
+from common.wire import NUM_EXAMPLES
 from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.machine import load_average, machine_info
 from simulations.flower.processes import descendants
@@ -222,7 +223,7 @@ def measure_sites(
         raise RuntimeError(
             f"{sites} sites: rounds aggregated {aggregated}, expected {rounds} x {sites}"
         )
-    examples = [int(m["num-examples"]) for e in fed.history for m in e["site_metrics"].values()]
+    examples = [int(m[NUM_EXAMPLES]) for e in fed.history for m in e["site_metrics"].values()]
     replies = [b for e in fed.history for b in e["bytes_received"].values()]
     return {
         "sites": sites,

@@ -307,6 +307,7 @@ def _loss(
 ) -> tuple[str, str]:
     """The loss to train with and why: ``chosen``, else the demo's where the data allow it."""
     from common.losses import NEEDS_LABELS
+    from common.registries import loss_info
     from simulations.experiments.demo import TRAINING
 
     paired = set(modalities) == {"image", "text"}
@@ -327,8 +328,11 @@ def _loss(
         raise ConfigError(f"--loss {chosen}: needs image-text pairs; {data} gives {only}")
     if chosen in NEEDS_LABELS and not labelled:
         raise ConfigError(f"--loss {chosen}: needs labels; {data} has no labelled row")
-    if chosen == "proxy" and len(dataset.class_names) < 2:
-        raise ConfigError(f"--loss proxy: needs at least 2 classes; {data} has 1")
+    least = loss_info(chosen).min_classes
+    if labelled and len(dataset.class_names) < least:
+        raise ConfigError(
+            f"--loss {chosen}: needs at least {least} classes; {data} has {len(dataset.class_names)}"
+        )
     return chosen, "--loss"
 
 

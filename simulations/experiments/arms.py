@@ -20,13 +20,15 @@ from common.errors import ConfigError
 from common.evaluation import aligned_metrics, evaluate_head, projected_metrics, quick_metrics
 from common.metrics import RIDGES, linear_alignments
 from common.pipeline import SiteData, prepare_site_data, split_indices
+from common.registries import sample_dp_losses
 from common.training import HeadModel, build_run_model, train_head
 
 HEADLINE = ("mean_R@1", "mean_R@5", "mean_R@10", "zs_acc", "zs_auroc", "probe_f1_macro")
 PRIVACY_COLUMNS = ("epsilon",)  # delta is in the note under the table
 
 
-SAMPLE_DP_LOSS = "proxy"  # the decomposable loss: the only one DP-SGD's guarantee holds for
+# The sample-level DP arm's loss: per-example decomposable, which DP-SGD's guarantee needs.
+SAMPLE_DP_LOSS = sample_dp_losses()[0]
 
 
 # Each site's held-out split (never trained on) is halved, stratified by label, with this seed:

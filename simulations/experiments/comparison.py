@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,8 +36,13 @@ from simulations.experiments.arms import (
     split_holdout,
     train_selected,
 )
+from simulations.experiments.comparison_figures import plot_comparison
+from simulations.experiments.comparison_report import (
+    merge_comparisons,
+    report_header,
+    summary_section,
+)
 from simulations.experiments.machine import machine_info
-from simulations.experiments.seed_summary import CHECKED, summarize_seeds, summary_markdown
 from simulations.flower.run_config import parse_run_config
 
 DEFAULT_OUT = RESULTS_DIR / "federated"
@@ -353,92 +357,6 @@ def replot(out_dir: Path) -> list[Path]:
     return written
 
 
-def plot_comparison(comparison: Comparison, out_dir: Path, *, prefix: str) -> list[Path]:
-    """The comparison's figures in ``out_dir``: metric vs round, per-site bars, utility vs epsilon."""
-    from simulations.experiments.plots import metric_vs_round, per_site_bars, utility_vs_epsilon
-
-    metric = comparison.primary
-    written: list[Path] = []
-    if comparison.histories:
-        round_metric = _round_metric(comparison.histories, metric)
-        written.append(
-            metric_vs_round(
-                comparison.histories,
-                out_dir / f"{prefix}_metric_vs_round.png",
-                metric=round_metric,
-                title=f"{round_metric} per round ({comparison.partition}, {comparison.sites} sites, "
-                "★ kept)",
-                chosen={
-                    label: int(comparison.selections[label]["chosen"])
-                    for label in comparison.histories
-                    if label in comparison.selections
-                },
-            ).path
-        )
-    if comparison.per_site:
-        written.append(
-            per_site_bars(
-                {
-                    s: {m: r.get(metric, math.nan) for m, r in v.items()}
-                    for s, v in comparison.per_site.items()
-                },
-                out_dir / f"{prefix}_per_site.png",
-                metric=metric,
-                title=f"{metric} on each site's own test half",
-            ).path
-        )
-    series = _epsilon_series(comparison, metric)
-    if series:
-        frozen = comparison.rows[0].get(metric)
-        written.append(
-            utility_vs_epsilon(
-                series,
-                out_dir / f"{prefix}_utility_vs_epsilon.png",
-                ylabel=f"{metric} (pooled held-out)",
-                references={label: frozen for label in series} if frozen is not None else None,
-            ).path
-        )
-    return written
-
-
-def _round_metric(histories: Mapping[str, Sequence[Mapping[str, Any]]], metric: str) -> str:
-    """The per-round name of ``metric`` (the round evaluation is cheaper: R@5, zs_acc, centroid_acc)."""
-    from simulations.experiments.plots import round_series
-
-    wanted = {"mean_R@5": "R@5", "mean_R@1": "R@1"}.get(metric, metric)
-    available = [m for h in histories.values() for m in round_series(h)[1] if m != "round"]
-    return wanted if wanted in available or not available else available[0]
-
-
-def _epsilon_series(comparison: Comparison, metric: str) -> dict[str, list[Any]]:
-    """Each DP arm against its non-private federated baseline (the same loss) at epsilon = inf."""
-    from simulations.experiments.plots import EpsilonPoint
-
-    by_kind = {str(r["privacy"]): r for r in comparison.rows if r.get("privacy")}
-    plain = [
-        r for r in comparison.rows if r["method"].startswith("federated") and "privacy" not in r
-    ]
-    proxy = next((r for r in plain if f"{SAMPLE_DP_LOSS} loss" in r["method"]), None)
-    baselines = {
-        "sample-level": proxy or (plain[0] if plain else None),
-        "client-level": plain[0] if plain else None,
-    }
-    names = {
-        "sample-level": "sample-level DP (ε per example)",
-        "client-level": "client-level DP (ε per site)",
-    }
-    series: dict[str, list[Any]] = {}
-    for kind, row in by_kind.items():
-        if metric not in row:
-            continue
-        points = [EpsilonPoint(float(row["epsilon"]), float(row[metric]))]
-        base = baselines.get(kind)
-        if base is not None and metric in base:
-            points.append(EpsilonPoint(math.inf, float(base[metric])))
-        series[names[kind]] = points
-    return series
-
-
 # The comparison's run-config defaults, chosen on VALIDATION scores only (README "Should we
 # federate?"); --set overrides them.
 COMPARISON_DEFAULTS: dict[str, Any] = {}
@@ -472,7 +390,7 @@ def run_comparisons(
         "comparisons": [],
         "summaries": [],
     }
-    markdown = _report_header(sites)
+    markdown = report_header(sites)
     out_dir.mkdir(parents=True, exist_ok=True)
     done: list[str] = []
     for scheme, alpha in partitions:
@@ -503,7 +421,7 @@ def run_comparisons(
             entries.append(entry)
             details += _detail_markdown(comparison, entry, seed, figures)
             results["comparisons"].append(entry)
-            summary, section = _summary_section(entries)
+            summary, section = summary_section(entries)
             section += details
             # Written after every seed: a long run that stops early keeps what it finished.
             write_results(
@@ -515,121 +433,6 @@ def run_comparisons(
         results["summaries"].append(summary)
         done += section
     return results
-
-
-def _report_header(sites: int) -> list[str]:
-    return [
-        f"# Federated vs centralized vs local ({sites} sites)\n",
-        "Each site's held-out split is halved: every trained arm is stopped where its "
-        f"validation score ({SELECTION}) is best (each site alone: its own validation half; "
-        "centralized: the pooled halves; federated: the round whose checkpoint scores best on "
-        "the sites' validation halves) and scored once on the pooled test halves. 'stop' = the "
-        "chosen epoch / round out of the budget.\n",
-    ]
-
-
-def _summary_section(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-    """One partition's multi-seed summary and its markdown section (heading and tables)."""
-    summary = {"partition": entries[0]["partition"], **summarize_seeds(entries)}
-    shown = ", ".join(str(e["run"]["seed"]) for e in entries)
-    section = [f"## partition: {summary['partition']}, mean ± sd over seeds {shown}\n"]
-    return summary, section + summary_markdown(summary)
-
-
-def merge_comparisons(sources: Sequence[Path], *, out_dir: Path) -> dict[str, Any]:
-    """One report over the seeds of several runs (each ``source``/comparison.json), no training.
-
-    Every run must have the same settings but the seed (same sites, selection rule and
-    run-config apart from the partition scheme), and no (partition, seed) may appear twice: seeds
-    run in separate sittings then count as one experiment. The per-seed tables and figures stay
-    in the sources, so ``out_dir`` may not be one of them; the merged markdown lists each seed's
-    ratios and where its tables are.
-    """
-    if any(out_dir.resolve() == source.resolve() for source in sources):
-        raise ConfigError(f"--merge: --out {out_dir} is one of the sources; choose a new directory")
-    results: dict[str, Any] = {
-        "merged_from": [str(p) for p in sources],
-        "machines": {},
-        "comparisons": [],
-    }
-    by_partition: dict[str, list[dict[str, Any]]] = {}
-    origin: dict[tuple[str, int], Path] = {}
-    reference: tuple[dict[str, Any], Path] | None = None
-    for source in sources:
-        path = source / "comparison.json"
-        loaded = _read_comparison(source)
-        for key in ("sites", "selection"):
-            if results.setdefault(key, loaded[key]) != loaded[key]:
-                raise ConfigError(f"{path}: {key} {loaded[key]!r} differs from {results[key]!r}")
-        results["machines"][str(source)] = loaded.get("machine")
-        for entry in loaded["comparisons"]:
-            scheme, seed = str(entry["partition"]), int(entry["run"]["seed"])
-            if (scheme, seed) in origin:
-                raise ConfigError(f"{path}: {scheme} seed {seed} is also in {origin[scheme, seed]}")
-            if reference is None:
-                reference = (entry["run"], path)
-            _check_same_run(entry["run"], reference, where=f"{path}: {scheme} seed {seed}")
-            by_partition.setdefault(scheme, []).append(entry)
-            origin[scheme, seed] = source
-            results["comparisons"].append(entry)
-    if not by_partition:
-        raise ConfigError("--merge: the sources hold no comparison")
-    results["seeds"] = sorted({seed for _, seed in origin})
-    results["summaries"] = []
-    markdown = _report_header(int(results["sites"]))
-    for scheme, entries in by_partition.items():
-        entries.sort(key=lambda e: int(e["run"]["seed"]))
-        summary, section = _summary_section(entries)
-        results["summaries"].append(summary)
-        markdown += section
-        for entry in entries:
-            seed = int(entry["run"]["seed"])
-            ratio = entry["federated_over_centralized"]
-            shown = ", ".join(f"{k} {ratio[k]:.3f}" for k in CHECKED if k in ratio)
-            markdown.append(
-                f"- seed {seed}: federated / centralized {shown} "
-                f"(tables: {origin[scheme, seed]}/comparison.md)"
-            )
-        markdown.append("")
-    write_results(out_dir, "comparison", results, "\n".join(markdown) + "\n")
-    return results
-
-
-def _read_comparison(source: Path) -> dict[str, Any]:
-    """``source``/comparison.json with what a merged report needs; else a ConfigError naming it."""
-    import json
-
-    path = source / "comparison.json"
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-        missing = [k for k in ("comparisons", "sites", "selection") if k not in loaded]
-        for entry in loaded.get("comparisons", []):
-            missing += [k for k in ("partition", *_SUMMARY_KEYS) if k not in entry]
-            int(entry["run"]["seed"])  # the seed every report is keyed by
-        if missing:  # what a report is rebuilt from, checked here to name the file
-            raise KeyError(missing[0])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a readable comparison ({exc!r})") from exc
-    return dict(loaded)
-
-
-# What ``summarize_seeds`` reads from each entry of a comparison.
-_SUMMARY_KEYS = ("rows", "federated_over_centralized", "federated_gains")
-# Run-config keys that may differ between the seeds of one merged experiment.
-_PER_SEED_KEYS = ("seed", "partition", "alpha")
-
-
-def _check_same_run(
-    run: Mapping[str, Any], reference: tuple[Mapping[str, Any], Path], *, where: str
-) -> None:
-    """Refuse a run-config that differs from ``reference``'s in anything but the seed and scheme."""
-    first, first_path = reference
-    for key in sorted(set(first) | set(run)):
-        if key not in _PER_SEED_KEYS and first.get(key) != run.get(key):
-            raise ConfigError(
-                f"{where} has run-config {key}={run.get(key)!r}, "
-                f"{first_path} has {first.get(key)!r}"
-            )
 
 
 def _entry(comparison: Comparison, run: RunSettings, figures: Sequence[Path]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import psutil
 
@@ -270,7 +270,39 @@ def _wait_for(
 # ---------------------------------------------------------------- SuperLink and SuperNode
 
 
-class LocalSuperLink:
+class _LocalFlowerProcess:
+    """A Flower process this session starts: stop()/kill() end its process tree; as a context
+    manager it is started on entry and stopped on exit, also after an exception."""
+
+    process: ManagedProcess | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; descendants end too (a SuperLink's ServerApp
+        and Ray; a SuperNode's SuperExec and ClientApps)."""
+        if self.process is not None:
+            self.process.stop(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the process and its descendants (a crash)."""
+        if self.process is not None:
+            self.process.kill()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalSuperLink(_LocalFlowerProcess):
     """``flower-superlink`` on 127.0.0.1 (one free port serves Fleet, Control and ServerAppIo).
 
     Writes connection ``connection_name`` into ``home``/config.toml once healthy. Use as a context
@@ -343,7 +375,7 @@ class LocalSuperLink:
             argv += ["--database", str(self.database)]
         return argv + self.extra_args
 
-    def start(self) -> LocalSuperLink:
+    def start(self) -> Self:
         """Start the process, wait until /health answers, then write the CLI connection."""
         if self.process is not None and self.process.running:
             return self
@@ -383,17 +415,7 @@ class LocalSuperLink:
         except (OSError, urllib.error.URLError):
             return False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` s; descendants (ServerApp, Ray) end too."""
-        if self.process is not None:
-            self.process.stop(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the SuperLink and its descendants (a crash)."""
-        if self.process is not None:
-            self.process.kill()
-
-    def restart(self, *, kill: bool = False) -> LocalSuperLink:
+    def restart(self, *, kill: bool = False) -> Self:
         """Stop (or kill) and start again on the same port and database."""
         if kill:
             self.kill()
@@ -401,19 +423,8 @@ class LocalSuperLink:
             self.stop()
         return self.start()
 
-    def __enter__(self) -> LocalSuperLink:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class LocalSuperNode:
+class LocalSuperNode(_LocalFlowerProcess):
     """``flower-supernode`` connected to a SuperLink, with its own free Runtime API port."""
 
     def __init__(
@@ -465,7 +476,7 @@ class LocalSuperNode:
             argv += ["--node-config", format_config(self.node_config)]
         return argv + self.extra_args
 
-    def start(self, *, wait: bool = True) -> LocalSuperNode:
+    def start(self, *, wait: bool = True) -> Self:
         """Start the process; with ``wait``, block until it has registered and got a node ID."""
         if self.process is not None and self.process.running:
             return self
@@ -510,34 +521,13 @@ class LocalSuperNode:
         """True while the SuperNode process runs."""
         return self.process is not None and self.process.running
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` s (its SuperExec and ClientApps end too)."""
-        if self.process is not None:
-            self.process.stop(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the SuperNode, its SuperExec and any running ClientApp (a site crash)."""
-        if self.process is not None:
-            self.process.kill()
-
-    def restart(self, *, kill: bool = False, wait: bool = True) -> LocalSuperNode:
+    def restart(self, *, kill: bool = False, wait: bool = True) -> Self:
         """Stop (or kill) and start again with the same config; it gets a new node ID."""
         if kill:
             self.kill()
         else:
             self.stop()
         return self.start(wait=wait)
-
-    def __enter__(self) -> LocalSuperNode:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager

@@ -3,59 +3,32 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client import site as site_module
 from client.app import app
 from client.audit import audit_path, payload_digest, verify_audit_log
-from client.site import load_site
-from common.artifacts import state_arrays
 from common.config import RunSettings, SiteSettings
 from common.flower import arrays_from_record, record_from_arrays
-from common.training import build_run_model
+from tests.client_site import in_process_node_config, load_client
+from tests.flower_messages import message_metadata
+from tests.tiny_config import tiny_run_config
 
 
 def _run_config(tiny: dict[str, Path], **overrides: Any) -> dict[str, Any]:
     config = {k.replace("_", "-"): v for k, v in RunSettings().to_dict().items()}
-    config.update(
-        {
-            "image-encoder": str(tiny["image"]),
-            "text-encoder": str(tiny["text"]),
-            "encoder-image-size": 0,
-            "dataset-n": 80,
-            "local-epochs": 2,
-            "batch-size": 16,
-            "head": "small",
-        }
-    )
+    config.update(tiny_run_config(tiny, **{"dataset-n": 80}))
     config.update(overrides)
     return config
 
 
-def _context(run_config: dict[str, Any], node_config: dict[str, Any]) -> Context:
-    return Context(
-        run_id=1, node_id=0, node_config=node_config, state=RecordDict(), run_config=run_config
-    )
-
-
 def _message(content: RecordDict, message_type: str) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=1,
-        dst_node_id=0,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
+    metadata = message_metadata(dst_node_id=0, message_type=message_type)
     return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
 
 
@@ -63,20 +36,10 @@ def _message(content: RecordDict, message_type: str) -> Message:
 def setup(
     tmp_path: Path, tiny_model_dirs: dict[str, Path]
 ) -> tuple[Context, dict[str, np.ndarray]]:
-    run_config = _run_config(tiny_model_dirs)
-    node_config = {
-        "partition-id": 0,
-        "num-partitions": 2,
-        "cache-dir": str(tmp_path / "cache"),
-        "state-dir": str(tmp_path / "state"),
-        "worker": "off",  # in-process here; tests/client/test_worker.py covers the worker
-    }
-    run = RunSettings.from_run_config(run_config)
-    site = load_site(SiteSettings.from_node_config(node_config), run)
-    initial = state_arrays(
-        build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
+    context, _, initial = load_client(
+        _run_config(tiny_model_dirs), in_process_node_config(tmp_path)
     )
-    return _context(run_config, node_config), initial
+    return context, initial
 
 
 def _train_message(arrays: dict[str, np.ndarray], server_round: int = 1) -> Message:
@@ -161,21 +124,11 @@ def test_the_prompt_loss_trains_from_the_bundle_and_sends_only_the_head(
 ) -> None:
     """A later round in a fresh process reads the class prompts from the site bundle, not an encoder."""
     run_config = _run_config(tiny_model_dirs, loss="infonce+supcon+prompts")
-    node_config = {
-        "partition-id": 1,
-        "num-partitions": 2,
-        "cache-dir": str(tmp_path / "cache"),
-        "state-dir": str(tmp_path / "state"),
-        "worker": "off",
-    }
-    run = RunSettings.from_run_config(run_config)
-    site = load_site(SiteSettings.from_node_config(node_config), run)  # embeds, writes the bundle
+    # load_client embeds the site and writes the bundle
+    context, site, initial = load_client(run_config, in_process_node_config(tmp_path, partition=1))
     assert site.train.prompts is not None
-    initial = state_arrays(
-        build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
-    )
     site_module._LOADED.clear()  # as in a fresh per-message ClientApp process
-    reply = app(_train_message(initial, server_round=2), _context(run_config, node_config))
+    reply = app(_train_message(initial, server_round=2), context)
     assert not reply.has_error(), reply.error if reply.has_error() else None
     sent = arrays_from_record(reply.content.array_records["arrays"])
     assert list(sent) == list(initial)  # the prompt term adds no state: still the head alone

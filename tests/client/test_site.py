@@ -18,6 +18,7 @@ from common.encoders import fingerprint_files, load_encoder, weight_files
 from common.errors import ConfigError
 from common.tensorfile import read_tensorfile
 from tests.hospital_data import Row, make_rows, relabel, write_manifest, write_png
+from tests.tiny_config import tiny_encoders
 
 
 @pytest.fixture(autouse=True)
@@ -39,11 +40,7 @@ def _settings(root: Path, manifest: Path, **extra: object) -> SiteSettings:
 
 
 def _run(tiny: dict[str, Path], **overrides: object) -> RunSettings:
-    config: dict[str, object] = {
-        "image-encoder": str(tiny["image"]),
-        "text-encoder": str(tiny["text"]),
-        "encoder-image-size": 0,
-    }
+    config: dict[str, object] = tiny_encoders(tiny)
     config.update(overrides)
     return RunSettings.from_run_config(config)
 

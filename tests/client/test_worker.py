@@ -19,20 +19,13 @@ from client.worker import WorkerFailed, call_worker, worker_address
 from common.artifacts import state_arrays
 from common.config import RunSettings, SiteSettings
 from common.training import build_run_model
+from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
 
 
 def _request(tiny: dict[str, Path], state: Path) -> dict[str, Any]:
-    run_config = {
-        "image-encoder": str(tiny["image"]),
-        "text-encoder": str(tiny["text"]),
-        "encoder-image-size": 0,
-        "dataset-n": 60,
-        "local-epochs": 1,
-        "batch-size": 16,
-        "head": "small",
-    }
+    run_config = tiny_run_config(tiny, **{"dataset-n": 60, "local-epochs": 1})
     node_config = {"state-dir": str(state), "cache-dir": str(state / "cache"), "worker": "on"}
     from client.site import load_site
 

@@ -25,6 +25,7 @@ from simulations.flower.federate import SITE_ENV, site_node_config
 from simulations.flower.flwr_cli import run_app, run_logs, run_status, submit_run, wait_for_run
 from simulations.flower.processes import LocalSuperLink, LocalSuperNode, descendants_running
 from simulations.flower.run_config import ConfigValue
+from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -72,19 +73,17 @@ def fault_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _config(
     tiny: Mapping[str, Path], run_dir: Path, extra: Mapping[str, ConfigValue] | None = None
 ) -> dict[str, ConfigValue]:
-    config: dict[str, ConfigValue] = {
-        "image-encoder": str(tiny["image"]),
-        "text-encoder": str(tiny["text"]),
-        "encoder-image-size": 0,
-        "dataset-n": 90,
-        "local-epochs": 1,
-        "batch-size": 16,
-        "head": "small",
-        "min-sites": 2,
-        "round-timeout": ROUND_TIMEOUT,
-        "first-round-timeout": ROUND_TIMEOUT,
-        "run-dir": str(run_dir),
-    }
+    config: dict[str, ConfigValue] = tiny_run_config(
+        tiny,
+        **{
+            "dataset-n": 90,
+            "local-epochs": 1,
+            "min-sites": 2,
+            "round-timeout": ROUND_TIMEOUT,
+            "first-round-timeout": ROUND_TIMEOUT,
+            "run-dir": str(run_dir),
+        },
+    )
     return {**config, **(extra or {})}
 
 

@@ -24,6 +24,7 @@ from simulations.flower.flwr_cli import run_app
 from simulations.flower.processes import LocalSuperLink, LocalSuperNode
 from simulations.flower.run_config import ConfigValue
 from tests.hospital_data import make_rows, write_manifest
+from tests.tiny_config import tiny_encoders
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +69,7 @@ def _run(link: LocalSuperLink, tiny: dict[str, Path], run_dir: Path) -> tuple[in
     config: dict[str, ConfigValue] = {
         "num-server-rounds": 1,
         "min-sites": 2,
-        "image-encoder": str(tiny["image"]),
-        "text-encoder": str(tiny["text"]),
-        "encoder-image-size": 0,
+        **tiny_encoders(tiny),
         "local-epochs": 1,
         "batch-size": 16,
         "head": "small",

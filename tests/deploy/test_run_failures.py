@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import HOME_ENV
-from simulations.cli.app import main
 from tests.simulations.cli.test_federation_failures import (
     assert_failed_without_final_head,
-    federation_argv,
-    write_unreadable_images,
+    run_every_site_failing,
 )
 
 pytestmark = pytest.mark.slow
@@ -24,11 +21,8 @@ def test_deployment_in_which_every_site_fails_exits_nonzero_with_flower_status_f
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv(HOME_ENV, str(tmp_path))
-    manifest = write_unreadable_images(tmp_path / "data" / "site.csv")
     out = tmp_path / "deploy"
-    argv = ["deploy-local", *federation_argv(manifest, tiny_model_dirs), "--out", str(out)]
-    assert main(argv) == 1
+    assert run_every_site_failing("deploy-local", tmp_path, out, tiny_model_dirs, monkeypatch) == 1
     printed = capsys.readouterr().out
     assert_failed_without_final_head(out, printed)
     # The coordinator's own log names each site (deploy-local names them site-0, site-1).

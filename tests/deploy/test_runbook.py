@@ -83,6 +83,7 @@ from simulations.flower.federate import APP_DIR, STARTUP_TIMEOUT
 from simulations.flower.flwr_cli import FINISHED_COMPLETED, flower_command, flower_env
 from simulations.flower.processes import ManagedProcess, free_port
 from simulations.flower.run_config import ConfigValue, format_config
+from tests.tiny_config import tiny_run_config
 
 PKI = APP_DIR / "deploy" / "pki.sh"
 SITES = ("hospital-a", "hospital-b")
@@ -284,13 +285,7 @@ def test_runbook_local_rehearsal_with_tls_and_authentication(
             "num-server-rounds": 2,
             "min-sites": 2,
             "run-dir": str(coordinator / "run"),
-            "image-encoder": str(tiny_model_dirs["image"]),
-            "text-encoder": str(tiny_model_dirs["text"]),
-            "encoder-image-size": 0,
-            "dataset-n": 120,
-            "local-epochs": 2,
-            "batch-size": 16,
-            "head": "small",
+            **tiny_run_config(tiny_model_dirs),
         }
         started = _flwr_json(
             ["run", ".", "fedembed", "--run-config", format_config(run_config)],

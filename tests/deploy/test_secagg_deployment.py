@@ -27,6 +27,7 @@ from simulations.flower.federate import (
 )
 from simulations.flower.flwr_cli import RunResult, run_app
 from simulations.flower.processes import LocalSuperLink, LocalSuperNode
+from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -87,19 +88,10 @@ def _gaussian_epsilon(sigma: float, releases: int, delta: float) -> float:
 
 
 def _run_config(tiny: dict[str, Path], **extra: Any) -> dict[str, Any]:
-    return {
-        "image-encoder": str(tiny["image"]),
-        "text-encoder": str(tiny["text"]),
-        "encoder-image-size": 0,
-        "dataset-n": 120,
-        "local-epochs": 2,
-        "batch-size": 16,
-        "head": "small",
-        "report-eval": False,
-        "secure-aggregation": True,
-        "secagg-max-weight": 64.0,
-        **extra,
-    }
+    return tiny_run_config(
+        tiny,
+        **{"report-eval": False, "secure-aggregation": True, "secagg-max-weight": 64.0, **extra},
+    )
 
 
 def _site_updates(

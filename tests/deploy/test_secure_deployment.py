@@ -21,6 +21,7 @@ from simulations.flower.federate import (
     register_supernode,
 )
 from simulations.flower.processes import LocalSuperLink, LocalSuperNode
+from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +33,7 @@ EXIT_TIMEOUT = 180.0
 
 
 def _tiny_run_config(tiny: dict[str, Path]) -> dict[str, Any]:
-    return {
-        "image-encoder": str(tiny["image"]),
-        "text-encoder": str(tiny["text"]),
-        "encoder-image-size": 0,
-        "dataset-n": 120,
-        "local-epochs": 2,
-        "batch-size": 16,
-        "head": "small",
-        "num-server-rounds": 2,
-    }
+    return tiny_run_config(tiny, **{"num-server-rounds": 2})
 
 
 def _ids(pattern: str, text: str) -> set[int]:

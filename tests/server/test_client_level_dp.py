@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app as client_app
 from client.audit import audit_path, payload_digest
 from client.clipping import clip_update_mod
-from client.site import load_site
-from common.artifacts import state_arrays
-from common.config import RunSettings, SiteSettings
+from common.config import RunSettings
 from common.errors import ConfigError
 from common.flower import arrays_from_record, metric_record, record_from_arrays
-from common.training import build_run_model
 from server.privacy import ClientDp, client_dp
 from server.strategy import Accounting, EmptyRoundError, UpdateCheck, build_strategy
+from tests.client_site import in_process_node_config, load_client
+from tests.flower_messages import message_metadata
+from tests.tiny_config import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"head.w": (4, 3), "head.b": (4,), "loss.logit_scale": ()}
@@ -42,17 +41,7 @@ def _serverapp_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _metadata(node: int, message_type: str = "train") -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=1,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
+    return message_metadata(dst_node_id=node, message_id=f"m{node}", message_type=message_type)
 
 
 def _reply(node: int, arrays: dict[str, np.ndarray], *, examples: float = 10) -> Message:
@@ -348,31 +337,8 @@ def test_site_clips_its_trained_update_and_audits_exactly_what_it_sends(
     tmp_path: Path, tiny_model_dirs: dict[str, Path]
 ) -> None:
     """The real ClientApp: InfoNCE training, then Flower's fixedclipping_mod, then the audit."""
-    run_config = {
-        "image-encoder": str(tiny_model_dirs["image"]),
-        "text-encoder": str(tiny_model_dirs["text"]),
-        "encoder-image-size": 0,
-        "dataset-n": 60,
-        "local-epochs": 2,
-        "batch-size": 16,
-        "head": "small",
-        "loss": "infonce",
-    }
-    node_config = {
-        "partition-id": 0,
-        "num-partitions": 2,
-        "cache-dir": str(tmp_path / "cache"),
-        "state-dir": str(tmp_path / "state"),
-        "worker": "off",
-    }
-    run = RunSettings.from_run_config(run_config)
-    site = load_site(SiteSettings.from_node_config(node_config), run)
-    initial = state_arrays(
-        build_run_model(run, dims=site.train.dims, num_classes=site.train.num_classes)
-    )
-    context = Context(
-        run_id=1, node_id=0, node_config=node_config, state=RecordDict(), run_config=run_config
-    )
+    run_config = tiny_run_config(tiny_model_dirs, **{"dataset-n": 60, "loss": "infonce"})
+    context, _, initial = load_client(run_config, in_process_node_config(tmp_path))
     clip = 1e-3  # far below a trained update's norm: the reply must have been clipped to it
     reply = client_app(_incoming(initial, {"clipping_norm": clip}), context)
     assert not reply.has_error(), reply.error if reply.has_error() else None
@@ -400,21 +366,19 @@ def test_simulation_with_client_side_clipping_reports_the_rdp_epsilon(
     fed = simulate(
         out_dir=tmp_path,
         sites=3,
-        run_config={
-            "image-encoder": str(tiny_model_dirs["image"]),
-            "text-encoder": str(tiny_model_dirs["text"]),
-            "encoder-image-size": 0,
-            "dataset-n": 90,
-            "local-epochs": 1,
-            "batch-size": 16,
-            "head": "small",
-            "loss": "infonce",
-            "num-server-rounds": 2,
-            "client-dp": "client-side",
-            "client-dp-noise-multiplier": sigma,
-            "client-dp-clipping-norm": clip,
-            "client-dp-delta": DELTA,
-        },
+        run_config=tiny_run_config(
+            tiny_model_dirs,
+            **{
+                "dataset-n": 90,
+                "local-epochs": 1,
+                "loss": "infonce",
+                "num-server-rounds": 2,
+                "client-dp": "client-side",
+                "client-dp-noise-multiplier": sigma,
+                "client-dp-clipping-norm": clip,
+                "client-dp-delta": DELTA,
+            },
+        ),
         echo=False,
     )
     assert fed.ok, fed.result.log_text[-3000:]

@@ -6,11 +6,12 @@ import time
 from collections.abc import Iterable
 
 import pytest
-from flwr.app import Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from server.grid import PromptGrid
+from tests.flower_messages import message_metadata
 
 
 class DelayedGrid(Grid):
@@ -35,14 +36,10 @@ class DelayedGrid(Grid):
         group_id: str,
         ttl: float | None = None,
     ) -> Message:
-        metadata = Metadata(
-            run_id=1,
-            message_id="",
-            src_node_id=0,
+        metadata = message_metadata(
             dst_node_id=dst_node_id,
-            reply_to_message_id="",
+            src_node_id=0,
             group_id=group_id,
-            created_at=time.time(),
             ttl=ttl or 3600.0,
             message_type=message_type,
         )

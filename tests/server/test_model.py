@@ -39,3 +39,23 @@ def test_sites_own_manifests_take_the_task_from_the_server_eval_manifest(tmp_pat
     assert describe_task(run)["modalities"] == ["text"]
     with pytest.raises(ConfigError, match="set server-eval"):
         describe_task(RunSettings(dataset="/data/at/each/site.jsonl"))
+
+
+def test_a_server_eval_manifest_is_scored_whole_whatever_server_eval_n_and_task_say(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> None:
+    from server.model import ServerEvaluator
+
+    held = _reports(tmp_path / "coordinator-validation.jsonl")
+    run = RunSettings(
+        dataset="/data/at/each/site.jsonl",
+        server_eval=str(held),
+        server_eval_n=400,  # the default: a built-in dataset's size, not a manifest's
+        task="cardiomegaly",  # a built-in dataset's task: no meaning for a manifest
+        loss="supcon",  # text-only reports
+        image_encoder="none",
+        text_encoder=str(tiny_model_dirs["text"]),
+        run_dir=str(tmp_path / "run"),
+    )
+    evaluator = ServerEvaluator(run)
+    assert len(evaluator.data) == 3

@@ -4,13 +4,12 @@ protocol replies and their audit, and the server's update aggregation with clien
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     Code,
     FitIns,
@@ -43,6 +42,7 @@ from server.secagg import (
     content_nbytes,
     secagg_workflow,
 )
+from tests.flower_messages import message_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"head.w": (4, 3), "head.b": (4,), "loss.logit_scale": ()}
@@ -123,17 +123,7 @@ def test_flowers_workflow_gets_the_configured_shares_and_threshold(
 
 
 def _message(content: RecordDict, *, node: int = 7, group: str = "1") -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=1,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id=group,
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
+    metadata = message_metadata(dst_node_id=node, message_id="m1", group_id=group)
     return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
 
 

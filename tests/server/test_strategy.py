@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -28,6 +27,7 @@ from server.strategy import (
     round_counts,
     site_name,
 )
+from tests.flower_messages import message_metadata
 
 SHAPES = {"head.w": (4, 3), "head.b": (4,), "loss.logit_scale": ()}
 
@@ -43,17 +43,7 @@ def _reply(
     examples: float = 10,
     extra: RecordDict | None = None,
 ) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
+    metadata = message_metadata(dst_node_id=node, src_node_id=0, message_id=f"m{node}")
     incoming = Message(metadata=metadata, content=RecordDict())  # type: ignore[call-overload]
     content = extra or RecordDict(
         {
@@ -173,15 +163,10 @@ def test_example_weighted_metric_mean() -> None:
 
 def _incoming(node: int, *, dst: int | None = None, message_type: str = "train") -> Message:
     """A message the server sent to ``node`` (id ``m<node>``), as the Grid leaves it after pushing."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=0,
+    metadata = message_metadata(
         dst_node_id=node if dst is None else dst,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
+        src_node_id=0,
+        message_id=f"m{node}",
         message_type=message_type,
     )
     return Message(metadata=metadata, content=RecordDict())  # type: ignore[call-overload]

@@ -8,7 +8,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from common.config import HOME_ENV
 
 FINDINGS = ("normal", "nodule", "effusion")
 _REPORTS = {
@@ -56,6 +59,13 @@ def write_site(
             cells += [split(k)] if split else []
             writer.writerow(cells)
     return path
+
+
+def enter_workdir(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Makes ``root`` the working directory, with its own fedembed home ``root``/home."""
+    monkeypatch.chdir(root)
+    monkeypatch.setenv(HOME_ENV, str(root / "home"))
+    return root
 
 
 def link_encoders(root: Path, tiny_model_dirs: dict[str, Path]) -> dict[str, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from simulations.benchmarks.comm import TARGET_RATIO, run_benchmark
+from tests.tiny_config import tiny_encoders
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +23,7 @@ def test_bench_comm_measures_head_sized_updates(
         presets=["small"],
         sites=2,
         rounds=1,
-        run_config={
-            "image-encoder": str(tiny_model_dirs["image"]),
-            "text-encoder": str(tiny_model_dirs["text"]),
-            "encoder-image-size": 0,
-            "dataset-n": 40,
-            "batch-size": 16,
-        },
+        run_config={**tiny_encoders(tiny_model_dirs), "dataset-n": 40, "batch-size": 16},
         deployment_preset=None,  # real SuperNodes add ~45 s; the committed benchmark measures them
     )
     written = json.loads((out / "bench_comm.json").read_text())

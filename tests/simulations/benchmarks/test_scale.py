@@ -14,6 +14,7 @@ import pytest
 from common.config import DataSpec
 from common.pipeline import load_pooled_dataset, load_site_dataset
 from simulations.benchmarks.scale import TreeSampler, run_benchmark
+from tests.tiny_config import tiny_run_config
 
 MIB = 2**20
 
@@ -75,15 +76,7 @@ def test_bench_scale_tiny_simulation(tmp_path: Path, tiny_model_dirs: dict[str, 
         work_dir=tmp_path / "work",
         site_counts=[3],
         rounds=2,
-        run_config={
-            "image-encoder": str(tiny_model_dirs["image"]),
-            "text-encoder": str(tiny_model_dirs["text"]),
-            "encoder-image-size": 0,
-            "dataset-n": 45,
-            "local-epochs": 1,
-            "batch-size": 16,
-            "head": "small",
-        },
+        run_config=tiny_run_config(tiny_model_dirs, **{"dataset-n": 45, "local-epochs": 1}),
         timeout=300,
     )
     written = json.loads((out / "bench_scale.json").read_text())

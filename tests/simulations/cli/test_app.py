@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import HOME_ENV
 from simulations.cli.app import main
-from tests.simulations.site_files import link_encoders, write_site
+from tests.simulations.site_files import enter_workdir, link_encoders, write_site
 
 
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,9 +125,7 @@ def test_train_on_every_row_then_score_a_separate_test_file(
     tiny_model_dirs: dict[str, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
-    models = link_encoders(tmp_path, tiny_model_dirs)
+    models = link_encoders(enter_workdir(tmp_path, monkeypatch), tiny_model_dirs)
     write_site(Path("data") / "train.csv", 30)
     write_site(Path("data") / "test.csv", 12, start=100)
     common = ["--cache-dir", "cache", "--image-encoder", models["image"]]
@@ -157,9 +154,7 @@ def test_train_holds_out_the_rows_its_split_column_marks_test(
     tiny_model_dirs: dict[str, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
-    models = link_encoders(tmp_path, tiny_model_dirs)
+    models = link_encoders(enter_workdir(tmp_path, monkeypatch), tiny_model_dirs)
     write_site(Path("site.csv"), 30, split=lambda k: "Test" if k % 5 == 0 else "train")
     argv = ["train", "--data", "site.csv", "--out", "head", "--cache-dir", "cache"]
     argv += ["--image-encoder", models["image"], "--text-encoder", models["text"]]

@@ -15,6 +15,7 @@ from common.data.dataset import text_key
 from common.data.images import file_key
 from simulations.cli.app import main
 from tests.hospital_data import make_rows, write_manifest
+from tests.tiny_config import tiny_encoders
 
 
 def _cached_keys(cache: Path) -> list[str]:
@@ -60,13 +61,7 @@ def two_manifests(
             "worker": "off",
         }
     )
-    run = RunSettings.from_run_config(
-        {
-            "image-encoder": str(tiny_model_dirs["image"]),
-            "text-encoder": str(tiny_model_dirs["text"]),
-            "encoder-image-size": 0,
-        }
-    )
+    run = RunSettings.from_run_config(tiny_encoders(tiny_model_dirs))
     load_site(settings, run)
     return tmp_path
 

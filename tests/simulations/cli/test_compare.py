@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.config import HOME_ENV
 from simulations.cli.app import main
-from tests.simulations.site_files import link_encoders
+from tests.simulations.site_files import enter_workdir, link_encoders
 
 FINDINGS = ("normal", "nodule", "effusion")
 REPORTS = {
@@ -66,9 +65,7 @@ def write_manifest(
 @pytest.fixture()
 def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The engineer's working directory (its own $FEDEMBED_HOME); every path below is relative."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
-    return tmp_path
+    return enter_workdir(tmp_path, monkeypatch)
 
 
 @pytest.fixture()
@@ -289,6 +286,13 @@ def _south_all_test(k: int, row: dict[str, str]) -> None:
             lambda d: write_manifest(d / "c.csv", TWO_SITES, columns=("image", "text", "site")),
             ["--data", "c.csv", "--loss", "supcon"],
             "--loss supcon: needs labels",
+        ),
+        (
+            lambda d: write_manifest(
+                d / "c.csv", TWO_SITES, edit=lambda k, row: row.update(label="normal")
+            ),
+            ["--data", "c.csv", "--loss", "proxy"],
+            "--loss proxy: needs at least 2 classes; ",
         ),
         (
             lambda d: write_manifest(d / "c.csv", TWO_SITES),

@@ -142,6 +142,15 @@ def federation_argv(manifest: Path, tiny: dict[str, Path], *extra: str) -> list[
     ]
 
 
+def run_every_site_failing(
+    command: str, home: Path, out: Path, tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> int:
+    """``fedembed COMMAND`` with ``home`` as fedembed's home, over a manifest no site can read."""
+    monkeypatch.setenv(HOME_ENV, str(home))
+    manifest = write_unreadable_images(home / "data" / "site.csv")
+    return main([command, *federation_argv(manifest, tiny), "--out", str(out)])
+
+
 def assert_failed_without_final_head(out: Path, printed: str) -> None:
     """Flower's verdict finished:failed, round 1 recorded with both sites' reasons, no final head."""
     assert "finished:failed" in printed and "final head:" not in printed
@@ -165,9 +174,6 @@ def test_simulation_in_which_every_site_fails_exits_nonzero_with_flower_status_f
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv(HOME_ENV, str(tmp_path))
-    manifest = write_unreadable_images(tmp_path / "data" / "site.csv")
     out = tmp_path / "fed"
-    argv = ["simulate", *federation_argv(manifest, tiny_model_dirs), "--out", str(out)]
-    assert main(argv) == 1
+    assert run_every_site_failing("simulate", tmp_path, out, tiny_model_dirs, monkeypatch) == 1
     assert_failed_without_final_head(out, capsys.readouterr().out)

@@ -7,19 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from common.config import HOME_ENV
 from common.errors import ConfigError
 from simulations.cli.app import build_parser, main
 from simulations.cli.federation import _federation_run_config
 from simulations.cli.paths import run_config_paths
-from tests.simulations.site_files import link_encoders, write_site
+from tests.simulations.site_files import enter_workdir, link_encoders, write_site
 
 
 @pytest.fixture()
 def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh working directory holding data/site.csv (and its images), with its own home."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    enter_workdir(tmp_path, monkeypatch)
     write_site(tmp_path / "data" / "site.csv", 12)
     return tmp_path
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from common.artifacts import load_head, save_head
-from common.config import HOME_ENV, DataSpec, RunSettings
+from common.config import DataSpec, RunSettings
 from server.app import _evaluation_spec
 from simulations.cli.app import main
-from tests.simulations.site_files import link_encoders, write_site
+from tests.simulations.site_files import enter_workdir, link_encoders, write_site
 
 
 @pytest.fixture()
@@ -22,9 +22,7 @@ def cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dirs: dict[str, Path]
 ) -> dict[str, str]:
     """A working directory with the tiny encoders under models/; returns their relative paths."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
-    return link_encoders(tmp_path, tiny_model_dirs)
+    return link_encoders(enter_workdir(tmp_path, monkeypatch), tiny_model_dirs)
 
 
 def _encoders(models: dict[str, str]) -> list[str]:

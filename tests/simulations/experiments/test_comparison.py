@@ -21,6 +21,7 @@ from simulations.experiments.comparison import (
     plot_comparison,
     ratios,
 )
+from tests.tiny_config import tiny_encoders
 
 SITES, ROUNDS, TARGET, SIGMA, CLIP, DELTA = 2, 2, 4.0, 1.5, 0.05, 1e-5
 
@@ -28,9 +29,7 @@ SITES, ROUNDS, TARGET, SIGMA, CLIP, DELTA = 2, 2, 4.0, 1.5, 0.05, 1e-5
 def _run(tiny: dict[str, Path], **extra: Any) -> RunSettings:
     return RunSettings.from_run_config(
         {
-            "image-encoder": str(tiny["image"]),
-            "text-encoder": str(tiny["text"]),
-            "encoder-image-size": 0,
+            **tiny_encoders(tiny),
             "dataset-n": 120,
             "server-eval-n": 40,
             "local-epochs": 1,

@@ -13,17 +13,15 @@ import pytest
 from client.privacy import PrivacyLedger, ledger_path
 from common.errors import ConfigError
 from simulations.experiments.privacy import METRIC, run_study
+from tests.tiny_config import tiny_encoders
 
 pytestmark = pytest.mark.slow
 EPSILONS, DELTA = (2.0, math.inf), 1e-5
 
 
-@pytest.fixture(scope="module")
-def study(
-    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[dict[str, Any], Path, Path]:
-    out, work = tmp_path_factory.mktemp("privacy-out"), tmp_path_factory.mktemp("privacy-work")
-    document = run_study(
+def _run_study(tiny: dict[str, Path], out: Path, work: Path) -> dict[str, Any]:
+    """The study of every test here: one dataset, one seed, 2 sites, 2 rounds, tiny encoders."""
+    return run_study(
         out_dir=out,
         work_dir=work,
         datasets=["synthetic-radiology"],
@@ -33,15 +31,16 @@ def study(
         rounds=2,
         local_epochs=1,
         delta=DELTA,
-        overrides={
-            "image-encoder": str(tiny_model_dirs["image"]),
-            "text-encoder": str(tiny_model_dirs["text"]),
-            "encoder-image-size": 0,
-            "dataset-n": 120,
-            "batch-size": 16,
-            "head": "small",
-        },
+        overrides={**tiny_encoders(tiny), "dataset-n": 120, "batch-size": 16, "head": "small"},
     )
+
+
+@pytest.fixture(scope="module")
+def study(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], Path, Path]:
+    out, work = tmp_path_factory.mktemp("privacy-out"), tmp_path_factory.mktemp("privacy-work")
+    document = _run_study(tiny_model_dirs, out, work)
     return document, out, work
 
 
@@ -87,25 +86,7 @@ def test_restart_reuses_finished_runs(
     study: tuple[dict[str, Any], Path, Path], tiny_model_dirs: dict[str, Path]
 ) -> None:
     document, out, work = study
-    again = run_study(
-        out_dir=out,
-        work_dir=work,
-        datasets=["synthetic-radiology"],
-        epsilons=EPSILONS,
-        seeds=[0],
-        sites=2,
-        rounds=2,
-        local_epochs=1,
-        delta=DELTA,
-        overrides={
-            "image-encoder": str(tiny_model_dirs["image"]),
-            "text-encoder": str(tiny_model_dirs["text"]),
-            "encoder-image-size": 0,
-            "dataset-n": 120,
-            "batch-size": 16,
-            "head": "small",
-        },
-    )
+    again = _run_study(tiny_model_dirs, out, work)
     assert again["runs"] == document["runs"]  # from the journal: no Flower run started
     assert again["seconds"] < 60
 

@@ -12,22 +12,13 @@ from client.audit import verify_audit_log
 from common.artifacts import load_head, state_arrays
 from simulations.benchmarks.rounds import audit_timings, phase_breakdown
 from simulations.flower.federate import deploy_local, simulate
+from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
 
 
 def _tiny_run_config(tiny: dict[str, Path], **extra: Any) -> dict[str, Any]:
-    return {
-        "image-encoder": str(tiny["image"]),
-        "text-encoder": str(tiny["text"]),
-        "encoder-image-size": 0,
-        "dataset-n": 120,
-        "local-epochs": 2,
-        "batch-size": 16,
-        "head": "small",
-        "num-server-rounds": 2,
-        **extra,
-    }
+    return tiny_run_config(tiny, **{"num-server-rounds": 2, **extra})
 
 
 def _head_bytes(run_dir: Path) -> int:
