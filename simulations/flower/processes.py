@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -270,14 +271,15 @@ def _wait_for(
 # ---------------------------------------------------------------- SuperLink and SuperNode
 
 
-class _LocalFlowerProcess:
+class _LocalFlowerProcess(ABC):
     """A Flower process this session starts: stop()/kill() end its process tree; as a context
     manager it is started on entry and stopped on exit, also after an exception."""
 
     process: ManagedProcess | None
 
+    @abstractmethod
     def start(self) -> Self:
-        raise NotImplementedError
+        """Start the process and wait until it is ready."""
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` s; descendants end too (a SuperLink's ServerApp
