@@ -1,28 +1,20 @@
 """What leaves the site: the decline reply, and the one place every reply is written to the site's
-egress audit log (client/audit.py)."""
+egress audit log (client/audit.py; the reply split and digested by common/digest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from flwr.app import Context, Error, Message
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client.audit import record_egress
 from client.clipping import requested_clipping_norm
 from common.config import SiteSettings
-from common.flower import arrays_from_record
-from common.wire import (
-    ARRAYS_RECORD,
-    CONFIG_RECORD,
-    DECLINED_ERROR_CODE,
-    METRICS_RECORD,
-    ROUND_OFFSET,
-    SERVER_ROUND,
-    absolute_round,
-)
+from common.digest import message_round, reply_payload, secagg_stage, sent_head
+from common.wire import DECLINED_ERROR_CODE
+
+__all__ = ["audit_reply", "declined_reply", "secagg_stage"]
 
 
 def declined_reply(msg: Message, reason: str) -> Message:
@@ -44,8 +36,10 @@ def audit_reply(
 
     ``stage``: the SecAgg+ stage ``msg`` asked for (``secagg_stage``, read before the protocol
     handles ``msg``), None for a Message-API message. A decline is logged with nothing sent; another
-    error reply carries only its reason and is not logged. Under client-level DP the requested
-    clipping norm joins ``privacy``.
+    error reply carries only its reason and is not logged. Everything else in the reply is logged
+    (common/digest.py ``reply_payload``: every record, metrics as sent), with the head ``msg``
+    carried, which the reply is checked against. Under client-level DP the requested clipping norm
+    joins ``privacy``.
     """
     declined = reply.has_error()
     if declined and int(reply.error.code) != DECLINED_ERROR_CODE:
@@ -53,67 +47,22 @@ def audit_reply(
     privacy = dict(privacy or {})
     if not declined and (norm := requested_clipping_norm(msg)) is not None:
         privacy["client-dp-clipping-norm"] = norm
-    arrays: dict[str, np.ndarray] = {}
-    metrics: dict[str, float | int] = {}
-    protocol: tuple[str, Mapping[str, Any]] | None = None
-    if stage is not None:  # a SecAgg+ stage (client/secagg.py)
-        server_round = int(msg.metadata.group_id or 0)
-        if not declined:
-            fields, metrics, arrays = secagg_payload(reply)
-            protocol = (stage, fields)
-    else:
-        config: dict[str, Any] = dict(msg.content.config_records.get(CONFIG_RECORD) or {})
-        server_round = absolute_round(config.get(SERVER_ROUND, 0), config.get(ROUND_OFFSET, 0))
-        if not declined:
-            if ARRAYS_RECORD in reply.content.array_records:
-                arrays = arrays_from_record(reply.content.array_records[ARRAYS_RECORD])
-            if METRICS_RECORD in reply.content.metric_records:
-                sent = reply.content.metric_records[METRICS_RECORD]
-                metrics = {k: v for k, v in sent.items() if isinstance(v, int | float)}
+    payload = None if declined else reply_payload(reply.content, secagg=stage is not None)
+    protocol = (stage, payload.fields) if payload and payload.fields is not None and stage else None
     record_egress(
         site.state_path,
         run_id=context.run_id,
-        server_round=server_round,
+        server_round=message_round(msg, stage=stage),
         message_type=msg.metadata.message_type,
         site=site.name,
-        arrays=arrays,
-        metrics=metrics,
+        arrays=payload.arrays if payload else {},
+        metrics=payload.metrics if payload else {},
         declined=declined,
         privacy=privacy,
         protocol=protocol,
         timing=None if declined else timing,
+        node_id=context.node_id,
+        head=sent_head(msg, stage=stage),
+        extra=payload.extra if payload else None,
+        stage=stage,
     )
-
-
-def secagg_stage(msg: Message) -> str | None:
-    """The SecAgg+ stage ``msg`` asks for; None when it is not a SecAgg+ message."""
-    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-    return None if configs is None else str(configs.get(Key.STAGE, ""))
-
-
-def secagg_payload(
-    reply: Message,
-) -> tuple[dict[str, Any], dict[str, float | int], dict[str, np.ndarray]]:
-    """Everything a SecAgg+ reply carries: protocol fields, scalar metrics, and any (unmasked) arrays."""
-    content = reply.content
-    fields: dict[str, Any] = {}
-    metrics: dict[str, float | int] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for name, config in content.config_records.items():
-        if name == RECORD_KEY_CONFIGS:
-            fields.update(dict(config))
-        elif name == "fitres.status":
-            fields.update({f"status.{k}": v for k, v in config.items()})
-        elif name == "fitres.metrics":
-            metrics.update({k: v for k, v in config.items() if isinstance(v, int | float)})
-            fields.update({f"metric:{k}": v for k, v in config.items() if k not in metrics})
-        else:
-            fields[f"record:{name}"] = str(dict(config))
-    for name, record in content.metric_records.items():
-        if name == "fitres.num_examples":  # the site's SecAgg+ weight, sent in the clear
-            metrics.update({k: v for k, v in record.items() if isinstance(v, int | float)})
-        else:
-            fields[f"record:{name}"] = str(dict(record))
-    for name, array_record in content.array_records.items():
-        arrays.update({f"{name}/{k}": a.numpy() for k, a in array_record.items()})
-    return fields, metrics, arrays

@@ -64,7 +64,9 @@ def run_local_round(
     server_round = absolute_round(config.get(SERVER_ROUND, 0), config.get(ROUND_OFFSET, 0))
     mu = float(config.get(PROXIMAL_MU, 0.0))
     reference = {k: v.clone() for k, v in model.state_dict().items()} if mu > 0 else None
-    train_config = run.train_config(proximal_mu=mu, seed=run.seed * 100_003 + server_round)
+    train_config = run.train_config(
+        proximal_mu=mu, seed=run.seed * 100_003 + server_round, first_round=server_round == 1
+    )
     if privacy is not None and privacy.requested:
         from client.privacy import ledger_path, require_sample_level_dp, train_head_private
 
@@ -82,14 +84,14 @@ def run_local_round(
         )
         if private.declined:
             return RoundOutcome(
-                arrays={}, declined=True, reason=private.reason, privacy=private.metrics()
+                arrays={}, declined=True, reason=private.reason, privacy=private.audit_record()
             )
         metrics.update(
             {NUM_EXAMPLES: int(private.num_examples), "train-seconds": float(private.seconds)}
         )
         metrics.update(private.metrics())
         return RoundOutcome(
-            arrays=state_arrays(model), metrics=_finite(metrics), privacy=private.metrics()
+            arrays=state_arrays(model), metrics=_finite(metrics), privacy=private.audit_record()
         )
     result = train_head(model, site.train, train_config, reference=reference)
     metrics.update(

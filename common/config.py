@@ -14,25 +14,49 @@ from common.data.manifest import ON_ERROR_CHOICES
 from common.data.partition import PARTITION_SCHEMES
 from common.errors import ConfigError
 
+HEAD_INITS = ("keep", "closed-form", "lstsq", "cca")
+"""Where training starts a head's linear path (``TrainConfig.init``)."""
+
 
 @dataclass
 class TrainConfig:
     """How a head is trained locally (one round of federated training uses the same settings).
 
     ``proximal_mu`` > 0 adds FedProx's term mu/2 * ||w - w_global||^2 against the round's global head.
+    ``init``: what a head with a linear path (the ``aligned`` preset) starts from: "keep" (as it
+    is), "closed-form" (the tuned closed-form map: ridge least squares or CCA, whichever scores
+    better on the validation rows; least squares without them), "lstsq" or "cca".
+    ``validation_fraction`` > 0 holds that share of the training rows out as validation: the head
+    is scored on it at the start and after every epoch, and the best-scoring state is kept (a
+    trained state only when no validation metric is below the start's); ``patience`` epochs
+    without a new best stop training (0: never stop early).
     """
 
-    loss: str = "infonce"
+    loss: str = registries.AUTO_LOSS
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
     proximal_mu: float = 0.0
     seed: int = 0
+    init: str = "closed-form"
+    validation_fraction: float = 0.2
+    patience: int = 5
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
             raise ConfigError(f"invalid training config: {self}")
+        if self.init not in HEAD_INITS:
+            raise ConfigError(
+                f"training config: init must be one of {', '.join(HEAD_INITS)}, got {self.init!r}"
+            )
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"training config: validation-fraction must be in [0, 1), "
+                f"got {self.validation_fraction}"
+            )
+        if self.patience < 0:
+            raise ConfigError(f"training config: patience must be >= 0, got {self.patience}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,8 +225,8 @@ class RunSettings:
     local_epochs: int = 5
     batch_size: int = 128
     lr: float = 0.002
-    loss: str = "infonce"
-    head: str = "default"
+    loss: str = registries.AUTO_LOSS
+    head: str = "aligned"
     layout: str = "two-tower"
     dataset: str = "synthetic-radiology"
     dataset_n: int = 2000
@@ -370,8 +394,14 @@ class RunSettings:
     def run_path(self) -> Path:
         return resolve_path(self.run_dir, "runs/federated")
 
-    def train_config(self, *, proximal_mu: float = 0.0, seed: int | None = None) -> TrainConfig:
-        """Local training settings for one round."""
+    def train_config(
+        self, *, proximal_mu: float = 0.0, seed: int | None = None, first_round: bool = False
+    ) -> TrainConfig:
+        """Local training settings for one round: every local epoch trains (no validation
+        hold-out). A head with a linear path starts round 1 (``first_round``) at the site's own
+        tuned least-squares map, fitted on its training rows; the server's mean of the sites'
+        heads is then the global head (only head weights leave a site). Later rounds keep the
+        global head as it arrives."""
         return TrainConfig(
             loss=self.loss,
             epochs=self.local_epochs,
@@ -379,6 +409,8 @@ class RunSettings:
             lr=self.lr,
             proximal_mu=proximal_mu,
             seed=self.seed if seed is None else seed,
+            init="lstsq" if first_round else "keep",
+            validation_fraction=0.0,
         )
 
 

@@ -40,10 +40,16 @@ class HeadConfig:
     Linear and ignores ``hidden_dim``, ``norm``, ``activation`` and ``dropout``.
     ``residual=True`` adds ``x + layer(x)`` around every layer (including the last) whose input and
     output widths are equal; layers that change width get no skip. ``normalize=True`` L2-normalises
-    the output. Invalid values raise ``ConfigError`` naming the field.
+    the output. ``linear_path=True`` adds an affine map ``Linear(in_dim, out_dim)`` beside the MLP
+    (output ``affine(x) + mlp(x)``) and starts the MLP's last layer at zero, so the head starts as
+    its affine path: identity where the widths agree, else PyTorch's default init, until
+    ``ProjectionHead.set_linear_path`` sets it (training sets it to the closed-form map). ``out_dim=None``: the
+    width is taken from the inputs (a two-tower head on image-text pairs: the text embedding's
+    width, the space the ridge map targets; otherwise each head's input width).
+    Invalid values raise ``ConfigError`` naming the field.
     """
 
-    out_dim: int = 128
+    out_dim: int | None = 128
     hidden_dim: int | None = 512
     depth: int = 2
     activation: str = "gelu"
@@ -51,10 +57,13 @@ class HeadConfig:
     residual: bool = False
     norm: str | None = "layernorm"
     normalize: bool = True
+    linear_path: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.out_dim) or self.out_dim < 1:
-            raise ConfigError(f"head config: out_dim must be an integer >= 1, got {self.out_dim!r}")
+        if self.out_dim is not None and (not _is_int(self.out_dim) or self.out_dim < 1):
+            raise ConfigError(
+                f"head config: out_dim must be an integer >= 1 or null, got {self.out_dim!r}"
+            )
         if self.hidden_dim is not None and (not _is_int(self.hidden_dim) or self.hidden_dim < 1):
             raise ConfigError(
                 f"head config: hidden_dim must be an integer >= 1 or null, got {self.hidden_dim!r}"
@@ -83,6 +92,10 @@ class HeadConfig:
             )
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"head config: normalize must be true/false, got {self.normalize!r}")
+        if not isinstance(self.linear_path, bool):
+            raise ConfigError(
+                f"head config: linear_path must be true/false, got {self.linear_path!r}"
+            )
 
     @classmethod
     def paper(cls) -> HeadConfig:
@@ -99,9 +112,11 @@ class HeadConfig:
         )
 
     def widths(self, in_dim: int) -> list[int]:
-        """Layer widths ``[in_dim, hidden, ..., out_dim]`` (``depth + 1`` entries) for an input."""
+        """Layer widths ``[in_dim, hidden, ..., out_dim]`` (``depth + 1`` entries) for an input
+        (``out_dim=None``: ``in_dim``)."""
         if not _is_int(in_dim) or in_dim < 1:
             raise ConfigError(f"head input dimension must be an integer >= 1, got {in_dim!r}")
+        out_dim = in_dim if self.out_dim is None else self.out_dim
         hidden = self.hidden_dim
         if hidden is None:
             hidden = min(in_dim // 2, PAPER_MAX_HIDDEN)
@@ -110,7 +125,7 @@ class HeadConfig:
                     f"head config: hidden_dim=null (min(in_dim // 2, {PAPER_MAX_HIDDEN})) "
                     f"needs in_dim >= 2, got {in_dim}"
                 )
-        return [in_dim, *([hidden] * (self.depth - 1)), self.out_dim]
+        return [in_dim, *([hidden] * (self.depth - 1)), out_dim]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; ``from_dict(to_dict())`` gives an equal config."""
@@ -138,6 +153,8 @@ HEAD_PRESETS: dict[str, HeadConfig] = {
     "paper": HeadConfig.paper(),
     # Few parameters: cheap to send each round and to train under DP-SGD (per-sample gradients).
     "small": HeadConfig(out_dim=64, hidden_dim=128),
+    # Starts equal to frozen + the tuned closed-form map (common.training sets the affine path).
+    "aligned": HeadConfig(out_dim=None, linear_path=True),
 }
 
 
@@ -165,8 +182,8 @@ class _HiddenLayer(nn.Module):
 class ProjectionHead(nn.Module):
     """An MLP head on one embedding (see ``HeadConfig``); ``[B, in_dim] -> [B, out_dim]``.
 
-    Parameters are named ``hidden.{k}.linear.*``, ``hidden.{k}.norm.*`` (k < depth - 1) and
-    ``out.*``. Only ``nn.Linear``, ``nn.LayerNorm``, activations and dropout are used, no
+    Parameters are named ``hidden.{k}.linear.*``, ``hidden.{k}.norm.*`` (k < depth - 1),
+    ``out.*`` and, with ``linear_path``, ``linear.*``. Only ``nn.Linear``, ``nn.LayerNorm``, activations and dropout are used, no
     in-place ops and no BatchNorm, so Opacus can compute per-sample gradients.
     """
 
@@ -175,19 +192,50 @@ class ProjectionHead(nn.Module):
         self.config = config if config is not None else HeadConfig()
         widths = self.config.widths(in_dim)
         self.in_dim = in_dim
-        self.out_dim = self.config.out_dim
         self.hidden = nn.ModuleList(
             _HiddenLayer(widths[k], widths[k + 1], self.config) for k in range(len(widths) - 2)
         )
         self.out = nn.Linear(widths[-2], widths[-1])
         self.out_residual = self.config.residual and widths[-2] == widths[-1]
+        self.out_dim = widths[-1]
+        self.linear: nn.Linear | None = None
+        if self.config.linear_path:
+            self.linear = nn.Linear(in_dim, self.out_dim)
+            if in_dim == self.out_dim:
+                with torch.no_grad():
+                    self.linear.weight.copy_(torch.eye(in_dim))
+                    self.linear.bias.zero_()
+            with torch.no_grad():  # the MLP is a residual that starts at zero output
+                self.out.weight.zero_()
+                self.out.bias.zero_()
+
+    def set_linear_path(self, weight: Tensor, bias: Tensor) -> None:
+        """Set the affine path to ``x @ weight.T + bias`` (weight ``[out_dim, in_dim]``) and the
+        MLP's last layer to zero: the head's output becomes ``normalize(x @ weight.T + bias)``."""
+        if self.linear is None:
+            raise ConfigError("this head has no linear path (head config linear_path = false)")
+        if tuple(weight.shape) != tuple(self.linear.weight.shape) or tuple(bias.shape) != (
+            self.out_dim,
+        ):
+            raise ValueError(
+                f"linear path: expected weight {list(self.linear.weight.shape)} and bias "
+                f"[{self.out_dim}], got {list(weight.shape)} and {list(bias.shape)}"
+            )
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+            self.out.weight.zero_()
+            self.out.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
+        skip = self.linear(x) if self.linear is not None else None
         for layer in self.hidden:
             x = layer(x)
         y = self.out(x)
         if self.out_residual:
             y = x + y
+        if skip is not None:
+            y = skip + y
         if self.config.normalize:
             y = F.normalize(y, p=2.0, dim=-1, eps=NORMALIZE_EPS)
         return y
@@ -215,10 +263,11 @@ class MultimodalHead(nn.Module):
             )
         if not isinstance(config, HeadConfig):
             raise ConfigError(f"head config must be a HeadConfig, got {type(config).__name__}")
+        two_tower = layout == "two-tower"
+        if config.out_dim is None and two_tower and len(self.dims) == len(MODALITIES):
+            config = dataclasses.replace(config, out_dim=self.dims["text"])  # the ridge map's space
         self.config = config
         self.layout = layout
-        self.out_dim = config.out_dim
-        two_tower = layout == "two-tower"
         self.image = (
             ProjectionHead(self.dims["image"], config)
             if two_tower and "image" in self.dims
@@ -228,6 +277,13 @@ class MultimodalHead(nn.Module):
             ProjectionHead(self.dims["text"], config) if two_tower and "text" in self.dims else None
         )
         self.joint = ProjectionHead(sum(self.dims.values()), config) if not two_tower else None
+        towers = [t for t in (self.image, self.text, self.joint) if t is not None]
+        self.out_dim = towers[0].out_dim
+
+    def towers(self) -> dict[str, ProjectionHead]:
+        """The head's projection heads by name ("image", "text" or "joint")."""
+        named = {"image": self.image, "text": self.text, "joint": self.joint}
+        return {name: tower for name, tower in named.items() if tower is not None}
 
     def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> dict[str, Tensor]:
         if image is None and text is None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import ConfigError
-from common.registries import LOSSES, loss_info
+from common.registries import AUTO_LOSS, LOSSES, loss_info
 
 # Conventions shared by all losses:
 # - inputs are the head's outputs, [B, d] each, expected L2-normalised (similarities are plain dot
@@ -266,15 +266,18 @@ class CLIPLabelLoss(nn.Module):
         supcon_temperature: float = 0.2,
         prompt_weight: float = 0.0,
         prompt_temperature: float = 0.1,
+        clip_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if supcon_weight < 0 or prompt_weight < 0:
+        if supcon_weight < 0 or prompt_weight < 0 or clip_weight < 0:
             raise ValueError(
-                f"CLIPLabelLoss: weights must be >= 0, got {supcon_weight}, {prompt_weight}"
+                f"CLIPLabelLoss: weights must be >= 0, got {clip_weight}, {supcon_weight}, "
+                f"{prompt_weight}"
             )
         self.clip = InfoNCELoss(init_temperature=init_temperature)
         self.supcon = SupConLoss(temperature=supcon_temperature)
         self.prompt = PromptLoss(temperature=prompt_temperature)
+        self.clip_weight = float(clip_weight)
         self.supcon_weight = float(supcon_weight)
         self.prompt_weight = float(prompt_weight)
 
@@ -296,12 +299,68 @@ class CLIPLabelLoss(nn.Module):
         *,
         prompts: Tensor | None = None,
     ) -> Tensor:
-        loss = self.clip(image, text)
+        terms: list[Tensor] = []
+        if self.clip_weight > 0:
+            terms.append(self.clip_weight * self.clip(image, text))
         if self.supcon_weight > 0:
-            loss = loss + self.supcon_weight * self.supcon(image, text, labels)
+            terms.append(self.supcon_weight * self.supcon(image, text, labels))
         if self.prompt_weight > 0:
-            loss = loss + self.prompt_weight * self.prompt(image, text, labels, prompts=prompts)
-        return loss
+            terms.append(self.prompt_weight * self.prompt(image, text, labels, prompts=prompts))
+        if not terms:
+            raise ValueError("CLIPLabelLoss: every weight is 0")
+        return torch.stack(terms).sum()
+
+
+AUTO_OBJECTIVES: dict[str, dict[str, float]] = {
+    "infonce": {"clip_weight": 1.0, "supcon_weight": 0.0, "prompt_weight": 0.0},
+    "infonce+supcon": {"clip_weight": 1.0, "supcon_weight": 2.0, "prompt_weight": 0.0},
+    "infonce+supcon+prompts": {"clip_weight": 1.0, "supcon_weight": 2.0, "prompt_weight": 1.0},
+    "supcon": {"clip_weight": 0.0, "supcon_weight": 1.0, "prompt_weight": 0.0},
+}
+"""The weights ``AutoLoss`` gives each objective ``registries.choose_loss`` can choose: the same
+terms as the registered loss of that name (``supcon``: SupCon alone, at its temperature 0.1)."""
+
+
+class AutoLoss(CLIPLabelLoss):
+    """The ``auto`` loss: ``CLIPLabelLoss`` whose terms are chosen from the training data.
+
+    One module (parameter ``clip.logit_scale``) whatever is chosen, so a coordinator that has not
+    seen the sites' data builds the same state dict as every site. ``choose(objective)`` sets the
+    weights of ``AUTO_OBJECTIVES[objective]`` (``common.training.choose_objective`` calls it from
+    the data); ``forward`` before a choice is an error.
+    """
+
+    def __init__(self, *, init_temperature: float = 0.07, objective: str | None = None) -> None:
+        super().__init__(init_temperature=init_temperature, supcon_weight=0.0)
+        self.objective: str | None = None
+        if objective is not None:
+            self.choose(objective)
+
+    def choose(self, objective: str) -> None:
+        """Train with the terms of the registered loss ``objective`` (a key of AUTO_OBJECTIVES)."""
+        if objective not in AUTO_OBJECTIVES:
+            raise ConfigError(
+                f"loss 'auto': objective must be one of {', '.join(AUTO_OBJECTIVES)}, "
+                f"got {objective!r}"
+            )
+        weights = AUTO_OBJECTIVES[objective]
+        self.clip_weight = weights["clip_weight"]
+        self.supcon_weight = weights["supcon_weight"]
+        self.prompt_weight = weights["prompt_weight"]
+        self.supcon.temperature = 0.1 if objective == "supcon" else 0.2
+        self.objective = objective
+
+    def forward(
+        self,
+        image: Tensor | None = None,
+        text: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        prompts: Tensor | None = None,
+    ) -> Tensor:
+        if self.objective is None:
+            raise ValueError("AutoLoss: no objective chosen yet (choose one from the data first)")
+        return super().forward(image, text, labels, prompts=prompts)
 
 
 class ProxyClassifier(nn.Module):
@@ -411,21 +470,33 @@ _BUILDERS: dict[str, Callable[[float | None, int | None, int], nn.Module]] = {
     "pairwise": lambda t, n, d: PairwiseLabelLoss(**({} if t is None else {"temperature": t})),
     "supcon": lambda t, n, d: SupConLoss(**({} if t is None else {"temperature": t})),
     "proxy": lambda t, n, d: _proxy(n, d, {} if t is None else {"temperature": t}),
+    AUTO_LOSS: lambda t, n, d: AutoLoss() if t is None else AutoLoss(init_temperature=t),
 }
 assert set(_BUILDERS) == set(LOSSES), "common/losses.py: a registered loss has no builder"
 
 
 def build_loss(
-    name: str, *, num_classes: int | None, dim: int, temperature: float | None = None
+    name: str,
+    *,
+    num_classes: int | None,
+    dim: int,
+    temperature: float | None = None,
+    objective: str | None = None,
 ) -> nn.Module:
     """Build a loss by name; ``temperature=None`` keeps the loss's default (initial) value.
 
     ``num_classes`` is None for unlabelled data, which only losses without labels accept; ``dim``
-    is the head's output dimension (used by "proxy").
+    is the head's output dimension (used by "proxy"). ``objective``: for ``auto``, the objective
+    already chosen from the data (None: chosen later, before training).
     """
     info = loss_info(name)
     if temperature is not None and temperature <= 0:
         raise ConfigError(f"loss temperature must be > 0, got {temperature}")
+    if info.auto:
+        auto = AutoLoss() if temperature is None else AutoLoss(init_temperature=temperature)
+        if objective is not None:
+            auto.choose(objective)
+        return auto
     if info.labels and num_classes is None:
         raise ConfigError(
             f"loss {name!r} needs labelled data (num_classes); use 'infonce' without labels"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,11 @@ class LossInfo:
     pairs: bool = False  # needs paired image and text rows (two-tower layout)
     per_example: bool = False  # each example's loss depends on that example alone (DP-SGD safe)
     min_classes: int = 1  # labelled data must have at least this many classes
+    auto: bool = False  # chosen from what the training data has (``choose_loss``)
 
+
+AUTO_LOSS = "auto"
+"""The loss that is chosen from the data (``choose_loss``): the run-config and train default."""
 
 LOSSES: dict[str, LossInfo] = {
     "infonce": LossInfo(
@@ -54,7 +58,34 @@ LOSSES: dict[str, LossInfo] = {
         per_example=True,
         min_classes=2,  # a softmax over the class proxies
     ),
+    AUTO_LOSS: LossInfo(
+        "chosen from what the data has: infonce for image-text pairs; infonce+supcon with labels; "
+        "infonce+supcon+prompts with labels and class prompts; supcon for labelled single-modality "
+        "data (one module whatever is chosen, so every site's head has the same parameters)",
+        auto=True,
+    ),
 }
+
+
+def choose_loss(*, paired: bool, labelled: bool, prompts: bool) -> tuple[str, str]:
+    """The objective ``auto`` trains with, and why, from what the training data has.
+
+    ``paired``: image and text rows (two-tower layout); ``labelled``: class labels of at least two
+    classes; ``prompts``: the task's class prompts embedded by the text encoder. Data with neither
+    pairs nor labels has nothing to train on: DataError.
+    """
+    if paired and labelled and prompts:
+        return "infonce+supcon+prompts", "image-text pairs with labels and class prompts"
+    if paired and labelled:
+        return "infonce+supcon", "image-text pairs with labels (no class prompts)"
+    if paired:
+        return "infonce", "image-text pairs without labels"
+    if labelled:
+        return "supcon", "labelled rows of one modality"
+    raise DataError(
+        "loss 'auto': the data has neither image-text pairs nor labels of two classes: "
+        "nothing to train a head on"
+    )
 
 
 @dataclass(frozen=True)
@@ -68,6 +99,12 @@ HEADS: dict[str, HeadInfo] = {
     "default": HeadInfo("Linear(in, 512) -> LayerNorm -> GELU -> Linear(512, 128), L2-normalised"),
     "paper": HeadInfo("arXiv 2502.02048: Linear(in, min(in//2, 16)) -> ReLU -> Linear(., 128)"),
     "small": HeadInfo("out 64, hidden 128: cheap to send each round and to train under DP-SGD"),
+    "aligned": HeadInfo(
+        "affine path (out = the text embedding's width) + residual MLP Linear(in, 512) -> "
+        "LayerNorm -> GELU -> Linear(512, out) whose last layer starts at zero; training starts "
+        "the affine path at the tuned closed-form map (ridge or CCA), so the head starts equal to "
+        "frozen + that map, L2-normalised"
+    ),
 }
 
 

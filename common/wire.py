@@ -22,6 +22,38 @@ HEAD_SHAPES = "head-shapes"  # SecAgg+ fit config: JSON {name: shape} (0-d trave
 # Metric keys the server reads.
 NUM_EXAMPLES = "num-examples"  # the site's weight in the mean; must be > 0
 
+# Every metric name a site may send (``fedembed audit`` flags any other). Producers:
+# client/training.py (train-*), common/evaluation.py quick_metrics (held-out scores), and
+# client/privacy PrivateRound.metrics (sample-level DP spend).
+TRAIN_METRICS = frozenset({NUM_EXAMPLES, "train-loss", "train-seconds"})
+HELD_OUT_METRICS = frozenset({"R@1", "R@5", "zs_acc", "zs_auroc", "centroid_acc"})
+# report-eval: the received head's held-out scores, before training, sent with the update
+PRE_TRAINING_EVAL_PREFIX = "eval-"
+SAMPLE_DP_METRICS = frozenset(
+    {
+        "dp-epsilon",
+        "dp-epsilon-round",
+        "dp-delta",
+        "dp-noise-multiplier",
+        "dp-sample-rate",
+        "dp-steps",
+    }
+)
+SECAGG_WEIGHT_METRIC = "num_examples"  # Flower's FitRes.num_examples: a SecAgg+ site's weight
+
+
+def allowed_metrics(message_type: str, *, secagg: bool = False) -> frozenset[str]:
+    """The metric names a site's reply to a ``message_type`` message may carry."""
+    if message_type == "evaluate":
+        return frozenset({NUM_EXAMPLES}) | HELD_OUT_METRICS
+    train = (
+        TRAIN_METRICS
+        | SAMPLE_DP_METRICS
+        | {PRE_TRAINING_EVAL_PREFIX + name for name in HELD_OUT_METRICS}
+    )
+    return train | {SECAGG_WEIGHT_METRIC} if secagg else train
+
+
 # Error codes of a site's error reply.
 DECLINED_ERROR_CODE = 4001  # the site declined the round (privacy budget): not a failure
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION

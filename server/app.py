@@ -15,9 +15,9 @@ from common.flower import arrays_from_record, metric_record, record_from_arrays
 from common.preflight import check_run
 from common.wire import ROUND_OFFSET, absolute_round
 from server.checkpoints import RunStore
-from server.grid import PromptGrid
 from server.history import write_round
 from server.privacy import client_dp
+from server.receipts import ReceiptGrid
 from server.strategy import (
     Accounting,
     EmptyRoundError,
@@ -92,6 +92,16 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
             round_offset=start_round,
             aggregator=dp.strategy if dp else None,
         )
+        if start_round > 0 and strategy.has_server_state:
+            state = store.load_server_state(start_round)
+            if state is None:
+                print(
+                    f"[fedembed] no server optimiser state saved with round {start_round}: "
+                    f"{run.strategy} restarts its state from zero",
+                    flush=True,
+                )
+            else:
+                strategy.restore_server_state(state, list(shapes))
 
         def evaluate_fn(server_round: int, record: ArrayRecord) -> MetricRecord | None:
             absolute = absolute_round(server_round, start_round)
@@ -102,13 +112,16 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
                 # checkpointed, and resume trims the history back to the last checkpoint.
                 entry = accounting.current(absolute)
                 write_round(store, entry, server_metrics, dp.round_record() if dp else None)
+                store.save_server_state(absolute, strategy.server_state())
                 store.save_checkpoint(absolute, current, meta)
             return metric_record(server_metrics) if server_metrics else None
 
         try:
             result = strategy.start(
-                grid=PromptGrid(
+                grid=ReceiptGrid(  # a receipt (digest) of every reply: <run-dir>/replies.jsonl
                     grid,
+                    run_dir=store.root,
+                    run_id=run_id,
                     poll_interval=run.reply_poll_interval,
                     first_round_timeout=run.first_round_timeout or None,
                 ),

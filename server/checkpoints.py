@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from common.training import HeadModel
 
 _CHECKPOINT = re.compile(r"round-(\d{4,})\.safetensors$")
+# The arrays' SHA-256, kept in a checkpoint's document: safetensors has no checksum of its own, so
+# flipped bytes in the data would otherwise load as a different head.
+_DIGEST = "arrays-sha256"
 
 
 @dataclass
@@ -37,6 +41,7 @@ class RunStore:
 
     run.json                      the run's settings and the head's description
     checkpoints/round-NNNN.safetensors   global head after round N (atomic; round 0 = initial)
+    checkpoints/server-state/round-NNNN.safetensors   FedAdam/FedYogi/FedAvgM state after round N
     history.jsonl                 one JSON line per completed round (sites, bytes, times, metrics)
     final/head.safetensors, final/head.json   the exported head, loadable by `fedembed evaluate`
     """
@@ -50,8 +55,16 @@ class RunStore:
         """Move an earlier run's files aside (a fresh run in the same run-dir loses nothing)."""
         if not (self.history.exists() or self.checkpoints.exists()):
             return None
-        target = self.root.with_name(f"{self.root.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        target.mkdir(parents=True, exist_ok=True)
+        stamp = f"{self.root.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        target = self.root.with_name(stamp)
+        suffix = 1
+        while True:  # two archives in one second each get their own directory, never a merge
+            try:
+                target.mkdir(parents=True)
+                break
+            except FileExistsError:
+                suffix += 1
+                target = self.root.with_name(f"{stamp}-{suffix}")
         for child in list(self.root.iterdir()):
             os.replace(child, target / child.name)
         return target
@@ -81,8 +94,27 @@ class RunStore:
         self, server_round: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
     ) -> Path:
         path = self.checkpoints / f"round-{server_round:04d}.safetensors"
-        write_tensorfile(path, arrays, key="meta", document=dict(meta))
+        write_tensorfile(
+            path, arrays, key="meta", document={**meta, _DIGEST: arrays_digest(arrays)}
+        )
         return path
+
+    def save_server_state(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """The server optimiser's state after ``server_round`` (server/strategy/state.py), if any.
+
+        Written before that round's checkpoint: a checkpoint implies its state.
+        """
+        if arrays:
+            path = self.checkpoints / "server-state" / f"round-{server_round:04d}.safetensors"
+            write_tensorfile(path, arrays, key="meta", document={_DIGEST: arrays_digest(arrays)})
+
+    def load_server_state(self, server_round: int) -> dict[str, np.ndarray] | None:
+        """The state saved with checkpoint ``server_round`` (None: none saved, or unreadable)."""
+        path = self.checkpoints / "server-state" / f"round-{server_round:04d}.safetensors"
+        try:
+            return self.load_checkpoint(path, server_round).arrays
+        except ConfigError:
+            return None
 
     def latest_checkpoint(self) -> Checkpoint | None:
         """The newest readable checkpoint (a corrupt newest one is skipped, with the next older used)."""
@@ -106,6 +138,11 @@ class RunStore:
             arrays, meta = read_tensorfile(path, key="meta")
         except ValueError as exc:
             raise ConfigError(f"checkpoint {path} is unreadable: {exc}") from exc
+        recorded = meta.pop(_DIGEST, None) if isinstance(meta, dict) else None
+        if recorded is not None and recorded != arrays_digest(arrays):  # None: an older checkpoint
+            raise ConfigError(
+                f"checkpoint {path} is corrupt: its arrays do not match their SHA-256"
+            )
         return Checkpoint(round=server_round, arrays=dict(arrays), meta=meta)
 
     def append_history(self, entry: Mapping[str, Any]) -> None:
@@ -126,3 +163,14 @@ class RunStore:
         """Keep only rounds <= ``last_round`` (resuming from that checkpoint must not duplicate rounds)."""
         kept = [e for e in self.read_history() if int(e.get("round", 0)) <= last_round]
         atomic_write_text(self.history, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of named arrays: each one's name, dtype, shape and bytes, by name (safetensors
+    reads a file's arrays back sorted by name)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode("utf-8"))
+        digest.update(array.tobytes())
+    return digest.hexdigest()

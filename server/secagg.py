@@ -55,9 +55,9 @@ from common.config import RunSettings
 from common.flower import record_nbytes
 from common.wire import HEAD_KEYS, HEAD_SHAPES, PROXIMAL_MU, SERVER_ROUND
 from server.checkpoints import RunStore
-from server.grid import PromptGrid
 from server.history import write_round
 from server.privacy import ClientDp, client_dp
+from server.receipts import ReceiptGrid
 from server.strategy import Accounting, EmptyRounds, RoundLog, classify_error, require_trained
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,26 @@ def secagg_workflow(run: RunSettings) -> SecAggPlusWorkflow:
     )
 
 
-class ProtocolGrid(PromptGrid):
-    """``PromptGrid`` that also counts each round's protocol bytes per site and records site errors
-    (as ``"<stage>: <reason>"``) in the round's RoundLog."""
+class ProtocolGrid(ReceiptGrid):
+    """``ReceiptGrid`` that also counts each round's protocol bytes per site and records site errors
+    (as ``"<stage>: <reason>"``) in the round's RoundLog; receipts go to ``run_dir`` if given."""
 
     def __init__(
-        self, grid: Grid, *, poll_interval: float, first_round_timeout: float | None = None
+        self,
+        grid: Grid,
+        *,
+        poll_interval: float,
+        first_round_timeout: float | None = None,
+        run_dir: Path | None = None,
+        run_id: int = 0,
     ) -> None:
-        super().__init__(grid, poll_interval=poll_interval, first_round_timeout=first_round_timeout)
+        super().__init__(
+            grid,
+            run_dir=run_dir,
+            run_id=run_id,
+            poll_interval=poll_interval,
+            first_round_timeout=first_round_timeout,
+        )
         self.accounting = Accounting()  # names: node id -> the name the site gave
 
     def round_log(self, server_round: int) -> RoundLog:
@@ -327,6 +339,8 @@ def run_secure_federation(
         grid,
         poll_interval=run.reply_poll_interval,
         first_round_timeout=run.first_round_timeout or None,
+        run_dir=store.root,  # a receipt (digest) of every protocol reply: <run-dir>/replies.jsonl
+        run_id=context.run_id,
     )
     dp = client_dp(run)
     empty_rounds = EmptyRounds(run.max_empty_rounds)

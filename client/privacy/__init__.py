@@ -1,5 +1,6 @@
-"""Sample-level DP-SGD at a site (Opacus): ``ledger`` (the persistent spend), ``budget`` (what a round
-costs and whether the site agrees) and ``dp_sgd`` (the private training loop).
+"""Sample-level DP-SGD at a site (Opacus): ``ledger`` (the persistent spend; its epsilon by RDP and
+by PLD), ``budget`` (what a round costs and whether the site agrees) and ``dp_sgd`` (the private
+training loop).
 
 The settings (``dp-*`` keys, PrivacySettings) and the loss rule live in common/privacy.py.
 """
@@ -16,6 +17,7 @@ from client.privacy.ledger import (
     LedgerEntry,
     PrivacyLedger,
     ledger_path,
+    pld_epsilon,
     rdp_epsilon,
 )
 from common.privacy import PrivacySettings, require_sample_level_dp
@@ -31,6 +33,7 @@ __all__ = [
     "RoundPlan",
     "ledger_path",
     "plan_round",
+    "pld_epsilon",
     "rdp_epsilon",
     "require_sample_level_dp",
     "train_head_private",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from client.privacy.ledger import PrivacyLedger, rdp_epsilon
 from common.errors import ConfigError, DataError, PrivacyError
@@ -27,6 +27,13 @@ class RoundPlan:
     epsilon_after: float  # the scope's total if this round trains
     declined: bool = False
     reason: str = ""
+    # the scope's ledger history before this round: (noise multiplier, sample rate, steps) entries
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @property
+    def history_after(self) -> list[tuple[float, float, int]]:
+        """The scope's history once this round counts."""
+        return [*self.history, (self.noise_multiplier, self.sample_rate, self.steps)]
 
 
 def plan_round(
@@ -82,6 +89,7 @@ def plan_round(
         epsilon_before=rdp_epsilon(history, privacy.delta),
         epsilon_round=rdp_epsilon(this_round, privacy.delta),
         epsilon_after=rdp_epsilon(history + this_round, privacy.delta),
+        history=history,
     )
     limit = privacy.max_epsilon
     if limit is not None and plan.epsilon_after > limit + _EPSILON_SLACK:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from client.privacy.budget import RoundPlan, plan_round
-from client.privacy.ledger import LedgerEntry, PrivacyLedger
+from client.privacy.ledger import LedgerEntry, PrivacyLedger, pld_epsilon
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError, PrivacyError
 from common.losses import ClassProxyLoss
@@ -50,6 +50,7 @@ class PrivateRoundResult:
     declined: bool = False
     reason: str = ""
     grad_sample_mode: str = "ghost"
+    epsilon_total_pld: float | None = None  # ``epsilon_total`` by PLD (None: not computed)
 
     @property
     def samples_per_second(self) -> float:
@@ -75,6 +76,14 @@ class PrivateRoundResult:
             "dp-sample-rate": self.sample_rate,
             "dp-steps": self.steps,
         }
+
+    def audit_record(self) -> dict[str, float | int]:
+        """What the site records about the round's privacy (its audit log): ``metrics()`` and the
+        total by the tighter PLD accountant, ``dp-epsilon-pld`` (``dp-epsilon`` is RDP's)."""
+        record = self.metrics()
+        if self.epsilon_total_pld is not None:
+            record["dp-epsilon-pld"] = self.epsilon_total_pld
+        return record
 
 
 class PrivateObjective(nn.Module):
@@ -150,7 +159,12 @@ def train_head_private(
             run_id=run_id,
         )
         if plan.declined or plan.steps == 0:
-            return _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_before)
+            result = _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_before)
+            result.epsilon_total_pld = pld_epsilon(
+                plan.history, privacy.delta, rdp=plan.epsilon_before
+            )
+            return result
+        epsilon_total_pld = pld_epsilon(plan.history_after, privacy.delta, rdp=plan.epsilon_after)
         ledger.record(
             LedgerEntry(
                 run_id=int(run_id),
@@ -164,6 +178,7 @@ def train_head_private(
                 delta=privacy.delta,
                 epsilon_total=plan.epsilon_after,
                 utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                epsilon_total_pld=epsilon_total_pld,
             )
         )
     started = time.perf_counter()
@@ -171,6 +186,7 @@ def train_head_private(
         model, data, rows, config, privacy, plan, reference=reference, mode=grad_sample_mode
     )
     result = _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_after)
+    result.epsilon_total_pld = epsilon_total_pld
     result.seconds = time.perf_counter() - started
     result.steps = plan.steps
     result.samples_seen = samples

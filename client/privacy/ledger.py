@@ -1,4 +1,10 @@
-"""A site's persistent privacy ledger: every round's DP-SGD spend, and its RDP epsilon."""
+"""A site's persistent privacy ledger: every round's DP-SGD spend, and its epsilon.
+
+Two accountants read the same (noise multiplier, sample rate, steps) history. RDP (Opacus) is the
+calibrating one: it chooses sigma for a target epsilon and decides the budget. PLD (dp-accounting's
+privacy loss distributions, pessimistic estimate) is reported beside it: also an upper bound on
+epsilon, and a tighter one, so a site sees how much the RDP conversion over-states its spend.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,15 @@ from common.errors import PrivacyError
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
+# PLD is reported only where it is meaningful and cheap: a history of at most this many distinct
+# (sigma, q) mechanisms whose RDP epsilon is at most PLD_MAX_RDP_EPSILON (beyond that the guarantee
+# is void anyway, and the loss distribution's support, i.e. memory and time, grows without bound).
+PLD_MAX_RDP_EPSILON = 64.0
+PLD_MAX_MECHANISMS = 32
+# dp-accounting's value_discretization_interval: the coarse one first (fast); its pessimistic
+# rounding adds up over very many small steps (e.g. q = 0.001, 1e5 steps), so when it does not
+# come out below RDP the fine one is tried too. Every pass is an upper bound: the smallest is kept.
+PLD_DISCRETIZATIONS = (1e-3, 1e-4)
 
 
 def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -23,6 +38,50 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = [entry for entry in history if entry[2] > 0]
     return float(accountant.get_epsilon(delta=delta))
+
+
+def pld_epsilon(
+    history: list[tuple[float, float, int]], delta: float, *, rdp: float | None = None
+) -> float | None:
+    """Epsilon at ``delta`` of the same composition by privacy loss distributions (dp-accounting).
+
+    Each (sigma, q, steps) entry is ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), steps)``;
+    entries with the same (sigma, q) are merged first (composition commutes). The pessimistic
+    estimate is an upper bound on epsilon like RDP's, and usually tighter (``PLD_DISCRETIZATIONS``).
+    None when not computed: more than ``PLD_MAX_MECHANISMS`` distinct mechanisms, or an RDP epsilon
+    (``rdp``, computed when not given) above ``PLD_MAX_RDP_EPSILON``.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        if steps > 0:
+            merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
+    if not merged:
+        return 0.0
+    if len(merged) > PLD_MAX_MECHANISMS:
+        return None
+    if rdp is None:
+        rdp = rdp_epsilon(history, delta)
+    if not rdp <= PLD_MAX_RDP_EPSILON:
+        return None
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    event = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+            )
+            for (sigma, q), steps in merged.items()
+        ]
+    )
+    best = float("inf")
+    for interval in PLD_DISCRETIZATIONS:
+        accountant = PLDAccountant(value_discretization_interval=interval)
+        accountant.compose(event)
+        best = min(best, float(accountant.get_epsilon(delta)))
+        if best < rdp:
+            break
+    return best
 
 
 def ledger_path(state_dir: str | os.PathLike[str]) -> Path:
@@ -43,12 +102,14 @@ class LedgerEntry:
     poisson: bool
     num_examples: int
     delta: float
-    epsilon_total: float  # the scope's total at ``delta`` once this entry counts (for auditors)
+    epsilon_total: float  # the scope's RDP total at ``delta`` once this entry counts (for auditors)
     utc: str
+    # the same total by PLD (``pld_epsilon``); None: not computed (or a ledger written before it)
+    epsilon_total_pld: float | None = None
 
 
 class PrivacyLedger:
-    """The site's RDP history in a JSON file, read afresh by every (possibly new) process.
+    """The site's DP-SGD history in a JSON file, read afresh by every (possibly new) process.
 
     The file is never reset or repaired automatically: an unreadable ledger raises PrivacyError,
     because starting over would silently forget what the site has already spent.
@@ -89,8 +150,14 @@ class PrivacyLedger:
         ]
 
     def epsilon(self, delta: float, *, scope: str = "site", run_id: int | None = None) -> float:
-        """Epsilon at ``delta`` spent so far in ``scope``."""
+        """Epsilon at ``delta`` spent so far in ``scope`` (RDP: what budgets are checked with)."""
         return rdp_epsilon(self.history(scope=scope, run_id=run_id), delta)
+
+    def epsilon_pld(
+        self, delta: float, *, scope: str = "site", run_id: int | None = None
+    ) -> float | None:
+        """The same spend by PLD (``pld_epsilon``: tighter; None when not computed)."""
+        return pld_epsilon(self.history(scope=scope, run_id=run_id), delta)
 
     def record(self, entry: LedgerEntry) -> None:
         """Append ``entry`` (atomic rewrite of the file)."""

@@ -18,7 +18,8 @@ update, and a ``[site NAME]`` prefix on error reasons. Node ids change when a Su
 names do not, so history and logs show both.
 
 Modules: ``contract`` (what a valid reply is), ``rounds`` (per-round bookkeeping), ``wrapper`` (the
-strategy around Flower's), ``factory`` (the strategy a run-config names).
+strategy around Flower's), ``factory`` (the strategy a run-config names), ``state`` (the server
+optimiser's state that a checkpoint keeps, so a resumed run continues as an uninterrupted one).
 """
 
 from server.strategy.contract import UpdateCheck, classify_error, metric_problem, site_name

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.serverapp.strategy import (
-    FedAdam,
     FedAvg,
     FedAvgM,
     FedMedian,
@@ -20,13 +19,14 @@ from common.config import RunSettings
 from common.wire import NUM_EXAMPLES
 from server.strategy.contract import UpdateCheck
 from server.strategy.rounds import Accounting, EmptyRounds
+from server.strategy.state import RunFedAdam
 from server.strategy.wrapper import FedEmbedStrategy
 
 BASES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
     "fedprox": FedProx,
-    "fedadam": FedAdam,
+    "fedadam": RunFedAdam,  # Flower's FedAdam; its bias correction counts the run's rounds
     "fedyogi": FedYogi,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
@@ -41,13 +41,15 @@ def build_strategy(
     accounting: Accounting,
     round_offset: int = 0,
     aggregator: Strategy | None = None,
-) -> Strategy:
+) -> FedEmbedStrategy:
     """Flower's strategy named by ``run.strategy``, wrapped to validate, account and skip evaluation.
 
     ``aggregator`` replaces that strategy (server/privacy.py passes Flower's client-level DP wrapper
     around FedAvg): every reply is still validated here first, and only valid ones reach it.
     """
     inner = aggregator if aggregator is not None else BASES[run.strategy](**strategy_kwargs(run))
+    if isinstance(inner, RunFedAdam):
+        inner.round_offset = round_offset
     return FedEmbedStrategy(
         inner,
         check=check,

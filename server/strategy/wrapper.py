@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.flower import arrays_from_record, record_nbytes
+from common.flower import arrays_from_record, record_from_arrays, record_nbytes
 from common.wire import METRICS_RECORD, ROUND_OFFSET, SITE_RECORD, absolute_round
 from server.grid import DelegatingGrid
 from server.strategy.contract import UpdateCheck, classify_error, metric_problem, short_reason
 from server.strategy.rounds import Accounting, EmptyRounds, RoundLog
+from server.strategy.state import has_optimizer_state, optimizer_state, restore_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,17 @@ class FedEmbedStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The inner strategy's optimiser state after its last round (server/strategy/state.py)."""
+        return optimizer_state(self.inner)
+
+    def restore_server_state(self, state: Mapping[str, np.ndarray], head_keys: list[str]) -> None:
+        restore_optimizer_state(self.inner, state, head_keys)
+
+    @property
+    def has_server_state(self) -> bool:
+        return has_optimizer_state(self.inner)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -109,6 +122,7 @@ class FedEmbedStrategy(Strategy):
         metrics: MetricRecord | None = None
         if accepted:
             arrays, metrics = self.inner.aggregate_train(server_round, _uniform_metrics(accepted))
+            arrays = _float32(arrays)
         entry.head_updated = arrays is not None
         if not entry.head_updated:
             log.warning("round %d: nothing aggregated; the global head is unchanged", entry.round)
@@ -247,6 +261,20 @@ def _uniform_metrics(replies: list[Message]) -> list[Message]:
             content[key] = record
         reply.content = content
     return replies
+
+
+def _float32(arrays: ArrayRecord | None) -> ArrayRecord | None:
+    """The aggregate as float32, the head's dtype (every valid update is float32).
+
+    Flower 1.41's FedAdam scales its step by a numpy float64, which turns the whole global head
+    into float64: sent to the sites at twice the size, and checkpointed in a dtype the resumed head
+    (float32) cannot reproduce bit for bit.
+    """
+    if arrays is None or all(a.dtype == "float32" for a in arrays.values()):
+        return arrays
+    return record_from_arrays(
+        {k: np.asarray(v, dtype=np.float32) for k, v in arrays_from_record(arrays).items()}
+    )
 
 
 def _reply_bytes(reply: Message) -> int:

@@ -146,7 +146,7 @@ def measure_deployment(
     """
     from common.artifacts import load_head, state_arrays
     from simulations.flower.flwr_cli import run_app
-    from simulations.flower.processes import local_federation
+    from simulations.flower.local import local_federation
 
     os.environ[HOME_ENV] = str(home)  # caches and site state of the processes started here
     run_dir = home / "run"

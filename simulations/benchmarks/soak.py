@@ -20,7 +20,8 @@ from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.machine import load_average, machine_info
 from simulations.flower.federate import APP_DIR, SITE_ENV, STARTUP_TIMEOUT, site_node_config
 from simulations.flower.flwr_cli import run_app, submit_run, wait_for_run
-from simulations.flower.processes import LocalSuperLink, LocalSuperNode, descendants_running
+from simulations.flower.local import LocalSuperLink, LocalSuperNode
+from simulations.flower.processes import descendants_running
 from simulations.flower.run_config import ConfigValue
 
 FINAL_KEY = "fedembed"  # common/artifacts.py's metadata key in final/head.safetensors

@@ -37,7 +37,7 @@ OWN_KEYS = {
     "test-rows": "--test-data or the manifest's split column",
     "run-dir": "--out",
 }
-# Privacy arms are the experiment's (python -m simulations.experiments.comparison), with their own rows.
+# Privacy arms are the experiment's (python -m simulations.experiments.comparison_runs), with their own rows.
 DP_PREFIXES = ("dp-", "client-dp")
 # The loss for labelled data with one modality (the IU X-ray text experiment's first choice).
 SINGLE_MODALITY_LOSS = "supcon"
@@ -155,7 +155,7 @@ def plan_comparison(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--run-config {key}: set by {OWN_KEYS[name]}")
         if name.startswith(DP_PREFIXES):
             raise ConfigError(
-                f"--run-config {key}: the DP arms are python -m simulations.experiments.comparison's "
+                f"--run-config {key}: the DP arms are python -m simulations.experiments.comparison_runs's "
                 "(each with its own row and epsilon); fedembed compare runs without DP"
             )
     if args.local_epochs < 1:

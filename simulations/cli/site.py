@@ -268,8 +268,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.train_seed,
     )
     result = train_head(model, site.train, config, progress=True)
+    ran = result.epochs_run or args.epochs
+    epochs = (
+        f"{ran} epochs" if ran == args.epochs else f"{ran} of {args.epochs} epochs (early stop)"
+    )
     print(
-        f"trained {args.epochs} epochs on {result.num_examples} examples: loss {result.loss:.4f} ({result.seconds:.1f} s)"
+        f"trained {epochs} on {result.num_examples} examples: loss {result.loss:.4f} "
+        f"({result.seconds:.1f} s)"
     )
     metadata: dict[str, Any] = {
         "data": spec.to_dict(),

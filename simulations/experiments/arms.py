@@ -219,7 +219,7 @@ def train_selected(
     scores: list[float] = []
     best: dict[str, Any] | None = None
     for step in range(1, steps + 1):
-        config = run.train_config(seed=run.seed * 100_003 + step)
+        config = run.train_config(seed=run.seed * 100_003 + step, first_round=step == 1)
         train_head(model, train, config)
         scores.append(selection_score(model, [val]))
         if select_best(scores) == step:

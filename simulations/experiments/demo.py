@@ -77,7 +77,8 @@ def publish(
 ) -> list[Path]:
     """Save results.json (+ ``extra``), results.md and the figures in ``out``; print the table,
     the federated / centralized ratios, ``notes``, what ``test_set`` was and where it all is."""
-    from simulations.experiments.comparison import plot_comparison, ratios
+    from simulations.experiments.comparison import ratios
+    from simulations.experiments.comparison_figures import plot_comparison
 
     table = comparison.table()
     ratio = ratios(comparison)

@@ -21,7 +21,7 @@ from simulations.flower.flwr_cli import (
     flwr_cli,
     run_app,
 )
-from simulations.flower.processes import LocalSuperLink, LocalSuperNode
+from simulations.flower.local import LocalSuperLink, LocalSuperNode
 from simulations.flower.run_config import ConfigValue
 
 APP_DIR = Path(__file__).resolve().parents[2]

@@ -27,6 +27,7 @@ from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, PrivacyError
 from common.heads import HeadConfig
 from common.training import HeadModel, TrainConfig, build_head_model
+from tests.embedded_data import clustered
 
 HEAD = HeadConfig(out_dim=8, hidden_dim=16)
 DELTA = 1e-5
@@ -38,22 +39,6 @@ def _quiet_one_thread() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         yield
-
-
-def _data(n: int = 256, *, classes: int = 4, seed: int = 0) -> EmbeddedDataset:
-    """Labelled image (12-d) / text (8-d) embeddings clustered by class."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    centers = rng.normal(size=(classes, 12))
-    image = 2 * centers[labels] + rng.normal(size=(n, 12))
-    text = 2 * centers[labels][:, :8] + rng.normal(size=(n, 8))
-    return EmbeddedDataset(
-        ids=[str(i) for i in range(n)],
-        image=image.astype(np.float32),
-        text=text.astype(np.float32),
-        labels=labels,
-        class_names=[f"c{i}" for i in range(classes)],
-    )
 
 
 def _model(loss: str = "proxy", *, layout: str = "two-tower", seed: int = 0) -> HeadModel:
@@ -159,14 +144,14 @@ def _round(
 def test_opacus_per_example_gradients_equal_autograd(mode: str, layout: str) -> None:
     model = _model(layout=layout)
     assert "loss.classifier.proxies" in dict(model.named_parameters())
-    x, t, y = _batch(_data(), 16)
+    x, t, y = _batch(clustered(), 16)
     opacus = _opacus_grad_samples(model, x, t, y, mode=mode)
     torch.testing.assert_close(opacus, _autograd_grads(model, x, t, y), rtol=1e-4, atol=1e-5)
 
 
 def test_ghost_clipping_sums_clipped_gradients_and_one_example_moves_at_most_c() -> None:
     model = _model()
-    x, t, y = _batch(_data(), 16)
+    x, t, y = _batch(clustered(), 16)
     grads = _autograd_grads(model, x, t, y)
     clip = float(grads.norm(dim=1).median())  # about half the examples get clipped
 
@@ -231,7 +216,9 @@ def test_in_batch_losses_break_the_sensitivity_bound_and_are_refused(
     assert worst > 1.1 * clip
 
     with pytest.raises(PrivacyError) as error:
-        _round(_model(loss), _data(), PrivacySettings(noise_multiplier=1.0), tmp_path / "l.json")
+        _round(
+            _model(loss), clustered(), PrivacySettings(noise_multiplier=1.0), tmp_path / "l.json"
+        )
     message = str(error.value)
     for phrase in ("in-batch negatives", "not a valid guarantee", "'proxy'", "client-level DP"):
         assert phrase in message
@@ -242,7 +229,7 @@ def test_in_batch_losses_break_the_sensitivity_bound_and_are_refused(
 
 
 def test_epsilon_accumulates_across_process_restarts(tmp_path: Path) -> None:
-    data, model, ledger = _data(256), _model(), tmp_path / "state" / "privacy-ledger.json"
+    data, model, ledger = clustered(256), _model(), tmp_path / "state" / "privacy-ledger.json"
     q, steps = 32 / 256, 256 // 32
     for k in (1, 2, 3):
         privacy = PrivacySettings.from_config({"dp-noise-multiplier": 1.1, "dp-delta": DELTA})
@@ -266,7 +253,7 @@ def test_epsilon_accumulates_across_process_restarts(tmp_path: Path) -> None:
 
 
 def test_site_over_budget_declines_without_training_or_spending(tmp_path: Path) -> None:
-    data, model, ledger = _data(256), _model(), tmp_path / "privacy-ledger.json"
+    data, model, ledger = clustered(256), _model(), tmp_path / "privacy-ledger.json"
     q, steps = 32 / 256, 256 // 32
     one, two = _rdp([(1.0, q, steps)]), _rdp([(1.0, q, 2 * steps)])
     privacy = PrivacySettings.from_config(
@@ -289,7 +276,7 @@ def test_site_over_budget_declines_without_training_or_spending(tmp_path: Path) 
 
 
 def test_target_epsilon_is_reached_after_the_planned_rounds(tmp_path: Path) -> None:
-    data, model, ledger = _data(256), _model(), tmp_path / "privacy-ledger.json"
+    data, model, ledger = clustered(256), _model(), tmp_path / "privacy-ledger.json"
     privacy = PrivacySettings.from_config({"dp-target-epsilon": 4.0, "dp-noise-multiplier": 0})
     results = [_round(model, data, privacy, ledger, server_round=k) for k in (1, 2, 3)]
     sigmas = {r.noise_multiplier for r in results}
@@ -305,7 +292,7 @@ def test_target_epsilon_is_reached_after_the_planned_rounds(tmp_path: Path) -> N
 
 
 def test_private_training_keeps_state_keys_and_learns(tmp_path: Path) -> None:
-    data, model, ledger = _data(512), _model(), tmp_path / "privacy-ledger.json"
+    data, model, ledger = clustered(512), _model(), tmp_path / "privacy-ledger.json"
     keys, before = list(model.state_dict()), _full_loss(model, data)
     privacy = PrivacySettings(noise_multiplier=0.8, max_grad_norm=1.0)
     for k in (1, 2, 3):
@@ -321,7 +308,7 @@ def test_private_training_keeps_state_keys_and_learns(tmp_path: Path) -> None:
 
 
 def test_fedprox_pull_is_added_after_the_noise(tmp_path: Path) -> None:
-    data = _data(256)
+    data = clustered(256)
     drift = {}
     for mu in (0.0, 50.0):
         model = _model()
@@ -334,7 +321,7 @@ def test_fedprox_pull_is_added_after_the_noise(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
 def test_empty_poisson_batches_still_take_noisy_steps(mode: str, tmp_path: Path) -> None:
-    data, model = _data(40), _model()
+    data, model = clustered(40), _model()
     result = train_head_private(
         model,
         data,
@@ -383,7 +370,7 @@ def test_settings_from_config_and_node_config_wins() -> None:
 
 
 def test_budget_without_mechanism_and_corrupt_ledger_refuse_to_train(tmp_path: Path) -> None:
-    data = _data(64)
+    data = clustered(64)
     with pytest.raises(PrivacyError, match="without noise"):
         _round(_model(), data, PrivacySettings(max_epsilon=5.0), tmp_path / "a.json")
     corrupt = tmp_path / "b.json"

@@ -113,9 +113,10 @@ def test_projection_head_shapes_and_unit_norm(preset: str, depth: int) -> None:
     config = HeadConfig.from_dict({**HEAD_PRESETS[preset].to_dict(), "depth": depth})
     head = ProjectionHead(40, config)
     out = head(torch.randn(7, 40))
-    assert out.shape == (7, config.out_dim)
+    assert out.shape == (7, config.out_dim or 40)  # out_dim None: the input's width
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(7))
-    assert sum(isinstance(m, nn.Linear) for m in head.modules()) == depth
+    linear_path = 1 if config.linear_path else 0
+    assert sum(isinstance(m, nn.Linear) for m in head.modules()) == depth + linear_path
 
 
 def test_unnormalised_head_is_not_unit_norm() -> None:
@@ -168,10 +169,12 @@ def test_multimodal_shapes_for_all_layouts(preset: str, layout: str) -> None:
     out = head(image=image, text=text)
     expected_keys = ["image", "text"] if layout == "two-tower" else ["joint"]
     assert sorted(out) == expected_keys
+    # out_dim None (aligned): the text width for image-text towers, the input's for concat
+    width = config.out_dim or (24 if layout == "two-tower" else 64)
     for value in out.values():
-        assert value.shape == (6, config.out_dim)
+        assert value.shape == (6, width)
         torch.testing.assert_close(value.norm(dim=-1), torch.ones(6))
-    assert head.out_dim == config.out_dim
+    assert head.out_dim == width
 
 
 def test_two_tower_accepts_one_modality_and_single_tower_heads() -> None:

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.heads import HeadConfig, MultimodalHead
 from common.losses import (
+    AUTO_OBJECTIVES,
     LOSSES,
+    AutoLoss,
     ClassProxyLoss,
     CLIPLabelLoss,
     InfoNCELoss,
@@ -24,6 +26,7 @@ from common.losses import (
     build_loss,
     loss_is_per_example_decomposable,
 )
+from common.registries import choose_loss
 
 B, D = 5, 4
 LABEL_CASES = {
@@ -325,6 +328,7 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
         "pairwise": PairwiseLabelLoss,
         "supcon": SupConLoss,
         "proxy": ClassProxyLoss,
+        "auto": AutoLoss,
     }
     assert set(LOSSES) == set(expected)
     for name, cls in expected.items():
@@ -341,6 +345,38 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
     assert isinstance(with_prompts, CLIPLabelLoss) and with_prompts.uses_prompts
     without_prompts = build_loss("infonce+supcon", num_classes=2, dim=8)
     assert isinstance(without_prompts, CLIPLabelLoss) and not without_prompts.uses_prompts
+
+
+@pytest.mark.parametrize("objective", sorted(AUTO_OBJECTIVES))
+def test_auto_loss_equals_the_registered_loss_it_chose(objective: str) -> None:
+    """`auto` is one module whatever it chooses (same parameters at every site), and once it has
+    chosen it computes exactly the registered loss of that name."""
+    image, text = unit(B, D, seed=1).float(), unit(B, D, seed=2).float()
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    prompts = unit(3, D, seed=3).float()
+    auto = build_loss("auto", num_classes=3, dim=D)
+    assert isinstance(auto, AutoLoss) and list(auto.state_dict()) == ["clip.logit_scale"]
+    with pytest.raises(ValueError, match="no objective chosen"):
+        auto(image, text, labels)
+    auto.choose(objective)
+    reference = build_loss(objective, num_classes=3, dim=D)
+    kwargs = {"prompts": prompts} if objective.endswith("prompts") else {}
+    torch.testing.assert_close(
+        auto(image, text, labels, **kwargs), reference(image, text, labels, **kwargs)
+    )
+    rebuilt = build_loss("auto", num_classes=3, dim=D, objective=objective)
+    assert isinstance(rebuilt, AutoLoss) and rebuilt.objective == objective
+    with pytest.raises(ConfigError, match="objective must be one of"):
+        auto.choose("pairwise")
+
+
+def test_choose_loss_follows_what_the_data_has() -> None:
+    assert choose_loss(paired=True, labelled=False, prompts=True)[0] == "infonce"
+    assert choose_loss(paired=True, labelled=True, prompts=False)[0] == "infonce+supcon"
+    assert choose_loss(paired=True, labelled=True, prompts=True)[0] == "infonce+supcon+prompts"
+    assert choose_loss(paired=False, labelled=True, prompts=False)[0] == "supcon"
+    with pytest.raises(DataError, match="neither image-text pairs nor labels"):
+        choose_loss(paired=False, labelled=False, prompts=False)
 
 
 def test_build_loss_errors() -> None:
@@ -366,6 +402,7 @@ def test_only_proxy_is_per_example_decomposable() -> None:
         "pairwise": False,
         "supcon": False,
         "proxy": True,
+        "auto": False,
     }
     with pytest.raises(ConfigError, match="unknown loss"):
         loss_is_per_example_decomposable("nope")

@@ -44,10 +44,9 @@ def test_sample_level_dp_with_a_loss_using_in_batch_negatives_is_refused(
 
 def test_sample_level_dp_with_the_proxy_loss_and_dp_off_with_any_loss_pass() -> None:
     assert check_run_config({"loss": "proxy", "dp-noise-multiplier": 1.0}).loss == "proxy"
-    # The app's defaults: 0 is "off", so infonce runs without DP-SGD.
-    assert check_run_config({"dp-noise-multiplier": 0.0, "dp-target-epsilon": 0.0}).loss == (
-        "infonce"
-    )
+    # The app's defaults: 0 is "off", so the default loss (auto) runs without DP-SGD.
+    off = {"dp-noise-multiplier": 0.0, "dp-target-epsilon": 0.0}
+    assert check_run_config(off).loss == "auto"
     # Client-level DP is valid for any loss.
     assert check_run_config({"client-dp": "client-side"}).client_dp == "client-side"
 

@@ -278,3 +278,122 @@ def test_centroid_accuracy_needs_two_classes() -> None:
         ids=data.ids, text=data.text, labels=np.arange(60) % 2, class_names=["c0", "c1"]
     )
     assert set(quick_metrics(model, two, prefix="")) == {"centroid_acc"}
+
+
+# ----------------------------------------------------- the default: closed-form start, kept by validation
+
+
+def _aligned_model(data: EmbeddedDataset, *, loss: str = "auto"):  # type: ignore[no-untyped-def]
+    return build_head_model(
+        dims=data.dims,
+        head_config=HEAD_PRESETS["aligned"],
+        loss=loss,
+        num_classes=data.num_classes,
+    )
+
+
+@pytest.mark.parametrize("method", ["lstsq", "cca"])
+def test_aligned_head_starts_exactly_at_the_frozen_closed_form_baseline(method: str) -> None:
+    """At init the head's projections are the tuned closed-form map's (normalised), so its
+    retrieval and zero-shot scores are the frozen + map baseline's, computed the same way."""
+    from common.evaluation import aligned_metrics, projected_metrics
+    from common.head_start import closed_form_alignment, init_closed_form
+    from common.metrics.inputs import _l2_normalize
+
+    train, test = _paired(300, seed=0), _paired(120, seed=1)
+    model = _aligned_model(train)
+    assert init_closed_form(model, train, method) == method
+    alignment = closed_form_alignment(train, method)
+    projected = model.project(test)
+    width = alignment.dim
+    assert test.image is not None and test.text is not None and test.prompts is not None
+    for key, expected in (
+        ("image", alignment.transform_a(test.image)),
+        ("text", alignment.transform_b(test.text)),
+        ("prompts", alignment.transform_b(test.prompts)),
+    ):
+        np.testing.assert_allclose(projected[key][:, :width], _l2_normalize(expected), atol=1e-5)
+        np.testing.assert_allclose(projected[key][:, width:], 0.0, atol=1e-6)  # CCA padding
+    baseline = aligned_metrics(alignment, test)
+    head = projected_metrics(model, None, test)
+    for key, value in baseline.items():
+        assert head[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_default_training_keeps_a_head_no_worse_than_its_closed_form_start() -> None:
+    """The default (aligned head, auto loss, closed-form start, validation hold-out): the kept
+    head's validation score is >= the start's, with no validation metric below the start's; a
+    head that training could not improve is the closed-form map itself."""
+    from common.head_start import validation_scores
+
+    data = _paired(300, seed=2)
+    model = _aligned_model(data)
+    result = train_head(model, data, TrainConfig(epochs=6, batch_size=64, patience=3))
+    assert result.objective == "infonce+supcon+prompts"  # pairs, labels and class prompts
+    assert model.loss_spec["objective"] == "infonce+supcon+prompts"
+    assert result.init in ("lstsq", "cca") and result.best_epoch >= 0
+    start, kept = result.validation_start, result.validation
+    assert {"R@5", "zs_acc", "zs_auroc", "probe_f1", "score"} <= set(start)
+    assert kept["score"] >= start["score"]
+    assert all(kept[k] >= v for k, v in start.items())
+    if result.best_epoch > 0:  # the kept state is the one that was scored
+        from common.head_start import validation_split
+
+        rows = np.arange(len(data))
+        assert data.labels is not None
+        fit, val = validation_split(len(rows), data.labels, fraction=0.2, seed=0)
+        rescored = validation_scores(model, data.subset(fit), data.subset(val))
+        assert rescored["score"] == pytest.approx(kept["score"], abs=1e-6)
+
+
+def test_training_that_only_hurts_returns_the_frozen_baseline_fitted_on_all_rows() -> None:
+    """A learning rate that wrecks the head in one epoch: the start is kept, and the returned head
+    is the closed-form map refitted on every training row (what frozen + map is fitted on)."""
+    from common.evaluation import aligned_metrics, projected_metrics
+    from common.head_start import closed_form_alignment
+
+    data, test = _paired(300, seed=3), _paired(120, seed=4)
+    model = _aligned_model(data)
+    result = train_head(model, data, TrainConfig(epochs=2, batch_size=64, lr=5.0, patience=0))
+    assert result.best_epoch == 0
+    baseline = aligned_metrics(closed_form_alignment(data, result.init), test)
+    head = projected_metrics(model, None, test)
+    for key, value in baseline.items():
+        assert head[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_auto_loss_chooses_from_the_data_and_is_saved_with_the_head(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    data = _paired(120)
+    unlabelled = replace(data, labels=None, class_names=[], prompts=None)
+    model = build_head_model(dims=data.dims, head_config=HeadConfig(out_dim=8), loss="auto")
+    result = train_head(model, unlabelled, TrainConfig(epochs=1, batch_size=32))
+    assert result.objective == "infonce" and "without labels" in result.objective_reason
+    no_prompts = replace(data, prompts=None)
+    model = _aligned_model(no_prompts)
+    assert train_head(model, no_prompts, TrainConfig(epochs=1)).objective == "infonce+supcon"
+    out = save_head(tmp_path / "head", model, metadata={})
+    loaded, _ = load_head(out)
+    assert loaded.objective == "infonce+supcon" and not loaded.uses_prompts
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_federated_round_one_starts_each_site_at_its_own_least_squares_map() -> None:
+    """Run-config rounds hold nothing out; round 1 starts a linear path at the site's lstsq map
+    (only head weights leave the site), later rounds keep the global head as it arrives."""
+    from common.config import RunSettings
+    from common.training import build_run_model
+
+    run = RunSettings(head="aligned", local_epochs=1)
+    first, later = run.train_config(first_round=True), run.train_config()
+    assert (first.init, first.validation_fraction) == ("lstsq", 0.0)
+    assert (later.init, later.validation_fraction) == ("keep", 0.0)
+    data = _paired(200)
+    model = build_run_model(run, dims=data.dims, num_classes=data.num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_head(model, data, later)
+    assert result.init == "" and result.best_epoch == -1 and result.num_examples == len(data)
+    model.load_state_dict(before)
+    assert train_head(model, data, first).init == "lstsq"

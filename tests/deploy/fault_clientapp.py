@@ -1,4 +1,4 @@
-"""Test-only ClientApp for tests/deploy/test_faults.py: the real fedembed ClientApp plus injected faults.
+"""Test-only ClientApp for tests/deploy/test_faults_*.py: the real fedembed ClientApp plus injected faults.
 
 Used only by a temporary app dir whose pyproject names it (``clientapp = "fault_clientapp:app"``);
 the fedembed app never does. Clean sites run client/app.py unchanged, named by client/identity.py;

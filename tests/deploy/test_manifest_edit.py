@@ -21,7 +21,7 @@ from client.audit import audit_path
 from common.tensorfile import read_tensorfile
 from simulations.flower.federate import APP_DIR, SITE_ENV, STARTUP_TIMEOUT
 from simulations.flower.flwr_cli import run_app
-from simulations.flower.processes import LocalSuperLink, LocalSuperNode
+from simulations.flower.local import LocalSuperLink, LocalSuperNode
 from simulations.flower.run_config import ConfigValue
 from tests.hospital_data import make_rows, write_manifest
 from tests.tiny_config import tiny_encoders

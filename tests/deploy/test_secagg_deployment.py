@@ -26,7 +26,7 @@ from simulations.flower.federate import (
     site_node_config,
 )
 from simulations.flower.flwr_cli import RunResult, run_app
-from simulations.flower.processes import LocalSuperLink, LocalSuperNode
+from simulations.flower.local import LocalSuperLink, LocalSuperNode
 from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow

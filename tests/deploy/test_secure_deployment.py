@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 import time
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 import tomli
 
+from server.receipts import read_receipts
+from simulations.cli.app import main as fedembed
 from simulations.flower.federate import (
     STARTUP_TIMEOUT,
     SitePki,
@@ -20,7 +23,7 @@ from simulations.flower.federate import (
     make_pki,
     register_supernode,
 )
-from simulations.flower.processes import LocalSuperLink, LocalSuperNode
+from simulations.flower.local import LocalSuperLink, LocalSuperNode
 from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -41,7 +44,7 @@ def _ids(pattern: str, text: str) -> set[int]:
 
 
 def test_secure_deploy_local_two_sites_completes(
-    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+    tmp_path: Path, tiny_model_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     fed = deploy_local(
         out_dir=tmp_path,
@@ -77,6 +80,28 @@ def test_secure_deploy_local_two_sites_completes(
         node_log += (flower / f"supernode-{site}.out").read_text()
         assert "Starting insecure channel" not in node_log  # what a plain-HTTP node logs
         assert _ids(r"SuperNode ID: (\d+)", node_log) <= registered
+
+    # The coordinator recorded the SHA-256 of every reply it pulled, computed over what it received:
+    # it equals the digest each site logged before sending (2 train rounds, 1 evaluation), and
+    # `fedembed audit --run` confirms each site's log against those receipts.
+    receipts = read_receipts(fed.run_dir)
+    assert len(receipts) == 6 and all(r["sha256"] and r["error"] is None for r in receipts)
+    for site in ("site-0", "site-1"):
+        log = fed.home / "sites" / site / "audit.jsonl"
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        sent = {(e["node_id"], e["round"], e["message_type"]): e["sha256"] for e in lines}
+        (node,) = {e["node_id"] for e in lines}
+        received = {
+            (r["node_id"], r["round"], r["message_type"]): r["sha256"]
+            for r in receipts
+            if r["node_id"] == node
+        }
+        assert sorted(sent) == [(node, 1, "train"), (node, 2, "evaluate"), (node, 2, "train")]
+        assert sent == received
+        capsys.readouterr()
+        assert fedembed(["audit", str(log.parent), "--run", str(fed.run_dir)]) == 0
+        out = capsys.readouterr().out
+        assert "3 replies received with the digest the site logged; 0 with no receipt" in out, out
 
 
 @dataclass

@@ -117,7 +117,7 @@ def test_missing_manifest_is_one_line_naming_it_as_typed_and_resolved(
 
 
 def test_experiment_set_resolves_dataset_paths(cwd: Path) -> None:
-    from simulations.experiments.comparison import main as experiment
+    from simulations.experiments.comparison_runs import main as experiment
 
     with pytest.raises(ConfigError, match=str(cwd / "data" / "missing.csv")):
         experiment(["--set", 'dataset="data/missing.csv"', "--no-federated", "--seeds", "0"])

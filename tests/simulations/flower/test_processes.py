@@ -21,15 +21,8 @@ from simulations.flower.flwr_cli import (
     run_status,
     wait_for_run,
 )
-from simulations.flower.processes import (
-    LocalSuperLink,
-    LocalSuperNode,
-    ManagedProcess,
-    descendants,
-    live_pids,
-    local_federation,
-    pid_alive,
-)
+from simulations.flower.local import LocalSuperLink, LocalSuperNode, local_federation
+from simulations.flower.processes import ManagedProcess, descendants, live_pids, pid_alive
 from simulations.flower.run_config import ConfigValue
 
 TOY_PYPROJECT = """\

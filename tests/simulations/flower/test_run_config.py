@@ -33,7 +33,7 @@ def test_malformed_run_config_names_the_text(text: str) -> None:
 
 
 def test_experiment_set_uses_the_same_parser_and_names_its_option() -> None:
-    from simulations.experiments.comparison import main
+    from simulations.experiments.comparison_runs import main
 
     with pytest.raises(ConfigError, match=r"--set 'loss=supcon'"):  # strings are quoted, as in flwr
         main(["--set", "loss=supcon", "--no-federated", "--seeds", "0"])

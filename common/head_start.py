@@ -1,0 +1,163 @@
+"""The closed-form start of a head with a linear path, and the validation score that keeps a trained
+head no worse than that start (``common.training.train_head`` uses both).
+
+The start is the frozen baselines' own tuned fit (``common.metrics.alignment``: lstsq or CCA, ridge by
+cross-validation on the training rows), so at step 0 the head scores exactly what frozen + that map
+scores; the score covers retrieval, zero-shot and a linear probe, on validation rows only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from common.embedding import EmbeddedDataset
+from common.errors import ConfigError, DataError
+from common.metrics import (
+    LinearAlignment,
+    cross_modal_retrieval,
+    linear_alignment,
+    select_ridge,
+    zero_shot,
+)
+
+if TYPE_CHECKING:
+    from common.training import HeadModel
+
+
+def validation_split(
+    n: int, labels: np.ndarray | None, *, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(fit, validation)`` of ``n`` training rows: ``fraction`` of each class (of the
+    rows when unlabelled) held out for validation, at least one row; none below 10 rows."""
+    if fraction <= 0.0 or n < 10:
+        return np.arange(n), np.arange(0)
+    rng = np.random.default_rng(seed)
+    groups = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels)
+    held: list[np.ndarray] = []
+    for value in np.unique(groups):
+        members = rng.permutation(np.flatnonzero(groups == value))
+        held.append(members[: round(len(members) * fraction)])
+    validation = np.sort(np.concatenate(held)) if held else np.arange(0)
+    if not validation.size:
+        validation = np.sort(rng.permutation(n)[:1])
+    return np.setdiff1d(np.arange(n), validation), validation
+
+
+def closed_form_alignment(data: EmbeddedDataset, method: str) -> LinearAlignment:
+    """The frozen baseline's map on ``data``: ``method`` ("lstsq" or "cca") with its ridge chosen
+    by cross-validation on ``data`` (exactly as ``common.evaluation`` fits frozen + ``method``)."""
+    assert data.image is not None and data.text is not None
+    ridge = select_ridge(data.image, data.text, method=method, groups=data.text_groups)
+    return linear_alignment(data.image, data.text, method=method, ridge=ridge)
+
+
+def init_closed_form(model: HeadModel, data: EmbeddedDataset, method: str) -> str:
+    """Start the head's linear paths at the closed-form map fitted on ``data`` and its residual
+    MLPs at zero: the head's outputs are then the map's (L2-normalised).
+
+    Image-text pairs with the two-tower layout: image tower = ``alignment.transform_a``, text
+    tower (and so the class prompts) = ``transform_b`` (a CCA space narrower than the head is
+    padded with zero columns, which no cosine sees). Otherwise each tower starts at the centred
+    identity (its frozen input). Returns what was set, e.g. ``"lstsq (ridge-tuned)"``.
+    """
+    towers = model.head.towers()
+    if any(tower.linear is None for tower in towers.values()):
+        raise ConfigError("init: the head has no linear path (use the 'aligned' head preset)")
+    if set(towers) == {"image", "text"} and data.image is not None and data.text is not None:
+        alignment = closed_form_alignment(data, method)
+        for name, mean, proj in (
+            ("image", alignment.mean_a, alignment.proj_a),
+            ("text", alignment.mean_b, alignment.proj_b),
+        ):
+            tower = towers[name]
+            weight = np.zeros((tower.out_dim, proj.shape[0]))
+            weight[: proj.shape[1]] = proj.T
+            bias = np.zeros(tower.out_dim)
+            bias[: proj.shape[1]] = -mean @ proj
+            tower.set_linear_path(
+                torch.from_numpy(weight.astype(np.float32)),
+                torch.from_numpy(bias.astype(np.float32)),
+            )
+        return method
+    for name, tower in towers.items():
+        inputs = inputs_of(name, data)
+        if tower.in_dim != tower.out_dim:
+            raise ConfigError(
+                f"init: the {name} head maps {tower.in_dim} to {tower.out_dim} dims; a closed-form "
+                "start needs image-text pairs or an equal width"
+            )
+        mean = inputs.mean(axis=0).astype(np.float32)
+        tower.set_linear_path(torch.eye(tower.in_dim), torch.from_numpy(-mean))
+    return "centred identity"
+
+
+def inputs_of(name: str, data: EmbeddedDataset) -> np.ndarray:
+    parts = {"image": data.image, "text": data.text}
+    if name == "joint":
+        arrays = [a for a in parts.values() if a is not None]
+        return np.concatenate(arrays, axis=1)
+    array = parts[name]
+    if array is None:
+        raise DataError(f"the data has no {name} embeddings")
+    return array
+
+
+def validation_scores(
+    model: HeadModel, fit: EmbeddedDataset, validation: EmbeddedDataset
+) -> dict[str, float]:
+    """The head's scores on ``validation`` rows and their mean, ``score`` (each in [0, 1]).
+
+    Retrieval: mean image<->text recall@5 ("R@5"). Classification: zero-shot accuracy and macro
+    AUROC over the class prompts ("zs_acc", "zs_auroc"), and the macro-F1 of a linear probe (a
+    ridge classifier on standardised projections of the ``fit`` rows, "probe_f1"). ``score`` is
+    the mean of the retrieval, zero-shot (mean of its two) and probe parts the data supports.
+    """
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    z = model.project(validation)
+    scores: dict[str, float] = {}
+    if "image" in z and "text" in z and len(validation) >= 2:
+        retrieval = cross_modal_retrieval(
+            z["image"], z["text"], groups_text=validation.text_groups, ks=(5,)
+        )
+        scores["R@5"] = float(retrieval["mean_R@5"])
+    labels = validation.labels
+    known = np.flatnonzero(labels >= 0) if labels is not None else np.arange(0)
+    if labels is not None and "image" in z and "prompts" in z and known.size:
+        zs = zero_shot(z["image"][known], z["prompts"], labels[known])
+        scores.update({k: float(v) for k, v in zs.items() if math.isfinite(float(v))})
+    if labels is not None and fit.labels is not None and known.size:
+        key = "joint" if "joint" in z else ("image" if "image" in z else "text")
+        fit_rows = np.flatnonzero(fit.labels >= 0)
+        if np.unique(fit.labels[fit_rows]).size >= 2:
+            fit_z = model.project(fit)[key][fit_rows]
+            scaler = StandardScaler().fit(fit_z)
+            probe = RidgeClassifier(alpha=1.0).fit(scaler.transform(fit_z), fit.labels[fit_rows])
+            predicted = probe.predict(scaler.transform(z[key][known]))
+            scores["probe_f1"] = float(
+                f1_score(labels[known], predicted, average="macro", zero_division=0)
+            )
+    parts = []
+    if "R@5" in scores:
+        parts.append(scores["R@5"])
+    zs_parts = [scores[k] for k in ("zs_acc", "zs_auroc") if k in scores]
+    if zs_parts:
+        parts.append(float(np.mean(zs_parts)))
+    if "probe_f1" in scores:
+        parts.append(scores["probe_f1"])
+    scores["score"] = float(np.mean(parts)) if parts else math.nan
+    return scores
+
+
+def no_worse(candidate: Mapping[str, float], start: Mapping[str, float]) -> bool:
+    """Whether ``candidate`` scores better than ``start`` overall and no lower on any metric."""
+    if not candidate["score"] > start["score"]:
+        return False
+    return all(candidate.get(k, -math.inf) >= v for k, v in start.items() if k != "score")
