@@ -21,7 +21,7 @@ TRAINING: dict[str, Any] = {
     "local-epochs": 8,
     "batch-size": 64,
     # labelled pairs with class prompts: InfoNCE + SupCon + the prompts as anchors (README
-    # "Should we federate?"); data without labels would use the default, "infonce"
+    # "Should we federate?"); the default "auto" chooses the same for such data
     "loss": "infonce+supcon+prompts",
     "encoder-image-size": 128,
 }
