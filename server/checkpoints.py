@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.atomic import append_line, atomic_write_json, atomic_write_text
+from common.digest import payload_digest
 from common.errors import ConfigError
 from common.tensorfile import read_tensorfile, write_tensorfile
 
@@ -166,11 +166,6 @@ class RunStore:
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 of named arrays: each one's name, dtype, shape and bytes, by name (safetensors
-    reads a file's arrays back sorted by name)."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode("utf-8"))
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    """The egress digest (common/digest.py) of named arrays taken by name: safetensors reads a
+    file's arrays back sorted by name, so the digest must not depend on their order."""
+    return payload_digest({name: arrays[name] for name in sorted(arrays)})
