@@ -64,10 +64,15 @@ def run_local_round(
     server_round = absolute_round(config.get(SERVER_ROUND, 0), config.get(ROUND_OFFSET, 0))
     mu = float(config.get(PROXIMAL_MU, 0.0))
     reference = {k: v.clone() for k, v in model.state_dict().items()} if mu > 0 else None
+    dp = privacy is not None and privacy.requested
     train_config = run.train_config(
-        proximal_mu=mu, seed=run.seed * 100_003 + server_round, first_round=server_round == 1
+        proximal_mu=mu,
+        seed=run.seed * 100_003 + server_round,
+        first_round=server_round == 1,
+        start_only=model.head.has_linear_path and not dp,
     )
-    if privacy is not None and privacy.requested:
+    if dp:
+        assert privacy is not None
         from client.privacy import ledger_path, require_sample_level_dp, train_head_private
 
         require_sample_level_dp(run.loss)

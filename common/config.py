@@ -395,16 +395,23 @@ class RunSettings:
         return resolve_path(self.run_dir, "runs/federated")
 
     def train_config(
-        self, *, proximal_mu: float = 0.0, seed: int | None = None, first_round: bool = False
+        self,
+        *,
+        proximal_mu: float = 0.0,
+        seed: int | None = None,
+        first_round: bool = False,
+        start_only: bool = False,
     ) -> TrainConfig:
         """Local training settings for one round: every local epoch trains (no validation
         hold-out). A head with a linear path starts round 1 (``first_round``) at the site's own
-        tuned least-squares map, fitted on its training rows; the server's mean of the sites'
-        heads is then the global head (only head weights leave a site). Later rounds keep the
-        global head as it arrives."""
+        tuned least-squares map, fitted on its training rows; with ``start_only`` (the client
+        sets it for such a head in round 1 without DP-SGD) that is all round 1 does: the site
+        returns its map untrained, so the server's mean of the sites' maps is round 1's global
+        head, a checkpoint the run can end at when no trained round beats it on validation.
+        Later rounds keep the global head as it arrives and train it."""
         return TrainConfig(
             loss=self.loss,
-            epochs=self.local_epochs,
+            epochs=0 if first_round and start_only else self.local_epochs,
             batch_size=self.batch_size,
             lr=self.lr,
             proximal_mu=proximal_mu,

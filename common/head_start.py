@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from common.data.partition import split_indices
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.metrics import (
@@ -33,19 +34,15 @@ def validation_split(
     n: int, labels: np.ndarray | None, *, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions ``(fit, validation)`` of ``n`` training rows: ``fraction`` of each class (of the
-    rows when unlabelled) held out for validation, at least one row; none below 10 rows."""
+    rows when unlabelled) held out for validation (``split_indices``), at least one row; none
+    below 10 rows."""
     if fraction <= 0.0 or n < 10:
         return np.arange(n), np.arange(0)
-    rng = np.random.default_rng(seed)
-    groups = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels)
-    held: list[np.ndarray] = []
-    for value in np.unique(groups):
-        members = rng.permutation(np.flatnonzero(groups == value))
-        held.append(members[: round(len(members) * fraction)])
-    validation = np.sort(np.concatenate(held)) if held else np.arange(0)
+    fit, validation = split_indices(n, labels, test_fraction=fraction, seed=seed)
     if not validation.size:
-        validation = np.sort(rng.permutation(n)[:1])
-    return np.setdiff1d(np.arange(n), validation), validation
+        validation = np.sort(np.random.default_rng(seed).permutation(n)[:1])
+        fit = np.setdiff1d(np.arange(n), validation)
+    return fit, validation
 
 
 def closed_form_alignment(data: EmbeddedDataset, method: str) -> LinearAlignment:
@@ -66,7 +63,7 @@ def init_closed_form(model: HeadModel, data: EmbeddedDataset, method: str) -> st
     identity (its frozen input). Returns what was set, e.g. ``"lstsq (ridge-tuned)"``.
     """
     towers = model.head.towers()
-    if any(tower.linear is None for tower in towers.values()):
+    if not model.head.has_linear_path:
         raise ConfigError("init: the head has no linear path (use the 'aligned' head preset)")
     if set(towers) == {"image", "text"} and data.image is not None and data.text is not None:
         alignment = closed_form_alignment(data, method)

@@ -285,6 +285,11 @@ class MultimodalHead(nn.Module):
         named = {"image": self.image, "text": self.text, "joint": self.joint}
         return {name: tower for name, tower in named.items() if tower is not None}
 
+    @property
+    def has_linear_path(self) -> bool:
+        """Whether every tower has an affine path (the ``aligned`` preset): a closed-form start."""
+        return all(tower.linear is not None for tower in self.towers().values())
+
     def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> dict[str, Tensor]:
         if image is None and text is None:
             raise ValueError("MultimodalHead.forward needs an image and/or a text embedding batch")

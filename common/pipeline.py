@@ -12,7 +12,7 @@ import numpy as np
 
 from common.config import DataSpec
 from common.data.dataset import SiteDataset
-from common.data.partition import concat_datasets, partition_indices
+from common.data.partition import concat_datasets, partition_indices, split_indices
 from common.data.registry import BUILTIN_DATASETS, DEFAULT_SYNTHETIC_SIZE, load_dataset
 from common.embedding import EmbeddedDataset, EmbedReport, embed_dataset
 from common.encoders import Encoder, fingerprint_files, load_encoder, weight_files
@@ -141,29 +141,6 @@ def embed_site(
         on_bad_row=spec.on_bad_row,
     )
     return embedded, report, identities
-
-
-def split_indices(
-    n: int, labels: np.ndarray | None, *, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/test indices, stratified by label when every class has >= 2 examples.
-
-    ``test_fraction`` 0 holds nothing out.
-    """
-    rng = np.random.default_rng(seed)
-    if test_fraction <= 0.0 or n == 0:
-        return np.arange(n), np.arange(0)
-    if labels is not None and labels.size == n:
-        train_parts, test_parts = [], []
-        for cls in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            n_test = round(len(members) * test_fraction) if len(members) >= 2 else 0
-            test_parts.append(members[:n_test])
-            train_parts.append(members[n_test:])
-        return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(test_parts))
-    order = rng.permutation(n)
-    n_test = max(1, round(n * test_fraction))
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 def prepare_site_data(

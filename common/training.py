@@ -268,7 +268,6 @@ def train_head(
     data.validate()
     objective, reason = choose_objective(model, data)
     rows = training_rows(model, data)
-    has_linear = all(t.linear is not None for t in model.head.towers().values())
     fit_pos, val_pos = validation_split(
         len(rows),
         None if data.labels is None else data.labels[rows],
@@ -278,7 +277,7 @@ def train_head(
     fit_data = data.subset(rows[fit_pos])
     val_data = data.subset(rows[val_pos]) if val_pos.size else None
     init = ""
-    if has_linear and config.init != "keep":
+    if model.head.has_linear_path and config.init != "keep":
         init = _start(model, fit_data, val_data, config.init)
         reference = None  # the proximal anchor is the start
     anchor = _proximal_anchor(model, reference) if config.proximal_mu > 0 else None
@@ -428,8 +427,7 @@ learning rate per step whatever the weight's scale."""
 
 
 def _param_groups(model: HeadModel, lr: float) -> list[dict[str, Any]]:
-    towers = model.head.towers().values()
-    if not all(tower.linear is not None for tower in towers):
+    if not model.head.has_linear_path:
         return [{"params": list(model.parameters())}]
     linear = [p for name, p in model.named_parameters() if _is_path(name)]
     head = [p for name, p in model.named_parameters() if name.startswith("head.")]

@@ -108,6 +108,29 @@ def partition_indices(
     return np.sort(rows)
 
 
+def split_indices(
+    n: int, labels: np.ndarray | None, *, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/test indices, stratified by label when every class has >= 2 examples.
+
+    ``test_fraction`` 0 holds nothing out.
+    """
+    rng = np.random.default_rng(seed)
+    if test_fraction <= 0.0 or n == 0:
+        return np.arange(n), np.arange(0)
+    if labels is not None and labels.size == n:
+        train_parts, test_parts = [], []
+        for cls in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            n_test = round(len(members) * test_fraction) if len(members) >= 2 else 0
+            test_parts.append(members[:n_test])
+            train_parts.append(members[n_test:])
+        return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(test_parts))
+    order = rng.permutation(n)
+    n_test = max(1, round(n * test_fraction))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
 @contextlib.contextmanager
 def _quiet_progress() -> Iterator[None]:
     """Partitioning a few thousand rows is instant: hide the libraries' progress bars (stderr)."""

@@ -378,7 +378,8 @@ def _site_plans(
     data: Path,
 ) -> list[SitePlan]:
     """Each site's rows as its ClientApp splits them (common.pipeline.prepare_site_data), checked."""
-    from common.pipeline import site_rows, split_indices
+    from common.data.partition import split_indices
+    from common.pipeline import site_rows
     from simulations.experiments.arms import VALIDATION_SEED
 
     position = {row: i for i, row in enumerate(marked)}

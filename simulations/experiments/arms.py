@@ -15,11 +15,13 @@ import numpy as np
 
 from common.artifacts import load_head
 from common.config import RunSettings, SiteSettings
+from common.data.partition import split_indices
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
-from common.evaluation import aligned_metrics, evaluate_head, projected_metrics, quick_metrics
+from common.evaluation import aligned_metrics, evaluate_head, projected_metrics
+from common.head_start import no_worse, validation_scores
 from common.metrics import RIDGES, linear_alignments
-from common.pipeline import SiteData, prepare_site_data, split_indices
+from common.pipeline import SiteData, prepare_site_data
 from common.registries import sample_dp_losses
 from common.training import HeadModel, build_run_model, train_head
 
@@ -38,8 +40,12 @@ SAMPLE_DP_LOSS = sample_dp_losses()[0]
 VALIDATION_SEED = 1
 
 
-SELECTION = "mean of validation R@5 and zero-shot AUROC"
-"""What every trained arm is stopped on (label-only data: nearest-centroid accuracy)."""
+SELECTION = (
+    "mean of validation R@5, zero-shot (mean of accuracy and AUROC) and linear-probe macro-F1, "
+    "(a head with a closed-form start: a trained state only when no validation metric is below "
+    "the start's)"
+)
+"""What every trained arm is stopped on (``selection_metrics``; the parts the data supports)."""
 
 
 @dataclass
@@ -151,19 +157,32 @@ def split_holdout(
 
 @dataclass
 class Selection:
-    """Where a trained arm was stopped: the validation score after each step and the best step.
+    """Where a trained arm was stopped: the validation scores after each step and the best step.
 
     ``unit`` is "epoch" (a step = ``per_step`` epochs of local training) or "round" (a federated
-    round); ``chosen`` is the 1-based step of the best score (the earliest on ties).
+    round); ``chosen`` is the 1-based step of the best score (the earliest on ties). ``metrics``
+    holds each step's validation metrics (``common.head_start.validation_scores``); when
+    ``guarded``, step 1 is the untrained closed-form start and a later step is a candidate only
+    if it scores higher and no validation metric falls below step 1's (``no_worse``), so the
+    arm is never worse than its start on validation.
     """
 
     unit: str
     scores: list[float]
     per_step: int = 1
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    guarded: bool = False
 
     @property
     def chosen(self) -> int:
-        return select_best(self.scores)
+        if not (self.guarded and self.metrics):
+            return select_best(self.scores)
+        start = self.metrics[0]
+        eligible = [
+            score if step == 0 or no_worse(self.metrics[step], start) else math.nan
+            for step, score in enumerate(self.scores)
+        ]
+        return select_best(eligible)
 
     @property
     def label(self) -> str:
@@ -175,6 +194,7 @@ class Selection:
             "chosen": self.chosen * self.per_step,
             "budget": len(self.scores) * self.per_step,
             "validation_scores": self.scores,
+            **({"start_guard": True, "validation_metrics": self.metrics} if self.guarded else {}),
         }
 
 
@@ -188,22 +208,23 @@ def select_best(scores: Sequence[float]) -> int:
     return int(np.nanargmax(values)) + 1
 
 
-def selection_score(model: HeadModel, val: Sequence[EmbeddedDataset]) -> float:
-    """The validation score of ``model`` on one or more validation splits (higher is better).
+def selection_metrics(
+    model: HeadModel, splits: Sequence[tuple[EmbeddedDataset, EmbeddedDataset]]
+) -> dict[str, float]:
+    """The validation metrics of ``model`` over ``(fit, validation)`` splits, ``score`` the one
+    every arm is stopped on (higher is better).
 
-    Per split: the mean of recall@5 and zero-shot AUROC (paired data), or nearest-centroid
-    accuracy (label-only data), as ``quick_metrics`` computes them; several splits (the sites'
-    own validation halves) are averaged weighted by their sizes, as the sites' reports would be.
+    Per split: ``common.head_start.validation_scores`` (retrieval R@5, zero-shot accuracy and
+    AUROC, a linear probe fitted on ``fit``; ``score`` their mean), the score the trained head
+    keeps its best state by. Several splits (the sites' own halves) are averaged weighted by
+    their validation sizes, as the sites' reports would be.
     """
-    scores, weights = [], []
-    for data in val:
-        metrics = quick_metrics(model, data, prefix="")
-        keys: list[str] = [k for k in ("R@5", "zs_auroc") if k in metrics] or ["centroid_acc"]
-        if keys[0] not in metrics:
-            raise ConfigError("model selection: the validation split gives no metric to select on")
-        scores.append(float(np.mean([metrics[k] for k in keys])))
-        weights.append(len(data))
-    return float(np.average(scores, weights=weights))
+    per_split = [validation_scores(model, fit, val) for fit, val in splits]
+    weights = [len(val) for _, val in splits]
+    keys = set.intersection(*(set(m) for m in per_split)) if per_split else set()
+    if "score" not in keys or all(math.isnan(m["score"]) for m in per_split):
+        raise ConfigError("model selection: the validation split gives no metric to select on")
+    return {k: float(np.average([m[k] for m in per_split], weights=weights)) for k in sorted(keys)}
 
 
 def train_selected(
@@ -212,27 +233,39 @@ def train_selected(
     """Train ``steps`` x ``run.local_epochs`` epochs; return the head at the best validation step.
 
     Each step is one federated round's local training on all of ``train`` (same optimiser reset
-    and per-round seed), so a site alone or the pooled data get exactly a round's procedure, and
-    the stopping point is chosen as the federated arm's is: by ``selection_score`` on ``val``.
+    and per-round seed), so a site alone or the pooled data get exactly a round's procedure (a
+    head with a linear path: step 1 is the untrained closed-form start, as round 1 is), and the
+    stopping point is chosen as the federated arm's is: by ``selection_metrics`` on ``val``.
     """
     model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
-    scores: list[float] = []
+    guarded = model.head.has_linear_path
+    selection = Selection("epoch", [], per_step=run.local_epochs, guarded=guarded)
     best: dict[str, Any] | None = None
     for step in range(1, steps + 1):
-        config = run.train_config(seed=run.seed * 100_003 + step, first_round=step == 1)
+        config = run.train_config(
+            seed=run.seed * 100_003 + step, first_round=step == 1, start_only=guarded
+        )
         train_head(model, train, config)
-        scores.append(selection_score(model, [val]))
-        if select_best(scores) == step:
+        metrics = selection_metrics(model, [(train, val)])
+        selection.metrics.append(metrics)
+        selection.scores.append(metrics["score"])
+        if selection.chosen == step:
             best = copy.deepcopy(model.state_dict())
     assert best is not None
     model.load_state_dict(best)
-    return model, Selection("epoch", scores, per_step=run.local_epochs)
+    return model, selection
 
 
 def select_round(
-    run_dir: Path, model: HeadModel, val: Sequence[EmbeddedDataset]
+    run_dir: Path,
+    model: HeadModel,
+    splits: Sequence[tuple[EmbeddedDataset, EmbeddedDataset]],
+    *,
+    guarded: bool = False,
 ) -> tuple[HeadModel, Selection]:
-    """Load into ``model`` the federated run's checkpoint (round >= 1) with the best validation score."""
+    """Load into ``model`` the federated run's checkpoint (round >= 1) with the best validation
+    score on the sites' ``(fit, validation)`` splits; ``guarded``: round 1 is the sites' mean
+    closed-form start and a later round must be no worse than it (see ``Selection``)."""
     from common.artifacts import load_state_arrays
     from server.checkpoints import RunStore
 
@@ -242,12 +275,12 @@ def select_round(
     checkpoints = [(r, p) for r, p in checkpoints if r >= 1]
     if [r for r, _ in checkpoints] != list(range(1, len(checkpoints) + 1)):
         raise ConfigError(f"{store.checkpoints}: rounds missing from the checkpoints")
-    scores, states = [], []
+    selection, states = Selection("round", [], guarded=guarded), []
     for server_round, path in checkpoints:
         states.append(RunStore.load_checkpoint(path, server_round).arrays)
         load_state_arrays(model, states[-1], source=str(path))
-        scores.append(selection_score(model, val))
-    selection = Selection("round", scores)
+        selection.metrics.append(selection_metrics(model, splits))
+        selection.scores.append(selection.metrics[-1]["score"])
     _, path = checkpoints[selection.chosen - 1]
     load_state_arrays(model, states[selection.chosen - 1], source=str(path))
     return model, selection

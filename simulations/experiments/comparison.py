@@ -232,7 +232,12 @@ def compare(
             echo=echo,
         )
         assert arm.run_dir is not None
-        model, selection = select_round(arm.run_dir, arm.model, [s.val for s in splits])
+        model, selection = select_round(
+            arm.run_dir,
+            arm.model,
+            [(s.train, s.val) for s in splits],
+            guarded=arm.model.head.has_linear_path and not arm.privacy,
+        )
         comparison.seconds[key] = time.perf_counter() - started
         comparison.histories[label] = arm.history
         comparison.selections[label] = selection.to_dict()

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from common.artifacts import load_head, load_state_arrays, save_head, state_arrays
+from common.data.partition import split_indices
 from common.embedding import EmbeddedDataset, embed_dataset
 from common.errors import ConfigError, DataError
 from common.evaluation import evaluate_head, quick_metrics
 from common.heads import HEAD_PRESETS, HeadConfig
-from common.pipeline import DataSpec, prepare_site_data, split_indices
+from common.pipeline import DataSpec, prepare_site_data
 from common.training import TrainConfig, build_head_model, train_head
 
 
@@ -384,6 +385,8 @@ def test_federated_round_one_starts_each_site_at_its_own_least_squares_map() -> 
     """Run-config rounds hold nothing out; round 1 starts a linear path at the site's lstsq map
     (only head weights leave the site), later rounds keep the global head as it arrives."""
     from common.config import RunSettings
+    from common.head_start import closed_form_alignment
+    from common.metrics.inputs import _l2_normalize
     from common.training import build_run_model
 
     run = RunSettings(head="aligned", local_epochs=1)
@@ -397,3 +400,14 @@ def test_federated_round_one_starts_each_site_at_its_own_least_squares_map() -> 
     assert result.init == "" and result.best_epoch == -1 and result.num_examples == len(data)
     model.load_state_dict(before)
     assert train_head(model, data, first).init == "lstsq"
+    # a site that is not under DP-SGD returns round 1's map untrained: the mean of the maps is
+    # round 1's global head, a checkpoint a trained round has to beat
+    start = run.train_config(first_round=True, start_only=True)
+    assert (start.epochs, start.init, first.epochs) == (0, "lstsq", 1)
+    model.load_state_dict(before)
+    started = train_head(model, data, start)
+    assert (started.init, started.steps) == ("lstsq", 0)
+    expected = closed_form_alignment(data, "lstsq").transform_a(data.image)
+    np.testing.assert_allclose(
+        model.project(data)["image"][:, : expected.shape[1]], _l2_normalize(expected), atol=1e-5
+    )

@@ -13,10 +13,11 @@ from common.errors import ConfigError
 from common.training import build_run_model
 from simulations.experiments.arms import (
     CommonTest,
+    Selection,
     metric_row,
     select_best,
     select_round,
-    selection_score,
+    selection_metrics,
     split_holdout,
     train_selected,
 )
@@ -84,8 +85,45 @@ def test_train_selected_keeps_the_head_of_its_best_validation_step() -> None:
     assert len(selection.scores) == 6 and selection.unit == "epoch"
     assert selection.chosen == select_best(selection.scores)
     # The returned head is the chosen step's, not the last one's: it reproduces that score.
-    assert selection_score(model, [val]) == pytest.approx(selection.scores[selection.chosen - 1])
+    assert selection_metrics(model, [(train, val)])["score"] == pytest.approx(
+        selection.scores[selection.chosen - 1]
+    )
     assert selection.to_dict()["chosen"] == selection.chosen  # 1 local epoch per step
+
+
+def test_a_guarded_selection_never_keeps_a_step_that_lowers_a_validation_metric() -> None:
+    start = {"R@5": 0.30, "zs_auroc": 0.70, "score": 0.50}
+    higher_but_worse_r5 = {"R@5": 0.29, "zs_auroc": 0.95, "score": 0.62}
+    better_everywhere = {"R@5": 0.31, "zs_auroc": 0.75, "score": 0.53}
+    metrics = [start, higher_but_worse_r5, better_everywhere]
+    scores = [m["score"] for m in metrics]
+    assert Selection("round", scores).chosen == 2  # unguarded: the highest score
+    assert Selection("round", scores, metrics=metrics, guarded=True).chosen == 3
+    only_worse = Selection("round", scores[:2], metrics=metrics[:2], guarded=True)
+    assert only_worse.chosen == 1 and only_worse.to_dict()["start_guard"]
+
+
+def test_an_aligned_arm_starts_at_the_closed_form_map_and_ends_no_worse_on_validation() -> None:
+    """Step 1 of a head with a linear path is the untrained lstsq start (frozen + the map, to
+    float precision); whatever step is kept scores no lower than it on any validation metric."""
+    import numpy as np
+
+    from common.evaluation import aligned_metrics
+    from common.head_start import closed_form_alignment
+
+    train, val = _paired(120, 0), _paired(45, 1)
+    run = RunSettings.from_run_config(
+        {"head": "aligned", "local-epochs": 2, "batch-size": 32, "lr": 0.05}
+    )
+    model, selection = train_selected(run, train, val, steps=4)
+    assert selection.guarded and len(selection.metrics) == 4
+    start = selection.metrics[0]
+    frozen = aligned_metrics(closed_form_alignment(train, "lstsq"), val, ks=(5,))
+    assert start["R@5"] == pytest.approx(frozen["mean_R@5"], abs=1e-6)
+    kept = selection.metrics[selection.chosen - 1]
+    assert all(kept[k] >= v for k, v in start.items())
+    assert selection_metrics(model, [(train, val)]) == pytest.approx(kept)
+    assert np.isfinite(selection.scores).all()
 
 
 def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path: Path) -> None:
@@ -104,9 +142,11 @@ def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path
         trained, _ = train_selected(_small_run(seed=server_round), train, vals[1], steps=1)
         saved[server_round] = state_arrays(trained)
         store.save_checkpoint(server_round, saved[server_round], {})
-        expected.append(selection_score(trained, vals))
+        expected.append(selection_metrics(trained, [(train, v) for v in vals])["score"])
     loaded, selection = select_round(
-        tmp_path, build_run_model(run, dims=train.dims, num_classes=train.num_classes), vals
+        tmp_path,
+        build_run_model(run, dims=train.dims, num_classes=train.num_classes),
+        [(train, v) for v in vals],
     )
     assert selection.scores == pytest.approx(expected)
     assert selection.chosen == int(np.argmax(expected)) + 1
