@@ -49,3 +49,12 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     )
     vit.save_pretrained(root / "vit")
     return {"text": root / "bert", "image": root / "vit"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with `slow` tests first (their order kept), then the unit tests: with `-n 2 --dist
+    loadfile --no-loadscope-reorder` (the Makefile's; xdist's default reorder puts files with
+    many tests first) the workers start on the long Flower runs and end on short files, so
+    neither waits long for the other at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -286,6 +286,32 @@ def select_round(
     return model, selection
 
 
+def round_rows(
+    run_dir: Path, model: HeadModel, train: EmbeddedDataset, test: EmbeddedDataset
+) -> dict[str, list[float]]:
+    """The headline metrics (``metric_row``) of every checkpoint (round >= 1) of a federated run
+    on ``test``, as ``{"round": [...], metric: [...]}``: the table's test set round by round, for
+    the figure only (the stopping point is chosen on validation by ``select_round``)."""
+    from common.artifacts import load_state_arrays
+    from server.checkpoints import RunStore
+
+    store = RunStore(run_dir)
+    series: dict[str, list[float]] = {"round": []}
+    for path in sorted(store.checkpoints.glob("round-*.safetensors")):
+        server_round = int(path.stem.split("-")[1])
+        if server_round < 1:
+            continue
+        load_state_arrays(
+            model, RunStore.load_checkpoint(path, server_round).arrays, source=str(path)
+        )
+        row = metric_row("", model, train, test)
+        series["round"].append(float(server_round))
+        for key in HEADLINE:
+            if key in row:
+                series.setdefault(key, []).append(float(row[key]))
+    return series
+
+
 def metric_row(
     method: str,
     model: HeadModel | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from simulations.experiments.arms import (
     metric_row,
     prepare_sites,
     ridge_selection,
+    round_rows,
     run_config_of,
     select_round,
     split_holdout,
@@ -85,7 +87,9 @@ class PrivacyArms:
 class Comparison:
     """Rows of one comparison (one partition scheme) and the settings that produced them.
 
-    ``histories``: each federated arm's per-round history (history.jsonl); ``per_site``: for each
+    ``histories``: each federated arm's per-round history (history.jsonl); ``round_test``: each
+    federated arm's headline metrics on the scored test set after every round (``round_rows``,
+    for the figure: the table's set); ``per_site``: for each
     site, each method's metrics on that site's own test half; ``selections``: each trained arm's
     validation score per epoch step / round and the chosen stopping point (``Selection``);
     ``sizes``: each site's train / validation / test rows and the scored test set's
@@ -97,6 +101,7 @@ class Comparison:
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    round_test: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     per_site: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -238,6 +243,9 @@ def compare(
             [(s.train, s.val) for s in splits],
             guarded=arm.model.head.has_linear_path and not arm.privacy,
         )
+        comparison.round_test[label] = round_rows(
+            arm.run_dir, copy.deepcopy(model), pooled_train, pooled_test
+        )
         comparison.seconds[key] = time.perf_counter() - started
         comparison.histories[label] = arm.history
         comparison.selections[label] = selection.to_dict()
@@ -254,7 +262,10 @@ def compare(
             continue  # a common test set with no rows of this site
         mine = {"this site alone": local[i][0], **models}
         comparison.per_site[f"site {i}"] = {
-            method: metric_row(method, model, s.train, s.test) for method, model in mine.items()
+            "frozen (+ lstsq, pooled fit)": metric_row("frozen", None, pooled_train, s.test),
+            **{
+                method: metric_row(method, model, s.train, s.test) for method, model in mine.items()
+            },
         }
     comparison.seconds["per_site_evaluation"] = time.perf_counter() - started
     return comparison

@@ -15,24 +15,44 @@ if TYPE_CHECKING:
 
 def plot_comparison(comparison: Comparison, out_dir: Path, *, prefix: str) -> list[Path]:
     """The comparison's figures in ``out_dir``: metric vs round, per-site bars, utility vs epsilon."""
-    from simulations.experiments.plots import metric_vs_round, per_site_bars, utility_vs_epsilon
+    from simulations.experiments.plots import (
+        history_series,
+        metric_vs_round,
+        per_site_bars,
+        utility_vs_epsilon,
+    )
 
     metric = comparison.primary
     written: list[Path] = []
-    if comparison.histories:
-        round_metric = _round_metric(comparison.histories, metric)
+    if comparison.round_test or comparison.histories:
+        if comparison.round_test:  # the table's test set, with the table's baselines
+            per_round, where = comparison.round_test, "the table's test set"
+            round_metric = metric
+            references = {
+                str(row["method"]): float(row[metric])
+                for row in comparison.rows
+                if metric in row
+                and not row["method"].startswith(("federated", "  "))
+                and "privacy" not in row
+            }
+        else:  # older results: the federation's own per-round evaluation
+            where, per_round = history_series(comparison.histories)
+            round_metric = _round_metric(comparison.histories, metric)
+            references = {}
         written.append(
             metric_vs_round(
-                comparison.histories,
+                per_round,
                 out_dir / f"{prefix}_metric_vs_round.png",
                 metric=round_metric,
+                where=where,
                 title=f"{round_metric} per round ({comparison.partition}, {comparison.sites} sites, "
-                "★ kept)",
+                "★ kept, dashed: baselines)",
                 chosen={
                     label: int(comparison.selections[label]["chosen"])
-                    for label in comparison.histories
+                    for label in per_round
                     if label in comparison.selections
                 },
+                references=references,
             ).path
         )
     if comparison.per_site:

@@ -51,6 +51,7 @@ def replot(out_dir: Path) -> list[Path]:
             sites=int(results["sites"]),
             rows=entry["rows"],
             histories=entry["histories"],
+            round_test=entry.get("round_test", {}),
             per_site=entry["per_site"],
             privacy=entry["privacy_arms"],
             selections=entry.get("selections", {}),
@@ -148,6 +149,7 @@ def _entry(comparison: Comparison, run: RunSettings, figures: Sequence[Path]) ->
         "selections": comparison.selections,
         "per_site": comparison.per_site,
         "histories": comparison.histories,
+        "round_test": comparison.round_test,
         "figures": [p.name for p in figures],
         "seconds": comparison.seconds,
     }

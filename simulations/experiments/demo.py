@@ -77,11 +77,24 @@ def publish(
 ) -> list[Path]:
     """Save results.json (+ ``extra``), results.md and the figures in ``out``; print the table,
     the federated / centralized ratios, ``notes``, what ``test_set`` was and where it all is."""
-    from simulations.experiments.comparison import ratios
+    from simulations.experiments.comparison import gains, ratios
     from simulations.experiments.comparison_figures import plot_comparison
 
     table = comparison.table()
     ratio = ratios(comparison)
+    gained = gains(comparison)
+    if gained:
+        notes = [
+            "what a hospital gains by federating: "
+            + "; ".join(
+                f"vs {base}: " + ", ".join(f"{k} {v:+.3f}" for k, v in deltas.items())
+                for base, deltas in (
+                    ("the frozen embeddings (+ lstsq map)", gained["minus_frozen"]),
+                    ("training alone (mean site)", gained["minus_alone"]),
+                )
+            ),
+            *notes,
+        ]
     document = {
         "rows": comparison.rows,
         "seconds": comparison.seconds,

@@ -61,50 +61,67 @@ def round_series(history: Sequence[Mapping[str, Any]]) -> tuple[str, dict[str, l
     return source, series
 
 
-def metric_vs_round(
+def history_series(
     histories: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> tuple[str, dict[str, dict[str, list[float]]]]:
+    """``round_series`` of each federated run's history, and where its numbers come from."""
+    picked = {label: round_series(history) for label, history in histories.items()}
+    where = " and ".join(
+        {"server": "coordinator's held-out set", "sites": "sites' held-out splits"}[s]
+        for s in sorted({source for source, _ in picked.values()})
+    )
+    return where, {label: series for label, (_, series) in picked.items()}
+
+
+def metric_vs_round(
+    series: Mapping[str, Mapping[str, Sequence[float]]],
     path: Path,
     *,
     metric: str,
+    where: str = "",
     title: str = "",
     chosen: Mapping[str, int] | None = None,
+    references: Mapping[str, float] | None = None,
 ) -> Figure:
     """One line per federated method: ``metric`` of the global head after each round.
 
+    ``series``: per method, ``{"round": [...], metric: [...]}`` (``round_series``, or the table's
+    test set round by round); ``where`` names the set they were scored on (the y label).
     ``chosen``: per method, the round model selection kept (drawn as a star on its line).
+    ``references``: horizontal dashed lines, e.g. the frozen baseline's score on the same set.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn: list[str] = []
     marks: list[tuple[str, float, float]] = []
-    sources: set[str] = set()
-    for label, history in histories.items():
-        source, series = round_series(history)
-        if metric not in series:
+    for label, values in series.items():
+        if metric not in values:
             continue
-        sources.add(source)
-        (line,) = ax.plot(series["round"], series[metric], marker="o", markersize=3, label=label)
+        rounds, ys = list(values["round"]), list(values[metric])
+        (line,) = ax.plot(rounds, ys, marker="o", markersize=3, label=label)
         drawn.append(label)
-        if chosen and label in chosen and float(chosen[label]) in series["round"]:
-            at = series["round"].index(float(chosen[label]))
+        if chosen and label in chosen and float(chosen[label]) in rounds:
+            at = rounds.index(float(chosen[label]))
             ax.plot(
-                [series["round"][at]],
-                [series[metric][at]],
+                [rounds[at]],
+                [ys[at]],
                 marker="*",
                 markersize=12,
                 color=line.get_color(),
                 linestyle="none",
             )
-            marks.append((label, series["round"][at], series[metric][at]))
-    where = " and ".join(
-        {"server": "coordinator's held-out set", "sites": "sites' held-out splits"}[s]
-        for s in sorted(sources)
-    )
+            marks.append((label, rounds[at], ys[at]))
+    for label, value in (references or {}).items():
+        if math.isfinite(value):
+            ax.axhline(value, linestyle="--", linewidth=1, color="0.4" if drawn else None)
+            ax.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), fontsize="small")
+            drawn.append(label)
     ax.set_xlabel("round")
     ax.set_ylabel(f"{metric} ({where})" if where else metric)
     ax.set_title(
         title or f"{metric} of the global head per round" + (" (★ kept)" if chosen else "")
     )
-    figure = _save(fig, ax, path, drawn)
+    figure = _save(fig, ax, path, [d for d in drawn if d not in (references or {})])
+    figure.series = drawn
     figure.marks = marks
     return figure
 

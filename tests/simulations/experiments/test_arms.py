@@ -15,6 +15,7 @@ from simulations.experiments.arms import (
     CommonTest,
     Selection,
     metric_row,
+    round_rows,
     select_best,
     select_round,
     selection_metrics,
@@ -152,6 +153,27 @@ def test_select_round_loads_the_checkpoint_best_on_the_sites_validation(tmp_path
     assert selection.chosen == int(np.argmax(expected)) + 1
     for key, value in state_arrays(loaded).items():
         np.testing.assert_array_equal(value, saved[selection.chosen][key])
+
+
+def test_round_rows_score_every_trained_round_on_the_test_set_like_the_table(
+    tmp_path: Path,
+) -> None:
+    from common.artifacts import state_arrays
+    from server.checkpoints import RunStore
+
+    run, train, test = _small_run(), _paired(96, 0), _paired(30, 4)
+    store = RunStore(tmp_path)
+    model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
+    store.save_checkpoint(0, state_arrays(model), {})  # the initial head: not a round's result
+    rows = []
+    for server_round in (1, 2):
+        trained, _ = train_selected(_small_run(seed=server_round), train, test, steps=1)
+        store.save_checkpoint(server_round, state_arrays(trained), {})
+        rows.append(metric_row("", trained, train, test))
+    series = round_rows(tmp_path, model, train, test)
+    assert series["round"] == [1.0, 2.0]
+    for key in ("mean_R@5", "zs_auroc", "probe_f1_macro"):
+        assert series[key] == pytest.approx([r[key] for r in rows]), key
 
 
 def _site(train: Any, held_out: Any) -> Any:

@@ -12,6 +12,7 @@ import pytest
 
 from simulations.experiments.plots import (
     EpsilonPoint,
+    history_series,
     metric_vs_round,
     per_site_bars,
     round_series,
@@ -63,7 +64,9 @@ def test_metric_vs_round_draws_one_line_per_method_with_the_metric(tmp_path: Pat
         "federated + client-level DP": _history(4, server=True, start=0.1),
         "no such metric": [{"round": 1, "server_metrics": {"server-zs_acc": 0.2}}],
     }
-    figure = metric_vs_round(histories, tmp_path / "rounds.png", metric="R@5")
+    where, series = history_series(histories)
+    assert where == "coordinator's held-out set"
+    figure = metric_vs_round(series, tmp_path / "rounds.png", metric="R@5", where=where)
     assert figure.series == list(histories)[:3]
     assert figure.marks == []
     _assert_png(figure.path)
@@ -76,8 +79,16 @@ def test_metric_vs_round_stars_the_round_model_selection_kept(tmp_path: Path) ->
     }
     _, series = round_series(histories["federated"])
     chosen = {"federated": 3, "federated + client-level DP": 9, "absent": 1}  # 9: not a round
-    figure = metric_vs_round(histories, tmp_path / "kept.png", metric="R@5", chosen=chosen)
+    figure = metric_vs_round(
+        history_series(histories)[1],
+        tmp_path / "kept.png",
+        metric="R@5",
+        chosen=chosen,
+        references={"frozen": 0.25, "centralized": math.nan},
+    )
     assert figure.marks == [("federated", 3.0, series["R@5"][2])]
+    # a finite reference is a dashed line in the figure; a NaN one is left out
+    assert figure.series == ["federated", "federated + client-level DP", "frozen"]
     _assert_png(figure.path)
 
 
