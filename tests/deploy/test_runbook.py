@@ -46,7 +46,7 @@ the test uses free ports where this text says 9092 / 9094 / 9095):
 
     # 7. coordinator: start the run; judge it by `flwr ls`, never by `flwr run`'s exit code
     flwr run . fedembed --format json \\
-        --run-config "num-server-rounds=2 min-sites=2 run-dir='$R/coordinator/run'"    # -> "run-id"
+        --run-config "num-server-rounds=1 min-sites=2 run-dir='$R/coordinator/run'"    # -> "run-id"
     flwr ls fedembed --run-id RUN_ID --format json    # until "status" is finished:*;
                                                       # success is "finished:completed" only
     flwr log RUN_ID fedembed --show
@@ -58,7 +58,10 @@ the test uses free ports where this text says 9092 / 9094 / 9095):
 
 The test adds tiny encoders to the run-config (image-encoder, text-encoder = local model dirs,
 encoder-image-size=0, dataset-n=120, local-epochs=2, batch-size=16, head='small') so it runs in
-about a minute; an operator keeps the packaged defaults or sets the consortium's encoders.
+about a minute; an operator keeps the packaged defaults or sets the consortium's encoders. One round
+is enough to rehearse the commands (each further round costs every site a ClientApp process per
+message); several rounds over real SuperNodes are run by tests/deploy/test_secure_deployment.py
+(TLS + authentication, through ``deploy_local``) and tests/deploy/test_secagg_deployment.py.
 """
 
 from __future__ import annotations
@@ -282,7 +285,7 @@ def test_runbook_local_rehearsal_with_tls_and_authentication(
 
         # 7. the run, judged by `flwr ls`
         run_config: dict[str, ConfigValue] = {
-            "num-server-rounds": 2,
+            "num-server-rounds": 1,
             "min-sites": 2,
             "run-dir": str(coordinator / "run"),
             **tiny_run_config(tiny_model_dirs),
@@ -308,7 +311,7 @@ def test_runbook_local_rehearsal_with_tls_and_authentication(
             for line in (coordinator / "run" / "history.jsonl").read_text().splitlines()
             if line.strip()
         ]
-        assert [e["round"] for e in history] == [1, 2]
+        assert [e["round"] for e in history] == [1]
         assert all(len(e["sites"]) == 2 and not e["rejected"] for e in history)
 
         # 8. each site's audit: only head arrays and scalars left it

@@ -1,4 +1,5 @@
-"""TLS + SuperNode authentication with real Flower processes on 127.0.0.1: who may join, who may not."""
+"""`deploy_local` with real Flower processes on 127.0.0.1 (TLS + SuperNode authentication), and who may
+join such a SuperLink, who may not."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import tomli
 
+from client.audit import verify_audit_log
+from common.artifacts import load_head, state_arrays
 from server.receipts import read_receipts
+from simulations.benchmarks.rounds import audit_timings, phase_breakdown
 from simulations.cli.app import main as fedembed
 from simulations.flower.federate import (
     STARTUP_TIMEOUT,
@@ -43,9 +48,13 @@ def _ids(pattern: str, text: str) -> set[int]:
     return {int(found) for found in re.findall(pattern, text)}
 
 
-def test_secure_deploy_local_two_sites_completes(
+def test_secure_deploy_local_two_sites_completes_audited_and_timed(
     tmp_path: Path, tiny_model_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """One real SuperLink and two real SuperNodes (`deploy_local`, the only deployment of the fedembed
+    app in the suite; the plain-HTTP path differs only in not passing the TLS/key files), asserting:
+    the run completes; only head arrays left each site; the audit logs and the history line up into
+    round phases; TLS and node authentication were in force; the receipts match the sites' digests."""
     fed = deploy_local(
         out_dir=tmp_path,
         sites=2,
@@ -55,6 +64,25 @@ def test_secure_deploy_local_two_sites_completes(
     )
     assert fed.ok, fed.result.log_text[-3000:]
     assert [len(e["sites"]) for e in fed.history] == [2, 2]
+
+    # The final head, and what left each site: only head arrays of its shapes, two train replies and
+    # the final evaluate reply.
+    model, config = load_head(fed.final_head)
+    final = state_arrays(model)
+    shapes = {k: v.shape for k, v in final.items()}
+    assert config["run"]["num_server_rounds"] == 2
+    assert all(np.isfinite(v).all() for v in final.values())
+    for site in ("site-0", "site-1"):
+        summary = verify_audit_log(fed.home / "sites" / site / "audit.jsonl", allowed_arrays=shapes)
+        assert summary.ok, summary.violations
+        assert summary.entries == 3
+
+    # Round timing: the sites' audit logs and the history line up into non-negative phases.
+    phases = phase_breakdown(fed.history, audit_timings(fed.home), skip_first=False)
+    assert [p["round"] for p in phases] == [1, 2]
+    for p in phases:
+        assert all(p[k] >= 0 for k in ("delivery", "start-up", "handler", "return", "server"))
+        assert p["handler"] >= p["training"] > 0 and p["wall"] <= fed.result.elapsed
 
     # The PKI deploy/pki.sh wrote: private keys readable by their owner only.
     assert fed.pki_dir == tmp_path.resolve() / "pki"

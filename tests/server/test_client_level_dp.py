@@ -353,48 +353,6 @@ def test_site_clips_its_trained_update_and_audits_exactly_what_it_sends(
 
 
 # ---------------------------------------------------------------- end to end
-
-
-@pytest.mark.slow
-def test_simulation_with_client_side_clipping_reports_the_rdp_epsilon(
-    tmp_path: Path, tiny_model_dirs: dict[str, Path]
-) -> None:
-    from client.audit import verify_audit_log
-    from simulations.flower.federate import simulate
-
-    sigma, clip = 1.2, 1e-3
-    fed = simulate(
-        out_dir=tmp_path,
-        sites=3,
-        run_config=tiny_run_config(
-            tiny_model_dirs,
-            **{
-                "dataset-n": 90,
-                "local-epochs": 1,
-                "loss": "infonce",
-                "num-server-rounds": 2,
-                "client-dp": "client-side",
-                "client-dp-noise-multiplier": sigma,
-                "client-dp-clipping-norm": clip,
-                "client-dp-delta": DELTA,
-            },
-        ),
-        echo=False,
-    )
-    assert fed.ok, fed.result.log_text[-3000:]
-    assert [e["round"] for e in fed.history] == [1, 2]
-    for rounds, entry in enumerate(fed.history, start=1):
-        # all three updates passed the server's check at the clipping norm: the sites clipped them
-        assert len(entry["sites"]) == 3 and not entry["rejected"] and not entry["failed"]
-        record = entry["client_dp"]
-        assert record["released"] and record["releases"] == rounds
-        assert np.isfinite(record["epsilon"]) and record["delta"] == DELTA
-        assert record["epsilon"] == pytest.approx(
-            independent_epsilon(sigma, 3, 3, rounds, DELTA), rel=1e-9
-        )
-    assert "client-level DP: epsilon=" in fed.result.log_text
-    audit = tmp_path / "sites" / "site-0" / "audit.jsonl"
-    assert verify_audit_log(audit).ok
-    entries = [json.loads(line) for line in audit.read_text().splitlines()]
-    trained = [e for e in entries if e["message_type"] == "train"]
-    assert [e["privacy"].get("client-dp-clipping-norm") for e in trained] == [clip, clip]
+# A real simulation with client-side clipping (3 sites, 2 rounds, then resumed for a third) and its
+# RDP epsilon per round: tests/simulations/flower/test_federation_e2e.py, which shares that one
+# federation with the end-to-end and resume checks.
