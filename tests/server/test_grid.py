@@ -8,59 +8,25 @@ from collections.abc import Iterable
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from server.grid import PromptGrid
-from tests.flower_messages import message_metadata
+from tests.flower_messages import StandInGrid
 
 
-class DelayedGrid(Grid):
+class DelayedGrid(StandInGrid):
     """A grid whose sites answer ``delays[node]`` seconds after the push (None: never)."""
 
     def __init__(self, delays: dict[int, float | None]) -> None:
+        super().__init__()
         self.delays = delays
-        self.pushed: dict[str, tuple[Message, float]] = {}
-
-    def set_run(self, run: Run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Run:
-        raise NotImplementedError
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        metadata = message_metadata(
-            dst_node_id=dst_node_id,
-            src_node_id=0,
-            group_id=group_id,
-            ttl=ttl or 3600.0,
-            message_type=message_type,
-        )
-        return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.delays)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for i, message in enumerate(messages):
-            message_id = f"m{len(self.pushed) + i}"
-            message.metadata.__dict__["_message_id"] = message_id
-            self.pushed[message_id] = (message, time.monotonic())
-            ids.append(message_id)
-        return ids
-
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         now, replies = time.monotonic(), []
         for message_id in message_ids:
-            message, pushed = self.pushed[message_id]
+            message, pushed = self.pushed[message_id], self.pushed_at[message_id]
             delay = self.delays[message.metadata.dst_node_id]
             if delay is not None and now - pushed >= delay:
                 reply = Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=message)

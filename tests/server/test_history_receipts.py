@@ -15,7 +15,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from client.app import app as client_app
 from client.audit import audit_path, verify_audit_log
@@ -24,7 +23,7 @@ from common.config import SiteSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 from server.receipts import ReceiptGrid, read_receipts, receipts_path
 from server.secagg import ProtocolGrid
-from tests.flower_messages import message_metadata
+from tests.flower_messages import StandInGrid
 
 HEAD: dict[str, np.ndarray] = {
     "proj.weight": np.arange(12, dtype=np.float32).reshape(4, 3),
@@ -65,13 +64,13 @@ def _normal_site(message: Message, context: Context) -> Message:
     return reply
 
 
-class SiteGrid(Grid):
+class SiteGrid(StandInGrid):
     """A grid whose nodes are sites answering in this process; every message and reply crosses
     Flower's protobuf serialization. ``tamper``: change each train reply's head after it was logged."""
 
     def __init__(self, root: Path, site: Site, *, tamper: bool = False) -> None:
+        super().__init__()
         self.root, self.site, self.tamper = root, site, tamper
-        self.pushed: dict[str, Message] = {}
         self.contexts: dict[int, Context] = {}
 
     def context(self, node: int) -> Context:
@@ -90,37 +89,8 @@ class SiteGrid(Grid):
             )
         return self.contexts[node]
 
-    def set_run(self, run: Run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Run:
-        raise NotImplementedError
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        metadata = message_metadata(
-            dst_node_id=dst_node_id, group_id=group_id, message_type=message_type
-        )
-        return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            message_id = f"m{len(self.pushed)}"
-            message.metadata.__dict__["_message_id"] = message_id
-            self.pushed[message_id] = message
-            ids.append(message_id)
-        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = []
