@@ -185,14 +185,29 @@ class Selection:
         return select_best(eligible)
 
     @property
+    def trained(self) -> int:
+        """Epochs (or the round) at the chosen step: a guarded arm's step 1 trained 0 epochs."""
+        return self._units(self.chosen)
+
+    @property
+    def budget(self) -> int:
+        return self._units(len(self.scores))
+
+    def _units(self, steps: int) -> int:
+        if self.unit == "epoch" and self.guarded:
+            return (steps - 1) * self.per_step
+        return steps * self.per_step
+
+    @property
     def label(self) -> str:
-        return f"{self.unit} {self.chosen * self.per_step}/{len(self.scores) * self.per_step}"
+        start = " (closed-form start)" if self.guarded and self.chosen == 1 else ""
+        return f"{self.unit} {self.trained}/{self.budget}{start}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "unit": self.unit,
-            "chosen": self.chosen * self.per_step,
-            "budget": len(self.scores) * self.per_step,
+            "chosen": self.trained,
+            "budget": self.budget,
             "validation_scores": self.scores,
             **({"start_guard": True, "validation_metrics": self.metrics} if self.guarded else {}),
         }

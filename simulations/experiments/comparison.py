@@ -196,10 +196,10 @@ def compare(
         for i, ((m, sel), s) in enumerate(zip(local, splits, strict=True))
     ]
     comparison.seconds["local"] = time.perf_counter() - started
-    chosen = [sel.chosen * sel.per_step for _, sel in local]
+    chosen = [sel.trained for _, sel in local]
     average: dict[str, Any] = {
         "method": "each site alone (mean)",
-        "stop": f"epoch {min(chosen)}-{max(chosen)}/{steps * run.local_epochs}",
+        "stop": f"epoch {min(chosen)}-{max(chosen)}/{local[0][1].budget}",
     }
     for key in HEADLINE:
         values = [r[key] for r in local_rows if key in r]
@@ -262,10 +262,10 @@ def compare(
             continue  # a common test set with no rows of this site
         mine = {"this site alone": local[i][0], **models}
         comparison.per_site[f"site {i}"] = {
-            "frozen (+ lstsq, pooled fit)": metric_row("frozen", None, pooled_train, s.test),
             **{
                 method: metric_row(method, model, s.train, s.test) for method, model in mine.items()
             },
+            "frozen (+ lstsq, pooled fit)": metric_row("frozen", None, pooled_train, s.test),
         }
     comparison.seconds["per_site_evaluation"] = time.perf_counter() - started
     return comparison

@@ -58,11 +58,31 @@ def run_demo(
         comparison,
         out,
         prefix="demo",
+        notes=gain_lines(comparison),
         test_set="held-out test set: the union of the hospitals' test halves (their held-out "
         "splits halved: the other half picks each arm's stopping point).",
         started=started,
     )
     return out
+
+
+def gain_lines(comparison: Comparison) -> list[str]:
+    """One line: the federated head minus the frozen embeddings and minus a site alone, per metric."""
+    from simulations.experiments.comparison import gains
+
+    gained = gains(comparison)
+    if not gained:
+        return []
+    return [
+        "what a hospital gains by federating: "
+        + "; ".join(
+            f"vs {base}: " + ", ".join(f"{k} {v:+.3f}" for k, v in deltas.items())
+            for base, deltas in (
+                ("the frozen embeddings (+ lstsq map)", gained["minus_frozen"]),
+                ("training alone (mean site)", gained["minus_alone"]),
+            )
+        )
+    ]
 
 
 def publish(
@@ -77,24 +97,11 @@ def publish(
 ) -> list[Path]:
     """Save results.json (+ ``extra``), results.md and the figures in ``out``; print the table,
     the federated / centralized ratios, ``notes``, what ``test_set`` was and where it all is."""
-    from simulations.experiments.comparison import gains, ratios
+    from simulations.experiments.comparison import ratios
     from simulations.experiments.comparison_figures import plot_comparison
 
     table = comparison.table()
     ratio = ratios(comparison)
-    gained = gains(comparison)
-    if gained:
-        notes = [
-            "what a hospital gains by federating: "
-            + "; ".join(
-                f"vs {base}: " + ", ".join(f"{k} {v:+.3f}" for k, v in deltas.items())
-                for base, deltas in (
-                    ("the frozen embeddings (+ lstsq map)", gained["minus_frozen"]),
-                    ("training alone (mean site)", gained["minus_alone"]),
-                )
-            ),
-            *notes,
-        ]
     document = {
         "rows": comparison.rows,
         "seconds": comparison.seconds,

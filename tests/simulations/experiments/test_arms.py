@@ -121,6 +121,8 @@ def test_an_aligned_arm_starts_at_the_closed_form_map_and_ends_no_worse_on_valid
     start = selection.metrics[0]
     frozen = aligned_metrics(closed_form_alignment(train, "lstsq"), val, ks=(5,))
     assert start["R@5"] == pytest.approx(frozen["mean_R@5"], abs=1e-6)
+    assert (selection.budget, selection.to_dict()["budget"]) == (6, 6)  # step 1 trained nothing
+    assert selection.label.startswith(f"epoch {2 * (selection.chosen - 1)}/6")
     kept = selection.metrics[selection.chosen - 1]
     assert all(kept[k] >= v for k, v in start.items())
     assert selection_metrics(model, [(train, val)]) == pytest.approx(kept)
