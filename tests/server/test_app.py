@@ -75,7 +75,7 @@ class _FailingSites(DelayedGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         replies = []
         for message_id in message_ids:
-            message, _ = self.pushed[message_id]
+            message = self.pushed[message_id]
             node = message.metadata.dst_node_id
             reason = (
                 f"[site site-{node}] DataError: site-{node}.csv line 2 field 'image': unreadable"

@@ -131,7 +131,7 @@ class _Sites(DelayedGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         replies = []
         for message_id in message_ids:
-            message, _ = self.pushed[message_id]
+            message = self.pushed[message_id]
             node = message.metadata.dst_node_id
             if message.metadata.message_type == "train":
                 server_round = _absolute_round(message)

@@ -56,7 +56,7 @@ class _ClientAppSites(DelayedGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = list(super().push_messages(messages))
         for message_id in ids:
-            message, _ = self.pushed[message_id]
+            message = self.pushed[message_id]
             context = self.contexts[message.metadata.dst_node_id]
             try:
                 reply = app(message, context)

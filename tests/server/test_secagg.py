@@ -323,7 +323,7 @@ def test_protocol_grid_names_each_site_that_failed_declined_or_gave_no_reply() -
         def pull_messages(self, message_ids: Any) -> list[Message]:
             replies = []
             for message_id in message_ids:
-                message, _ = self.pushed[message_id]
+                message = self.pushed[message_id]
                 node = message.metadata.dst_node_id
                 if node == 1:
                     replies.append(
