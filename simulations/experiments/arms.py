@@ -41,7 +41,7 @@ VALIDATION_SEED = 1
 
 
 SELECTION = (
-    "mean of validation R@5, zero-shot (mean of accuracy and AUROC) and linear-probe macro-F1, "
+    "mean of validation R@5, zero-shot (mean of accuracy and AUROC) and linear-probe macro-F1 "
     "(a head with a closed-form start: a trained state only when no validation metric is below "
     "the start's)"
 )
@@ -271,6 +271,19 @@ def train_selected(
     return model, selection
 
 
+def round_checkpoints(run_dir: Path) -> list[tuple[int, Path, dict[str, np.ndarray]]]:
+    """``(round, path, arrays)`` of every checkpoint of a federated run from round 1 on (round 0,
+    the initial head, is no round's result); ConfigError when a round is missing."""
+    from server.checkpoints import RunStore
+
+    store = RunStore(run_dir)
+    paths = [(int(p.stem.split("-")[1]), p) for p in store.checkpoints.glob("round-*.safetensors")]
+    rounds = sorted((r, p) for r, p in paths if r >= 1)
+    if [r for r, _ in rounds] != list(range(1, len(rounds) + 1)):
+        raise ConfigError(f"{store.checkpoints}: rounds missing from the checkpoints")
+    return [(r, p, RunStore.load_checkpoint(p, r).arrays) for r, p in rounds]
+
+
 def select_round(
     run_dir: Path,
     model: HeadModel,
@@ -282,22 +295,15 @@ def select_round(
     score on the sites' ``(fit, validation)`` splits; ``guarded``: round 1 is the sites' mean
     closed-form start and a later round must be no worse than it (see ``Selection``)."""
     from common.artifacts import load_state_arrays
-    from server.checkpoints import RunStore
 
-    store = RunStore(run_dir)
-    paths = sorted(store.checkpoints.glob("round-*.safetensors"))
-    checkpoints = [(int(p.stem.split("-")[1]), p) for p in paths]
-    checkpoints = [(r, p) for r, p in checkpoints if r >= 1]
-    if [r for r, _ in checkpoints] != list(range(1, len(checkpoints) + 1)):
-        raise ConfigError(f"{store.checkpoints}: rounds missing from the checkpoints")
-    selection, states = Selection("round", [], guarded=guarded), []
-    for server_round, path in checkpoints:
-        states.append(RunStore.load_checkpoint(path, server_round).arrays)
-        load_state_arrays(model, states[-1], source=str(path))
+    checkpoints = round_checkpoints(run_dir)
+    selection = Selection("round", [], guarded=guarded)
+    for _, path, arrays in checkpoints:
+        load_state_arrays(model, arrays, source=str(path))
         selection.metrics.append(selection_metrics(model, splits))
         selection.scores.append(selection.metrics[-1]["score"])
-    _, path = checkpoints[selection.chosen - 1]
-    load_state_arrays(model, states[selection.chosen - 1], source=str(path))
+    _, path, arrays = checkpoints[selection.chosen - 1]
+    load_state_arrays(model, arrays, source=str(path))
     return model, selection
 
 
@@ -308,17 +314,10 @@ def round_rows(
     on ``test``, as ``{"round": [...], metric: [...]}``: the table's test set round by round, for
     the figure only (the stopping point is chosen on validation by ``select_round``)."""
     from common.artifacts import load_state_arrays
-    from server.checkpoints import RunStore
 
-    store = RunStore(run_dir)
     series: dict[str, list[float]] = {"round": []}
-    for path in sorted(store.checkpoints.glob("round-*.safetensors")):
-        server_round = int(path.stem.split("-")[1])
-        if server_round < 1:
-            continue
-        load_state_arrays(
-            model, RunStore.load_checkpoint(path, server_round).arrays, source=str(path)
-        )
+    for server_round, path, arrays in round_checkpoints(run_dir):
+        load_state_arrays(model, arrays, source=str(path))
         row = metric_row("", model, train, test)
         series["round"].append(float(server_round))
         for key in HEADLINE:
