@@ -82,6 +82,27 @@ def evaluate(msg: Message, context: Context) -> Message:
     return reply
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """A closed-form start query (server/closed_form.py): sums over the site's training rows in
+    the shape of the head (client/training.py ``start_product``), audited like a train reply. A
+    site that requires sample-level DP declines: the sums are not private."""
+    site = site_settings(context)
+    result = _execute("query", msg, context, site)
+    if result.get("declined"):
+        reply = declined_reply(msg, str(result["reason"]))
+    else:
+        content = RecordDict(
+            {
+                ARRAYS_RECORD: record_from_arrays(result["arrays"]),
+                METRICS_RECORD: metric_record(result["metrics"]),
+            }
+        )
+        reply = Message(content=content, reply_to=msg)
+    audit_reply(context, site, msg, reply)
+    return reply
+
+
 def _execute(op: str, msg: Message, context: Context, site: SiteSettings) -> dict[str, Any]:
     incoming = arrays_from_record(msg.content.array_records[ARRAYS_RECORD])
     return _run(_request(op, incoming, _config(msg), context), site)
@@ -103,12 +124,10 @@ def _request(
 
 def _run(request: dict[str, Any], site: SiteSettings) -> dict[str, Any]:
     if _use_worker(site):
-        from client.worker import WorkerFailed, WorkerUnavailable, call_worker
+        from client.worker import WorkerUnavailable, call_worker
 
         try:
             return call_worker(site.state_path, request, parent_pid=os.getppid())
-        except WorkerFailed as exc:
-            raise RuntimeError(f"{exc.kind}: {exc.message}") from None
         except WorkerUnavailable as exc:
             log.warning("site worker unavailable (%s); computing in the ClientApp process", exc)
     from client.training import execute

@@ -1,6 +1,7 @@
 """Append-only egress audit log of a site: one JSON line for every reply that leaves the site.
 
-Normal rounds send head arrays and scalar metrics. Under secure aggregation (SecAgg+, client/secagg.py)
+Normal rounds send head arrays and scalar metrics; so do the closed-form start's query replies
+(sums over the site's rows in the head's image linear path, server/closed_form.py). Under secure aggregation (SecAgg+, client/secagg.py)
 a round is four replies carrying the protocol's payloads: public keys, encrypted key shares, the
 masked (quantized, integer) head and Shamir shares of the masking secrets. Each is logged with its
 stage, every field, its size and a digest; ``verify_audit_log`` accepts exactly those fields per stage.
@@ -44,7 +45,8 @@ SECAGG_PAYLOADS: dict[str, dict[str, str]] = {
     "unmask": {"nids": "int-list", "shares": "bytes-list"},
 }
 MASKED_FIELD = "masked_params"
-MESSAGE_TYPES = ("train", "evaluate")
+# query: the closed-form start before round 1 (server/closed_form.py), arrays of the head's shape
+MESSAGE_TYPES = ("train", "evaluate", "query")
 
 HeadShapes = Mapping[str, tuple[int, ...]]  # the head's arrays, in order: name -> shape (float32)
 
@@ -312,8 +314,9 @@ def _shapes_text(shapes: HeadShapes) -> str:
 
 
 def _needs_head(entry: Mapping[str, Any]) -> bool:
-    """Whether checking this line needs the head: a train reply with arrays or masked arrays."""
-    if entry.get("message_type") != "train" or entry.get("declined"):
+    """Whether checking this line needs the head: a train or start-query reply with arrays or
+    masked arrays."""
+    if entry.get("message_type") not in ("train", "query") or entry.get("declined"):
         return False
     if "secagg" not in entry:
         return True
@@ -338,7 +341,7 @@ def _entry_violations(entry: Mapping[str, Any], line_no: int, head: HeadShapes |
     elif message_type == "evaluate" and arrays:
         names = ", ".join(_array_text(a) for a in arrays)
         problems.append(f"{where}: an evaluate reply carried arrays ({names}); it may carry none")
-    elif message_type == "train" and not entry.get("declined"):
+    elif message_type in ("train", "query") and not entry.get("declined"):
         problems.extend(_array_violations(arrays, where, head))
     allowed = allowed_metrics(str(message_type), secagg=secagg)
     for name, value in (entry.get("metrics") or {}).items():
@@ -363,7 +366,8 @@ def _array_text(array: Mapping[str, Any]) -> str:
 def _array_violations(
     arrays: list[Mapping[str, Any]], where: str, head: HeadShapes | None
 ) -> list[str]:
-    """A train reply carries exactly the head's arrays: its names, its shapes, float32."""
+    """A train (or start-query) reply carries exactly the head's arrays: its names, its shapes,
+    float32."""
     problems = []
     for array in arrays:
         name = str(array.get("name"))

@@ -8,6 +8,7 @@ from functools import lru_cache
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.worker import WorkerFailed
 from common.config import SiteSettings
 from common.wire import (
     ARRAYS_RECORD,
@@ -44,7 +45,9 @@ def site_identity_mod(msg: Message, context: Context, call_next: ClientAppCallab
         reply = call_next(msg, context)
     except Exception as exc:  # what Flower would send, with the site's name in front
         log.exception("site %s: the train handler raised", name)
-        reason = site_error_reason(name, f"{type(exc).__name__}: {exc}")
+        # the site worker's WorkerFailed already reads "<the original error's type>: <message>"
+        detail = str(exc) if isinstance(exc, WorkerFailed) else f"{type(exc).__name__}: {exc}"
+        reason = site_error_reason(name, detail)
         return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
     if reply.has_error():
         reason = site_error_reason(name, str(reply.error.reason))

@@ -15,7 +15,18 @@ from common.artifacts import load_state_arrays, state_arrays
 from common.config import RunSettings, SiteSettings
 from common.evaluation import quick_metrics
 from common.training import HeadModel, build_run_model, train_head
-from common.wire import NUM_EXAMPLES, PROXIMAL_MU, ROUND_OFFSET, SERVER_ROUND, absolute_round
+from common.wire import (
+    HEAD_STARTED,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    ROUND_OFFSET,
+    SERVER_ROUND,
+    START_CROSS,
+    START_GRAM,
+    START_QUERY,
+    SUM_SQUARES,
+    absolute_round,
+)
 
 
 @dataclass
@@ -70,6 +81,7 @@ def run_local_round(
         seed=run.seed * 100_003 + server_round,
         first_round=server_round == 1,
         start_only=model.head.has_linear_path and not dp,
+        started=bool(config.get(HEAD_STARTED, False)),
     )
     if dp:
         assert privacy is not None
@@ -120,6 +132,68 @@ def evaluate_locally(
     return _finite(metrics)
 
 
+def start_product(
+    incoming: Mapping[str, np.ndarray],
+    *,
+    run: RunSettings,
+    site_settings: SiteSettings,
+    config: Mapping[str, Any],
+) -> RoundOutcome:
+    """A closed-form start query (server/closed_form.py): sums over this site's training rows,
+    returned in the image tower's linear path of an otherwise zero head (the head's arrays, so
+    the reply has the shape of a train reply).
+
+    With X~ = [X, 1] (image embeddings and a ones column) and Y the paired text embeddings:
+    ``cross`` returns X~'Y, i.e. weight rows Y'X and bias Y'1; ``gram`` returns X~'X~ P for the
+    direction P = (weight, bias) the received head's image linear path holds. Both are
+    differences of the squared-error gradient of that linear path at two heads: what a
+    gradient (FedSGD) round reveals, not rows.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    site = load_site(site_settings, run)
+    model = _load_global(run, site, incoming)
+    towers = model.head.towers()
+    data = site.train
+    if set(towers) != {"image", "text"} or data.image is None or data.text is None:
+        raise ValueError("the closed-form start needs image-text pairs and a two-tower head")
+    image = towers["image"]
+    if image.linear is None:
+        raise ValueError("the closed-form start needs a head with a linear path (head 'aligned')")
+    x = np.asarray(data.image, dtype=np.float64)
+    y = np.asarray(data.text, dtype=np.float64)
+    out_dim = image.linear.weight.shape[0]
+    if y.shape[1] > out_dim:
+        raise ValueError(
+            f"the closed-form start maps images to the {y.shape[1]}-d text space, wider than "
+            f"the head's {out_dim}-d output"
+        )
+    kind = config.get(START_QUERY)
+    weight = np.zeros((out_dim, x.shape[1]))
+    bias = np.zeros(out_dim)
+    if kind == START_CROSS:
+        weight[: y.shape[1]] = y.T @ x
+        bias[: y.shape[1]] = y.sum(axis=0)
+    elif kind == START_GRAM:
+        p_weight = image.linear.weight.detach().numpy().astype(np.float64)
+        p_bias = image.linear.bias.detach().numpy().astype(np.float64)
+        z = x @ p_weight.T + p_bias  # X~ P, one row per training row
+        weight = z.T @ x
+        bias = z.sum(axis=0)
+    else:
+        raise ValueError(f"unknown closed-form start query {kind!r}")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        image.linear.weight.copy_(torch.from_numpy(weight))
+        image.linear.bias.copy_(torch.from_numpy(bias))
+    metrics: dict[str, float | int] = {NUM_EXAMPLES: len(x)}
+    if kind == START_CROSS:
+        metrics[SUM_SQUARES] = float((x * x).sum())
+    return RoundOutcome(arrays=state_arrays(model), metrics=_finite(metrics))
+
+
 def _finite(metrics: Mapping[str, float | int]) -> dict[str, float | int]:
     return {k: v for k, v in metrics.items() if math.isfinite(float(v))}
 
@@ -127,7 +201,7 @@ def _finite(metrics: Mapping[str, float | int]) -> dict[str, float | int]:
 def execute(request: Mapping[str, Any]) -> dict[str, Any]:
     """Run one ClientApp request (in the ClientApp process or in the site worker).
 
-    ``request``: op ("train"/"evaluate"), incoming (head arrays), run and site (the raw run-config
+    ``request``: op ("train"/"evaluate"/"query"), incoming (head arrays), run and site (the raw run-config
     and node-config), config (the message's config record), run_id. Errors propagate.
     """
     run = RunSettings.from_run_config(request["run"])
@@ -137,6 +211,17 @@ def execute(request: Mapping[str, Any]) -> dict[str, Any]:
             "metrics": evaluate_locally(request["incoming"], run=run, site_settings=site_settings)
         }
     privacy = PrivacySettings.merge(request["run"], request["site"])
+    if request["op"] == "query":
+        if privacy.requested:  # the sums are not private: a site that requires DP sends none
+            return {
+                "declined": True,
+                "reason": "this site trains only with sample-level DP; the closed-form start's "
+                "sums are not private",
+            }
+        start = start_product(
+            request["incoming"], run=run, site_settings=site_settings, config=request["config"]
+        )
+        return {"arrays": start.arrays, "metrics": start.metrics}
     outcome = run_local_round(
         request["incoming"],
         run=run,

@@ -227,6 +227,10 @@ class RunSettings:
     lr: float = 0.002
     loss: str = registries.AUTO_LOSS
     head: str = "aligned"
+    # The aligned head's federated closed-form start (server/closed_form.py): conjugate-gradient
+    # rounds on the pooled ridge least-squares equations before round 1 (0: each site's own map).
+    start_steps: int = 20
+    start_ridge: float = 1.0
     layout: str = "two-tower"
     dataset: str = "synthetic-radiology"
     dataset_n: int = 2000
@@ -267,6 +271,10 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"run-config: loss '{self.loss}' is not one of {', '.join(LOSSES)}")
+        if self.start_steps < 0:
+            raise ConfigError("run-config: start-steps must be >= 0")
+        if not self.start_ridge > 0:
+            raise ConfigError("run-config: start-ridge must be > 0")
         if self.head not in HEAD_PRESET_NAMES:
             raise ConfigError(
                 f"run-config: head '{self.head}' is not one of {', '.join(HEAD_PRESET_NAMES)}"
@@ -401,6 +409,7 @@ class RunSettings:
         seed: int | None = None,
         first_round: bool = False,
         start_only: bool = False,
+        started: bool = False,
     ) -> TrainConfig:
         """Local training settings for one round: every local epoch trains (no validation
         hold-out). A head with a linear path starts round 1 (``first_round``) at the site's own
@@ -408,7 +417,9 @@ class RunSettings:
         sets it for such a head in round 1 without DP-SGD) that is all round 1 does: the site
         returns its map untrained, so the server's mean of the sites' maps is round 1's global
         head, a checkpoint the run can end at when no trained round beats it on validation.
-        Later rounds keep the global head as it arrives and train it."""
+        ``started``: the coordinator already set the head to the federation's closed-form start
+        (server/closed_form.py), so round 1 keeps it as it arrives (and, with ``start_only``,
+        returns it untrained). Later rounds keep the global head as it arrives and train it."""
         return TrainConfig(
             loss=self.loss,
             epochs=0 if first_round and start_only else self.local_epochs,
@@ -416,7 +427,7 @@ class RunSettings:
             lr=self.lr,
             proximal_mu=proximal_mu,
             seed=self.seed if seed is None else seed,
-            init="lstsq" if first_round else "keep",
+            init="lstsq" if first_round and not started else "keep",
             validation_fraction=0.0,
         )
 

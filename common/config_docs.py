@@ -52,6 +52,10 @@ RUN_MEANINGS: dict[str, str] = {
     "loss": f"training loss: {_names(LOSSES)} (sample-level DP needs proxy; "
     "docs/architecture.md describes each)",
     "head": f"head preset: {_names(HEAD_PRESET_NAMES)}",
+    "start_steps": "aligned head, no DP, no secure aggregation: conjugate-gradient rounds that "
+    "fit the pooled ridge least-squares map (frozen + lstsq) from per-site sums before round 1 "
+    "(docs/architecture.md); 0: round 1 averages each site's own map",
+    "start_ridge": "ridge of that start, relative to the image embeddings' mean variance",
     "layout": "two-tower (one head per modality) or concat (one head on the concatenation)",
     "dataset": "data of simulated sites (built-in name or manifest); the coordinator reads a "
     "sample of it for the task's classes. A real site's node-config data wins",

@@ -18,6 +18,12 @@ ROUND_OFFSET = "round-offset"  # rounds done before a resume: absolute round = s
 PROXIMAL_MU = "proximal-mu"  # FedProx's mu (0 or absent: plain local training)
 HEAD_KEYS = "head-keys"  # SecAgg+ fit config: JSON list of the head's parameter names, in order
 HEAD_SHAPES = "head-shapes"  # SecAgg+ fit config: JSON {name: shape} (0-d travel as shape (1,))
+# The closed-form start (server/closed_form.py): query messages before round 1, and round 1's
+# train config saying the head it carries is that start (sites keep it instead of their own map).
+START_QUERY = "start-query"  # query config: START_CROSS or START_GRAM
+START_CROSS = "cross"  # reply: the sums X'Y and Y'1 over the site's training rows
+START_GRAM = "gram"  # reply: X~'X~ P for the direction P in the image tower's linear path
+HEAD_STARTED = "head-started"  # train config: True when the head is the federation's start
 
 # Metric keys the server reads.
 NUM_EXAMPLES = "num-examples"  # the site's weight in the mean; must be > 0
@@ -39,6 +45,9 @@ SAMPLE_DP_METRICS = frozenset(
         "dp-steps",
     }
 )
+# A start query's reply: the rows summed and the sum of their image embeddings' squared norms.
+SUM_SQUARES = "image-sum-squares"
+START_METRICS = frozenset({NUM_EXAMPLES, SUM_SQUARES})
 SECAGG_WEIGHT_METRIC = "num_examples"  # Flower's FitRes.num_examples: a SecAgg+ site's weight
 
 
@@ -46,6 +55,8 @@ def allowed_metrics(message_type: str, *, secagg: bool = False) -> frozenset[str
     """The metric names a site's reply to a ``message_type`` message may carry."""
     if message_type == "evaluate":
         return frozenset({NUM_EXAMPLES}) | HELD_OUT_METRICS
+    if message_type == "query":
+        return START_METRICS
     train = (
         TRAIN_METRICS
         | SAMPLE_DP_METRICS

@@ -13,8 +13,10 @@ from common.config import RunSettings
 from common.errors import FedEmbedError
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 from common.preflight import check_run
-from common.wire import ROUND_OFFSET, absolute_round
+from common.privacy import PrivacySettings
+from common.wire import HEAD_STARTED, ROUND_OFFSET, absolute_round
 from server.checkpoints import RunStore
+from server.closed_form import federated_start
 from server.history import write_round
 from server.privacy import client_dp
 from server.receipts import ReceiptGrid
@@ -46,14 +48,20 @@ def main(grid: Grid, context: Context) -> None:
 
             run_secure_federation(grid, context, run, data_spec=_evaluation_spec(run))
             return
-        run_federation(grid, run, run_id=context.run_id)
+        sample_dp = PrivacySettings.merge(dict(context.run_config), {}).requested
+        run_federation(grid, run, run_id=context.run_id, sample_dp=sample_dp)
     except FedEmbedError as exc:
         print(f"[fedembed] run failed: {exc}", flush=True)
         raise
 
 
-def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
-    """Train the global head for ``run.num_server_rounds`` rounds (resuming if asked); return the run dir."""
+def run_federation(grid: Grid, run: RunSettings, *, run_id: int, sample_dp: bool = False) -> Path:
+    """Train the global head for ``run.num_server_rounds`` rounds (resuming if asked); return the run dir.
+
+    A fresh run of an ``aligned`` head first sets the head to the federation's closed-form start
+    (server/closed_form.py; not with DP: ``sample_dp`` says the run-config turns on sample-level
+    DP at every site), and round 1 then returns that start untrained.
+    """
     from common.artifacts import load_state_arrays, state_arrays
     from server.model import ServerEvaluator, initial_model
 
@@ -68,6 +76,14 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
     }
     start_round, arrays = 0, state_arrays(model)
     checkpoint = store.latest_checkpoint() if run.resume else None
+    receipt_grid = ReceiptGrid(  # a receipt (digest) of every reply: <run-dir>/replies.jsonl
+        grid,
+        run_dir=store.root,
+        run_id=run_id,
+        poll_interval=run.reply_poll_interval,
+        first_round_timeout=run.first_round_timeout or None,
+    )
+    started = False
     if checkpoint is not None:
         start_round = checkpoint.round
         load_state_arrays(model, checkpoint.arrays, source=f"checkpoint of round {start_round}")
@@ -75,7 +91,16 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
         store.truncate_history(start_round)
         print(f"[fedembed] resuming run from round {start_round} ({store.root})", flush=True)
     else:
-        store.start_fresh(arrays, meta)
+        store.start_fresh(arrays, meta)  # an earlier run in run-dir is archived first
+        if run.num_server_rounds > 0:
+            start = federated_start(
+                receipt_grid, run, model, timeout=run.round_timeout, sample_dp=sample_dp
+            )
+            print(start.line(), flush=True)
+            meta["start"] = start.to_dict()
+            started = start.used
+            arrays = state_arrays(model)
+            store.save_checkpoint(0, arrays, meta)  # round 0: the head round 1 is sent
     store.write_run_info({"flower_run_id": run_id, "started_round": start_round, **meta})
     evaluator = ServerEvaluator(run) if run.server_eval else None
     accounting = Accounting()
@@ -118,17 +143,11 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int) -> Path:
 
         try:
             result = strategy.start(
-                grid=ReceiptGrid(  # a receipt (digest) of every reply: <run-dir>/replies.jsonl
-                    grid,
-                    run_dir=store.root,
-                    run_id=run_id,
-                    poll_interval=run.reply_poll_interval,
-                    first_round_timeout=run.first_round_timeout or None,
-                ),
+                grid=receipt_grid,
                 initial_arrays=record_from_arrays(arrays),
                 num_rounds=remaining,
                 timeout=run.round_timeout,
-                train_config=ConfigRecord({ROUND_OFFSET: start_round}),
+                train_config=ConfigRecord({ROUND_OFFSET: start_round, HEAD_STARTED: started}),
                 evaluate_config=ConfigRecord({ROUND_OFFSET: start_round}),
                 evaluate_fn=evaluate_fn,
             )

@@ -8,6 +8,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# One torch/OpenMP thread per process (read before torch is imported, inherited by the Flower
+# processes tests start): with two xdist workers on two cores, torch's default of one thread per
+# core oversubscribes the machine, and OpenMP's spinning threads then run tests up to 10x slower
+# (two concurrent unit-test files: 70 s each with the default, 6 s with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch

@@ -7,12 +7,12 @@ Three image -> text least-squares maps, each scored on the demo's test set and v
   (frozen + lstsq, the table's baseline; it needs the rows in one place);
 - averaged: each site's own tuned ridge map, averaged weighted by rows (round 1 of a federation
   of the ``aligned`` head today: the start round);
-- federated CG: conjugate gradient on the pooled ridge normal equations
-  ``(X'X + lambda I) W = X'Y`` (X, Y centred by the sites' row-weighted mean embeddings). Each CG
-  iteration is one round in which every site returns ``X_k' X_k P`` for the server's direction
-  ``P``, an array the shape of the map (the difference of its squared-error gradient at two
-  maps: what a FedSGD round sends), summed as FedAvg or SecAgg+ sums updates; two rounds before
-  them carry the sites' mean embeddings (the bias's shape) and ``X_k' Y_k`` (the map's shape).
+- federated CG: the federation's closed-form start (server/closed_form.py, ``solve``):
+  conjugate gradient on the pooled ridge normal equations ``(X'X + lambda I) W = X'Y`` (X, Y
+  centred by the pooled means). Each CG iteration is one round in which every site returns
+  ``X_k' X_k P`` for the server's direction ``P``, an array the shape of the map (the difference
+  of its squared-error gradient at two maps: what a FedSGD round sends); two queries before them
+  carry ``X_k' Y_k`` with the sites' sums.
 
 Command: ``python -m simulations.experiments.closed_form_start`` (``--out`` for the results
 directory; the demo's embedding cache is reused).
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,52 +36,30 @@ RIDGES = (0.3, 1.0)  # relative: times the mean variance of the image embeddings
 OUT_DIR = "docs/results/federated"
 
 
-def conjugate_gradient(
-    matvec: Callable[[np.ndarray], np.ndarray], rhs: np.ndarray, rounds: int
-) -> list[np.ndarray]:
-    """The iterates of conjugate gradient on ``matvec(W) = rhs`` from W = 0 (``matvec``
-    symmetric positive definite), one per round: in a federation each ``matvec`` is one round."""
-    solution = np.zeros_like(rhs)
-    residual = rhs.copy()
-    direction = residual.copy()
-    norm = float((residual * residual).sum())
-    iterates = []
-    for _ in range(rounds):
-        if norm == 0.0:
-            iterates.append(solution.copy())
-            continue
-        product = matvec(direction)
-        step = norm / float((direction * product).sum())
-        solution = solution + step * direction
-        residual = residual - step * product
-        new_norm = float((residual * residual).sum())
-        direction = residual + (new_norm / norm) * direction
-        norm = new_norm
-        iterates.append(solution.copy())
-    return iterates
-
-
 def federated_ridge(
     sites: Sequence[EmbeddedDataset], *, ridge: float, rounds: int
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """CG iterates of the pooled ridge map from per-site sums only; returns (iterates, image mean,
-    text mean), the means the row-weighted average of the sites' means."""
+    """The CG iterates of the pooled ridge map (``server.closed_form.solve``, the federation's
+    solver, on the sums its queries return), one per round, as (d_image x d_text) maps; and the
+    row-weighted image and text means."""
+    from server.closed_form import solve
+
     images = [np.asarray(s.image, dtype=np.float64) for s in sites]
     texts = [np.asarray(s.text, dtype=np.float64) for s in sites]
-    rows = np.array([len(x) for x in images], dtype=np.float64)
-    mean_x = sum(w * x.mean(axis=0) for w, x in zip(rows, images, strict=True)) / rows.sum()
-    mean_y = sum(w * y.mean(axis=0) for w, y in zip(rows, texts, strict=True)) / rows.sum()
-    centred = [x - mean_x for x in images]
-    rhs = sum(x.T @ (y - mean_y) for x, y in zip(centred, texts, strict=True))
-    # relative ridge as common.metrics fits it: times the mean variance of the centred images
-    variance = sum(float((x * x).sum()) for x in centred) / (rows.sum() - 1) / images[0].shape[1]
-    penalty = ridge * variance * (rows.sum() - 1)
+    rows = sum(len(x) for x in images)
+    mean_x = sum(x.sum(axis=0) for x in images) / rows
+    mean_y = sum(y.sum(axis=0) for y in texts) / rows
+    rhs = sum(y.T @ x for x, y in zip(images, texts, strict=True)) - rows * np.outer(mean_y, mean_x)
+    sum_squares = sum(float((x * x).sum()) for x in images)
+    penalty = ridge * (sum_squares - rows * float(mean_x @ mean_x)) / mean_x.size
 
-    def matvec(direction: np.ndarray) -> np.ndarray:
-        return sum(x.T @ (x @ direction) for x in centred) + penalty * direction
+    def matvec(direction: np.ndarray) -> np.ndarray:  # what the sites' gram replies sum to
+        return sum(direction @ (x - mean_x).T @ x for x in images) + penalty * direction
 
+    iterates: list[np.ndarray] = []
     assert isinstance(rhs, np.ndarray)
-    return conjugate_gradient(matvec, rhs, rounds), mean_x, mean_y
+    solve(matvec, rhs, steps=rounds, tolerance=0.0, on_step=lambda m: iterates.append(m.T))
+    return iterates, mean_x, mean_y
 
 
 def map_scores(
@@ -150,7 +128,7 @@ def run(
     weights /= weights.sum()
     rows.append(
         scored(
-            "average of the sites' tuned maps (round 1 today)",
+            "average of the sites' tuned maps (round 1 without the CG start)",
             sum(w * m.proj_a for w, m in zip(weights, maps, strict=True)),
             sum(w * (-m.mean_a @ m.proj_a) for w, m in zip(weights, maps, strict=True)),
             sum(w * (-m.mean_b) for w, m in zip(weights, maps, strict=True)),

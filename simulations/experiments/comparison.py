@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,7 +158,9 @@ def compare(
     """
     import torch
 
-    torch.set_num_threads(2)
+    # torch's own default (OMP_NUM_THREADS, else one per core), which a site's round run in this
+    # process sets to 1
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(
         partition=f"{run.partition}"

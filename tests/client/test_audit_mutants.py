@@ -84,9 +84,9 @@ def test_lines_that_are_not_entries_are_named_and_blank_lines_skipped(tmp_path: 
 
 
 def test_an_unknown_message_type_is_named_where_it_is(tmp_path: Path) -> None:
-    _record(tmp_path, message_type="query")
+    _record(tmp_path, message_type="system")
     assert verify_audit_log(audit_path(tmp_path)).violations == [
-        "line 1 (run 3, round 2, query reply): unknown message type 'query'"
+        "line 1 (run 3, round 2, system reply): unknown message type 'system'"
     ]
 
 
@@ -162,13 +162,13 @@ def test_declines_secagg_replies_and_epsilon_are_summed_over_lines(tmp_path: Pat
 
 def test_a_bad_line_in_the_middle_does_not_stop_the_check(tmp_path: Path) -> None:
     path = audit_path(tmp_path)
-    path.write_text('{cut\n"text"\n' + json.dumps(_line(round=9, message_type="query")) + "\n")
+    path.write_text('{cut\n"text"\n' + json.dumps(_line(round=9, message_type="system")) + "\n")
     summary = verify_audit_log(path)
     assert summary.entries == 1
     assert summary.violations == [
         "line 1: not valid JSON (truncated write?)",
         "line 2: not a JSON object",
-        "line 3 (run 3, round 9, query reply): unknown message type 'query'",
+        "line 3 (run 3, round 9, system reply): unknown message type 'system'",
     ]
 
 
@@ -548,3 +548,23 @@ def test_a_line_whose_round_or_node_id_is_not_an_integer_is_malformed(tmp_path: 
             assert summary.violations[3] == (
                 "coordinator receipt 2: malformed (invalid literal for int() with base 10: 'two')"
             )
+
+
+def test_a_start_query_reply_is_held_to_the_head_and_the_start_metrics(tmp_path: Path) -> None:
+    """The closed-form start's query replies (server/closed_form.py): exactly the head's arrays,
+    float32, and only the start's scalars; anything else is named."""
+    good = _line(message_type="query", metrics={"num-examples": 30, "image-sum-squares": 2.0})
+    extra = {"name": "patient_embeddings", "shape": [500, 3], "dtype": "float32", "bytes": 6000}
+    bad = _line(
+        message_type="query",
+        arrays=[*_line()["arrays"][:1], extra],
+        metrics={"num-examples": 30, "train-loss": 0.5},
+    )
+    where = "line 2 (run 3, round 2, query reply)"
+    summary = verify_audit_log(_write(tmp_path, good, bad), allowed_arrays=HEAD)
+    assert summary.violations == [
+        f"{where}: array patient_embeddings 500x3 float32 is not a head parameter (the head has w, b)",
+        f"{where}: head array(s) b missing from the reply",
+        f"{where}: metric 'train-loss' is not an allowed query-reply metric "
+        "(allowed: image-sum-squares, num-examples)",
+    ]

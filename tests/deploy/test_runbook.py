@@ -57,7 +57,8 @@ the test uses free ports where this text says 9092 / 9094 / 9095):
     # 9. stop: Ctrl-C (SIGTERM) each flower-supernode, then flower-superlink
 
 The test adds tiny encoders to the run-config (image-encoder, text-encoder = local model dirs,
-encoder-image-size=0, dataset-n=120, local-epochs=2, batch-size=16, head='small') so it runs in
+encoder-image-size=0, dataset-n=120, local-epochs=2, batch-size=16; the default head 'aligned' with
+start-steps=2, so its closed-form start's queries run too) so it runs in
 about a minute; an operator keeps the packaged defaults or sets the consortium's encoders. One round
 is enough to rehearse the commands (each further round costs every site a ClientApp process per
 message); several rounds over real SuperNodes are run by tests/deploy/test_secure_deployment.py
@@ -288,7 +289,8 @@ def test_runbook_local_rehearsal_with_tls_and_authentication(
             "num-server-rounds": 1,
             "min-sites": 2,
             "run-dir": str(coordinator / "run"),
-            **tiny_run_config(tiny_model_dirs),
+            # the default head: the run starts with the closed-form start's queries (2 CG steps)
+            **tiny_run_config(tiny_model_dirs, head="aligned", **{"start-steps": 2}),
         }
         started = _flwr_json(
             ["run", ".", "fedembed", "--run-config", format_config(run_config)],
@@ -313,6 +315,8 @@ def test_runbook_local_rehearsal_with_tls_and_authentication(
         ]
         assert [e["round"] for e in history] == [1]
         assert all(len(e["sites"]) == 2 and not e["rejected"] for e in history)
+        start = json.loads((coordinator / "run" / "run.json").read_text())["start"]
+        assert start["method"] == "federated ridge least squares (CG)" and start["sites"] == 2
 
         # 8. each site's audit: only head arrays and scalars left it
         for site in SITES:

@@ -12,21 +12,16 @@ simulation engine gives every virtual site the same node-config, so ``fedembed s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, RecordDict
 
-from client.app import app
 from common.config import RunSettings
-from common.wire import CLIENT_APP_RAISED_EXCEPTION
 from server.app import run_federation
 from tests.hospital_data import make_rows, write_manifest
-from tests.server.test_grid import DelayedGrid
+from tests.server.clientapp_grid import ClientAppSites, serverapp_identity
 from tests.tiny_config import tiny_encoders
 
 ROWS = 12  # usable rows at each site
@@ -36,38 +31,7 @@ SITES = {11: "hospital-a", 12: "hospital-b"}
 
 @pytest.fixture(autouse=True)
 def _serverapp_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower's runtime sets the identity of a ServerApp process; building a Message needs it."""
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
-class _ClientAppSites(DelayedGrid):
-    """Each pushed message is handled by fedembed's ClientApp with its site's Context."""
-
-    def __init__(self, contexts: dict[int, Context]) -> None:
-        super().__init__(dict.fromkeys(contexts, 0.0))
-        self.contexts = contexts
-        self.replies: dict[str, Message] = {}
-
-    @property
-    def run(self) -> Run:
-        return Run.create_empty(1)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = list(super().push_messages(messages))
-        for message_id in ids:
-            message = self.pushed[message_id]
-            context = self.contexts[message.metadata.dst_node_id]
-            try:
-                reply = app(message, context)
-            except Exception as exc:  # what Flower's ClientApp runtime replies (run_clientapp.py)
-                reason = f"{type(exc)}:<'{exc}'>"
-                reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-            self.replies[message_id] = reply
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+    serverapp_identity(monkeypatch)
 
 
 def _manifests(root: Path) -> dict[str, Path]:
@@ -123,7 +87,7 @@ def _federate(tmp_path: Path, tiny: dict[str, Path], bad_site_mode: str) -> list
             run_config=run_config,
         )
     run_dir = run_federation(
-        _ClientAppSites(contexts), RunSettings.from_run_config(run_config), run_id=1
+        ClientAppSites(contexts), RunSettings.from_run_config(run_config), run_id=1
     )
     lines = (run_dir / "history.jsonl").read_text(encoding="utf-8").splitlines()
     assert (run_dir / "final").is_dir()  # the run completed and exported its head

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.identity import site_identity_mod
+from client.worker import WorkerFailed
 from common.config import RunSettings
 from common.flower import arrays_from_record, metric_record, record_from_arrays
 from common.wire import DECLINED_ERROR_CODE, SITE_RECORD
@@ -414,7 +415,15 @@ def test_identity_mod_names_replies_and_errors() -> None:
     declined = site_identity_mod(request, context, declines)
     assert declined.error.code == DECLINED_ERROR_CODE and site_name(declined) == "st-mary"
     crashed = site_identity_mod(request, context, raises)
-    assert site_name(crashed) == "st-mary" and "disk full" in str(crashed.error.reason)
+    assert str(crashed.error.reason) == "[site st-mary] ValueError: disk full"
+
+    def worker_raises(msg: Message, ctx: Context) -> Message:  # the site worker's error, as is
+        raise WorkerFailed("DataError", "m.csv line 5: image file not found (field 'image')")
+
+    crashed = site_identity_mod(request, context, worker_raises)
+    assert str(crashed.error.reason) == (
+        "[site st-mary] DataError: m.csv line 5: image file not found (field 'image')"
+    )
 
 
 @pytest.mark.usefixtures("serverapp_process")

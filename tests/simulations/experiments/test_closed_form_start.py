@@ -1,4 +1,5 @@
-"""The federated closed-form start's solver: per-site sums only, the pooled ridge map at the end."""
+"""The closed-form start diagnostic's federated ridge (server/closed_form.py's solver on the sums the
+sites' queries return): per-site sums only, the pooled ridge map at the end."""
 
 from __future__ import annotations
 
@@ -7,11 +8,7 @@ import pytest
 
 from common.embedding import EmbeddedDataset
 from common.metrics import linear_alignment
-from simulations.experiments.closed_form_start import (
-    conjugate_gradient,
-    federated_ridge,
-    map_scores,
-)
+from simulations.experiments.closed_form_start import federated_ridge, map_scores
 
 
 def _site(rng: np.random.Generator, n: int, shift: float) -> EmbeddedDataset:
@@ -22,18 +19,6 @@ def _site(rng: np.random.Generator, n: int, shift: float) -> EmbeddedDataset:
         image=image.astype(np.float32),
         text=text.astype(np.float32),
     )
-
-
-def test_conjugate_gradient_solves_a_positive_definite_system_in_its_dimension() -> None:
-    rng = np.random.default_rng(0)
-    basis = rng.normal(size=(8, 8))
-    matrix = basis @ basis.T + 0.5 * np.eye(8)
-    rhs = rng.normal(size=(8, 3))
-    iterates = conjugate_gradient(lambda p: matrix @ p, rhs, rounds=12)
-    assert len(iterates) == 12
-    np.testing.assert_allclose(iterates[7], np.linalg.solve(matrix, rhs), rtol=1e-6, atol=1e-8)
-    errors = [np.linalg.norm(w - np.linalg.solve(matrix, rhs)) for w in iterates[:8]]
-    assert errors[-1] < errors[0]
 
 
 @pytest.mark.parametrize("ridge", [0.3, 1.0])
