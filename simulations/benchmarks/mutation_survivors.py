@@ -71,6 +71,29 @@ _SORTED = (
     "with sorted keys; json.loads keeps that order, so sorting again changes no byte"
 )
 
+_DP = "client/privacy/dp_sgd.py"
+_OPACUS_DEFAULT = "Opacus' default (1.6, the version constraints.txt pins)"
+_PREPARE = 'objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra'
+_QUIET = 'warnings.filterwarnings("ignore", message="Full backward hook is firing")'
+_PROX = "anchor = _anchor(model, reference) if config.proximal_mu > 0 else None"
+_ZIP = "for p, a in zip(params, anchor, strict=True):"
+_STRIP = 'for attr in ("activations", "max_batch_len"):'
+_PLD_DECLINED = "plan.history, privacy.delta, rdp=plan.epsilon_before / )"
+_PLD_AFTER = (
+    "epsilon_total_pld = pld_epsilon(plan.history_after, privacy.delta, rdp=plan.epsilon_after)"
+)
+_PLD_RDP = (
+    "pld_epsilon computes rdp_epsilon(history, delta) itself when rdp is not given: the value "
+    "plan_round stored as epsilon_before / epsilon_after (the same function of the same history), "
+    "so the result is the same, computed twice"
+)
+_PER_EPOCH = "per_epoch = max(1, plan.steps // max(1, config.epochs))"
+_DIVERGED = 'raise DataError("private training diverged: the loss became NaN/inf (lower the lr?)")'
+_DP_AFTER = (
+    " (added after this run; verified: it fails against this mutant under MUTANT_UNDER_TEST in "
+    "the run's mutants/ copy, and passes without it)"
+)
+
 JUSTIFIED: tuple[Justified, ...] = (
     *(
         Justified(_CK, "RunStore.archive_previous", _MKDIR, added, "equivalent", _PARENTS)
@@ -487,6 +510,242 @@ JUSTIFIED: tuple[Justified, ...] = (
             'if not str(a.get("dtype", None)).startswith(("int", "uint"))',
             'if not str(a.get("dtype", )).startswith(("int", "uint"))',
             'if not str(a.get("dtype", "XXXX")).startswith(("int", "uint"))',
+        )
+    ),
+    Justified(
+        _DP,
+        "_anchor",
+        "source[name].detach().clone().to(p.dtype)",
+        "source[name].detach().clone().to(None)",
+        "equivalent",
+        "Tensor.to(None) returns the tensor unchanged, and the anchor already has the parameter's "
+        "dtype: the only caller (client/training.py) passes a clone of the head's own state_dict; "
+        "a reference of a wider dtype would move the FedProx pull only by its rounding to float32",
+    ),
+    Justified(
+        _DP,
+        "_batches",
+        "yield torch.nonzero(torch.rand(n, generator=rng) < plan.sample_rate).squeeze(1)",
+        "yield torch.nonzero(torch.rand(n, generator=rng) <= plan.sample_rate).squeeze(1)",
+        "equivalent",
+        "the two differ only when a float32 uniform draw equals the sample rate exactly, which "
+        "raises a row's inclusion probability from q by at most 2^-24 (seeing it would take ~2^48 "
+        "draws); '<' is the exact rate",
+    ),
+    *(
+        Justified(
+            _DP,
+            "_dp_sgd",
+            _PROX,
+            added,
+            "equivalent",
+            "with proximal_mu = 0 the anchor is built but the pull adds 0 * (w - w_global) = 0 to "
+            "each (finite) gradient: the same step; only a copy of the weights is wasted",
+        )
+        for added in (
+            "anchor = _anchor(model, reference) if (config.proximal_mu > 0) or True else None",
+            "anchor = _anchor(model, reference) if config.proximal_mu >= 0 else None",
+        )
+    ),
+    Justified(
+        _DP,
+        "_dp_sgd",
+        'generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))',
+        "generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), ))",
+        "equivalent",
+        "int.from_bytes defaults to byteorder 'big' (Python 3.11+): the seed is another integer "
+        "read from the same 8 OS-random bytes, just as uniform and as unknown to the server",
+    ),
+    *(
+        Justified(_DP, "_dp_sgd", _PREPARE, added, "equivalent", _OPACUS_DEFAULT + " is " + what)
+        for added, what in (
+            (
+                'objective, grad_sample_mode=mode, loss_reduction="mean", **extra',
+                "batch_first=True",
+            ),
+            (
+                "objective, grad_sample_mode=mode, batch_first=True, **extra",
+                "loss_reduction='mean'",
+            ),
+        )
+    ),
+    Justified(
+        _DP,
+        "_dp_sgd",
+        'loss_reduction="mean",',
+        "",
+        "equivalent",
+        _OPACUS_DEFAULT + " for the DP optimizer is loss_reduction='mean'",
+    ),
+    Justified(
+        _DP,
+        "_dp_sgd",
+        'DPLossFastGradientClipping(gsm, optimizer, _PerExampleCriterion(), "mean")',
+        "DPLossFastGradientClipping(gsm, optimizer, _PerExampleCriterion(), )",
+        "equivalent",
+        _OPACUS_DEFAULT + " for DPLossFastGradientClipping is loss_reduction='mean'",
+    ),
+    *(
+        Justified(
+            _DP,
+            "_dp_sgd",
+            _QUIET,
+            added,
+            "logging-only",
+            "only which of Opacus' warnings the training loop prints ('Full backward hook is "
+            "firing': the frozen inputs need no gradient); the steps are the same",
+        )
+        for added in (
+            'warnings.filterwarnings("ignore", )',
+            'warnings.filterwarnings("ignore", message="XXFull backward hook is firingXX")',
+            'warnings.filterwarnings("ignore", message="full backward hook is firing")',
+            'warnings.filterwarnings("ignore", message="FULL BACKWARD HOOK IS FIRING")',
+        )
+    ),
+    Justified(
+        _DP,
+        "_empty_batch",
+        "p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]",
+        "p.grad_sample = p.new_zeros((1, *p.shape))  # type: ignore[attr-defined]",
+        "equivalent",
+        "one per-example gradient of zeros clips to zero and adds nothing to the sum, and Opacus "
+        "divides by the expected batch size, not the rows: the same noise-only step "
+        "(test_empty_batches_are_pure_noise_and_single_rows_train checks that step)",
+    ),
+    Justified(
+        _DP,
+        "_result",
+        "trained = not plan.declined and plan.steps > 0",
+        "trained = not plan.declined and plan.steps >= 0",
+        "equivalent",
+        "differs only for a round of 0 steps that is not declined (epochs = 0); its "
+        "plan.epsilon_round is rdp_epsilon of a 0-step mechanism, 0.0, what the original reports",
+    ),
+    *(
+        Justified(
+            _DP,
+            "_steps",
+            "optimizer.zero_grad(set_to_none=True)",
+            added,
+            "equivalent",
+            "(the zero_grad before each step's backward) the gradients are zeroed instead of "
+            "dropped: the ghost-clipping backward adds into the zeros and Opacus' pre_step "
+            "replaces p.grad by the clipped sum plus noise, so AdamW gets the same gradient; the "
+            "zero_grad after the loop, which leaves the model without gradients, is tested",
+        )
+        for added in (
+            "optimizer.zero_grad(set_to_none=None)",
+            "optimizer.zero_grad(set_to_none=False)",
+        )
+    ),
+    *(
+        Justified(
+            _DP,
+            "_steps",
+            _ZIP,
+            added,
+            "equivalent",
+            "params and the anchor come from the same trainable parameters in the same order "
+            "(parameters() and named_parameters() filtered by requires_grad): their lengths "
+            "always match, so strict= never raises",
+        )
+        for added in (
+            "for p, a in zip(params, anchor, strict=None):",
+            "for p, a in zip(params, anchor, ):",
+            "for p, a in zip(params, anchor, strict=False):",
+        )
+    ),
+    *(
+        Justified(
+            _DP,
+            "_strip_opacus_state",
+            _STRIP,
+            added,
+            "equivalent",
+            "Opacus 1.6 deletes max_batch_len in the backward hook that sets it, once the module's "
+            "activations are consumed (capture_backprops_hook), so no step leaves it for this "
+            "loop; the name guards other Opacus versions ('activations' is left, and tested)",
+        )
+        for added in (
+            'for attr in ("activations", "XXmax_batch_lenXX"):',
+            'for attr in ("activations", "MAX_BATCH_LEN"):',
+        )
+    ),
+    *(
+        Justified(_DP, "train_head_private", removed, added, "equivalent", _PLD_RDP)
+        for removed, added in (
+            (_PLD_DECLINED.removesuffix(" / )"), "plan.history, privacy.delta, rdp=None"),
+            (_PLD_DECLINED, "plan.history, privacy.delta, )"),
+            (_PLD_AFTER, _PLD_AFTER.replace("rdp=plan.epsilon_after", "rdp=None")),
+            (_PLD_AFTER, _PLD_AFTER.replace(", rdp=plan.epsilon_after", ", ")),
+        )
+    ),
+    Justified(
+        _DP,
+        "train_head_private",
+        "result.loss = float(np.mean(losses[-per_epoch:])) if losses else math.nan",
+        "result.loss = float(np.mean(losses[-per_epoch:])) if (losses) or True else math.nan",
+        "equivalent",
+        "with no losses (every Poisson batch of the round empty) np.mean([]) is NaN too (NumPy "
+        "warns 'Mean of empty slice'): the same loss, and the divergence check skips an empty list",
+    ),
+    *(
+        Justified(_DP, function, removed, added, "killed-by-new-test", test + _DP_AFTER)
+        for function, removed, added, test in (
+            (
+                "_result",
+                "trained = not plan.declined and plan.steps > 0",
+                "trained = not plan.declined and plan.steps > 1",
+                "test_declined_stepless_and_one_step_rounds_report_and_charge_what_ran",
+            ),
+            (
+                "_result",
+                "delta=plan.delta,",
+                "delta=None,",
+                "test_a_noiseless_fedprox_round_is_replayed_exactly",
+            ),
+            (
+                "train_head_private",
+                "run_id=run_id,",
+                "run_id=None,",
+                "test_declined_stepless_and_one_step_rounds_report_and_charge_what_ran",
+            ),
+            (
+                "train_head_private",
+                "result = _result(plan, len(rows), grad_sample_mode, "
+                "epsilon_total=plan.epsilon_before)",
+                "result = _result(plan, None, grad_sample_mode, epsilon_total=plan.epsilon_before)",
+                "test_declined_stepless_and_one_step_rounds_report_and_charge_what_ran",
+            ),
+            (
+                "train_head_private",
+                _PER_EPOCH,
+                _PER_EPOCH.replace("max(1, plan", "max(2, plan"),
+                "test_an_image_only_head_trains_privately",
+            ),
+            (
+                "train_head_private",
+                _PER_EPOCH,
+                _PER_EPOCH.replace("max(1, config", "max(2, config"),
+                "test_empty_batches_are_pure_noise_and_single_rows_train",
+            ),
+            *(
+                (
+                    "train_head_private",
+                    _DIVERGED,
+                    added,
+                    "test_a_diverging_round_fails_naming_the_cause",
+                )
+                for added in (
+                    "raise DataError(None)",
+                    'raise DataError("XXprivate training diverged: the loss became NaN/inf '
+                    '(lower the lr?)XX")',
+                    'raise DataError("private training diverged: the loss became nan/inf '
+                    '(lower the lr?)")',
+                    'raise DataError("PRIVATE TRAINING DIVERGED: THE LOSS BECAME NAN/INF '
+                    '(LOWER THE LR?)")',
+                )
+            ),
         )
     ),
 )
