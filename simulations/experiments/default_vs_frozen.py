@@ -1,0 +1,645 @@
+"""The default centralized head vs the best tuned frozen baseline, paired over seeds: `python -m simulations.experiments.default_vs_frozen`.
+
+Issue 15's first bar: on every built-in dataset (and a harder synthetic variant), the default
+centralized head (run-config defaults: the ``aligned`` head, loss ``auto``) minus the best tuned
+frozen baseline (least squares or CCA, whichever is better per metric) on each headline metric
+the data supports: mean over >= 5 paired seeds >= 0, or >= -0.005 with its 95% interval
+containing 0.
+
+One seed of one dataset is the comparison's centralized arm (``comparison.compare``): the run's
+dataset over ``SITES`` simulated sites (partition ``iid``), each site's held-out split halved into
+validation and test (``split_holdout``), the head trained on the pooled training splits and
+stopped on the pooled validation halves (``train_selected``), scored once on the pooled test
+halves. The frozen baselines are fitted on the same training rows and scored on the same test
+rows: the frozen embeddings' linear probe, and the closed-form maps (lstsq and CCA), each with its
+ridge tuned two ways (on the validation halves by the selection score, as ``arms.frozen_row``
+does for lstsq; by 3-fold cross-validation on the training rows, as ``evaluate_head`` does). Per
+metric the frozen side is the best of these on the test rows (which can only favour frozen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import RunSettings, SiteSettings
+from common.embedding import EmbeddedDataset
+from common.errors import ConfigError
+from common.evaluation import aligned_metrics, evaluate_head
+from common.metrics import RIDGES, format_table, linear_alignments
+from common.pipeline import SiteData, prepare_site_data
+from simulations.benchmarks.results import RESULTS_DIR, write_results
+from simulations.experiments.arms import (
+    HEADLINE,
+    SELECTION,
+    Selection,
+    concat_embedded,
+    frozen_row,
+    metric_row,
+    prepare_sites,
+    ridge_selection,
+    split_holdout,
+    train_selected,
+)
+from simulations.experiments.comparison_runs import LOCAL_EPOCHS, ROUNDS, SITES
+from simulations.experiments.machine import machine_info
+from simulations.experiments.seed_summary import confidence_interval
+
+RESULT_NAME = "default_vs_frozen"
+CHECKED = ("mean_R@5", "zs_acc", "zs_auroc", "probe_f1_macro")
+"""Issue 15's headline metrics; each dataset is checked on those its rows have."""
+TOLERANCE = 0.005
+MIN_SEEDS = 5
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset configuration: run-config data keys, and an optional generator override.
+
+    ``image_size``: synthetic-radiology's generated image side (``make_synthetic_radiology``;
+    the pipeline's default 64), set on every site's DataSpec (no run-config key reaches it).
+    """
+
+    name: str
+    dataset: str
+    task: str = ""
+    n: int = 0  # 0: the whole dataset (iu-xray-reports, digits)
+    image_size: int | None = None
+    note: str = ""
+
+    def run_config(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "task": self.task, "dataset-n": self.n}
+
+
+DATASETS: dict[str, DatasetConfig] = {
+    c.name: c
+    for c in (
+        DatasetConfig(
+            "synthetic-radiology",
+            "synthetic-radiology",
+            n=RunSettings().dataset_n,
+            note="64x64 images (the generator's default)",
+        ),
+        DatasetConfig(
+            "iu-xray-abnormal",
+            "iu-xray-reports",
+            task="abnormal",
+            note="text only (reports, no images)",
+        ),
+        DatasetConfig(
+            "iu-xray-cardiomegaly",
+            "iu-xray-reports",
+            task="cardiomegaly",
+            note="text only (reports, no images)",
+        ),
+        DatasetConfig(
+            "digits", "digits", note="8x8 digits upsampled by the encoder, with captions"
+        ),
+        DatasetConfig(
+            "synthetic-radiology-hard",
+            "synthetic-radiology",
+            n=RunSettings().dataset_n,
+            image_size=24,
+            note="harder variant: the generator's image_size knob at 24 (default 64): the "
+            "radiographs are drawn at 24x24 and upsampled by the encoder, so small findings "
+            "(nodules, thin lines) lose most of their pixels",
+        ),
+    )
+}
+
+
+# ----- one seed -------------------------------------------------------------------------------
+
+
+def prepare(config: DatasetConfig, run: RunSettings, sites: int, cache_dir: Path) -> list[SiteData]:
+    """Every site's embedded train/held-out split, as the comparison's sites see them."""
+    if config.image_size is None:
+        return prepare_sites(run, sites, cache_dir=cache_dir)
+    return [
+        prepare_site_data(
+            replace(
+                SiteSettings(partition_id=i, num_partitions=sites).data_spec(run),
+                image_size=config.image_size,
+            ),
+            cache_dir=cache_dir,
+        )
+        for i in range(sites)
+    ]
+
+
+def cca_on_validation(
+    train: EmbeddedDataset, val: EmbeddedDataset, test: EmbeddedDataset
+) -> tuple[dict[str, Any], Selection]:
+    """CCA's counterpart of ``arms.frozen_row``'s lstsq map: the ridge (``RIDGES``) whose map
+    scores best on ``val`` by the same score (mean of R@5 and zero-shot AUROC), on ``test``."""
+    assert train.image is not None and train.text is not None
+    alignments = linear_alignments(train.image, train.text, method="cca", ridges=RIDGES)
+    scores = []
+    for alignment in alignments:
+        metrics = _finite(aligned_metrics(alignment, val, ks=(5,)))
+        keys = [k for k in ("mean_R@5", "zs_auroc") if k in metrics]
+        scores.append(float(np.mean([metrics[k] for k in keys])))
+    selection = Selection("ridge", scores)
+    aligned = _finite(aligned_metrics(alignments[selection.chosen - 1], test))
+    ridge = RIDGES[selection.chosen - 1]
+    row = {"method": "frozen + cca (ridge on validation)", "stop": f"ridge {ridge:g}"}
+    return {**row, **{k: v for k, v in aligned.items() if k in HEADLINE}}, selection
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+def frozen_candidates(
+    train: EmbeddedDataset, val: EmbeddedDataset, test: EmbeddedDataset
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every tuned frozen baseline's row on ``test`` (fitted on ``train``), and their ridge choices.
+
+    The probe on the frozen embeddings is in every row that has it (``metric_row``); paired data
+    adds lstsq and CCA, each with the ridge chosen on ``val`` and by cross-validation on ``train``.
+    """
+    lstsq_val, lstsq_sel = frozen_row("frozen + lstsq (ridge on validation)", train, val, test)
+    rows = [lstsq_val]
+    selections: dict[str, Any] = {}
+    if lstsq_sel is None:  # one modality: the frozen probe is the only baseline
+        rows[0]["method"] = "frozen (probe)"
+        return rows, selections
+    selections[lstsq_val["method"]] = ridge_selection(lstsq_sel)
+    cca_val, cca_sel = cca_on_validation(train, val, test)
+    rows.append(cca_val)
+    selections[cca_val["method"]] = ridge_selection(cca_sel)
+    report = evaluate_head(None, train, test, alignments=("lstsq", "cca"))
+    for method in ("lstsq", "cca"):
+        row = report.row(f"frozen+{method}")
+        name = f"frozen + {method} (ridge by 3-fold CV on train)"
+        rows.append(
+            {"method": name, "stop": f"ridge {row['ridge']:g}"}
+            | {k: float(v) for k, v in row.items() if k in HEADLINE and math.isfinite(float(v))}
+        )
+    probe = report.row("frozen")
+    for row in rows:  # the probe of the frozen embeddings belongs to every frozen row
+        row.update({k: float(v) for k, v in probe.items() if k in HEADLINE})
+    return rows, selections
+
+
+TUNINGS: dict[str, str] = {
+    "any": "",
+    "validation": "(ridge on validation)",
+    "cv": "(ridge by 3-fold CV on train)",
+}
+"""The frozen rows a comparison may take its best from, by how their ridge was tuned: "any" (the
+strictest: the best of all four maps), "validation" (lstsq or CCA, ridge on the validation
+halves, as the head is stopped), "cv" (lstsq or CCA, ridge by CV on train, as ``evaluate_head``).
+The frozen probe counts in each."""
+
+
+def best_frozen(
+    rows: Sequence[Mapping[str, Any]], *, tuning: str = "any"
+) -> dict[str, dict[str, Any]]:
+    """Per metric of ``CHECKED``: the best frozen value on the test rows and the rows that reach
+    it, among the rows of ``tuning`` (``TUNINGS``)."""
+    best: dict[str, dict[str, Any]] = {}
+    mark = TUNINGS[tuning]
+    kept = [r for r in rows if mark in str(r["method"]) or "(probe)" in str(r["method"])]
+    for metric in CHECKED:
+        values = [(float(r[metric]), str(r["method"])) for r in kept if metric in r]
+        if not values:
+            continue
+        top = max(v for v, _ in values)
+        best[metric] = {"value": top, "from": [m for v, m in values if v == top]}
+    return best
+
+
+def paired_differences(
+    central: Mapping[str, Any], best: Mapping[str, Mapping[str, Any]]
+) -> dict[str, float]:
+    """Centralized minus the best frozen value, for each metric both sides have."""
+    return {
+        m: float(central[m]) - float(best[m]["value"])
+        for m in CHECKED
+        if m in central and m in best
+    }
+
+
+def ids_digest(data: EmbeddedDataset) -> str:
+    """A short digest of the rows' ids (the pairing: both sides scored on the same rows)."""
+    return hashlib.sha256("\n".join(data.ids).encode()).hexdigest()[:16]
+
+
+def run_seed(
+    config: DatasetConfig,
+    *,
+    seed: int,
+    sites: int,
+    rounds: int,
+    local_epochs: int,
+    cache_dir: Path,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One paired seed: the default centralized head and every frozen baseline on the same splits."""
+    run = RunSettings.from_run_config(
+        {
+            **config.run_config(),
+            "min-sites": sites,
+            "num-server-rounds": rounds,
+            "local-epochs": local_epochs,
+            **(overrides or {}),
+            "seed": seed,
+        }
+    )
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    splits = [split_holdout(s) for s in prepare(config, run, sites, cache_dir)]
+    train = concat_embedded([s.train for s in splits])
+    val = concat_embedded([s.val for s in splits])
+    test = concat_embedded([s.test for s in splits])
+    seconds["embedding"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    frozen, ridges = frozen_candidates(train, val, test)
+    seconds["frozen"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    model, selection = train_selected(run, train, val, steps=run.num_server_rounds)
+    central = {
+        **metric_row("centralized (default head)", model, train, test),
+        "stop": selection.label,
+    }
+    seconds["centralized"] = time.perf_counter() - started
+
+    best = best_frozen(frozen)
+    return {
+        "seed": seed,
+        "run": {k: v for k, v in run.to_dict().items() if k not in ("run_dir", "resume")},
+        "head": run.head,
+        "loss": run.loss,
+        "sizes": {"train": len(train), "validation": len(val), "test": len(test)},
+        "test_ids_sha256": ids_digest(test),
+        "centralized": central,
+        "frozen": frozen,
+        "best_frozen": best,
+        "difference": paired_differences(central, best),
+        "selections": {"centralized": selection.to_dict(), **ridges},
+        "seconds": seconds,
+    }
+
+
+# ----- over seeds -----------------------------------------------------------------------------
+
+
+def verdict(values: Sequence[float]) -> dict[str, Any]:
+    """Issue 15's bar on one metric's per-seed differences (centralized - best frozen).
+
+    ``holds``: the mean is >= 0, or >= -``TOLERANCE`` with the 95% t-interval of the mean
+    containing 0; ``bar_met``: it holds on at least ``MIN_SEEDS`` seeds.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    sd = float(array.std(ddof=1)) if array.size > 1 else math.nan
+    interval = confidence_interval(array.tolist())
+    covers_zero = interval is not None and interval[0] <= 0.0 <= interval[1]
+    if mean >= 0.0:
+        status, holds = "holds (mean >= 0)", True
+    elif mean >= -TOLERANCE and covers_zero:
+        status, holds = f"holds (mean >= -{TOLERANCE:g}, 95% CI contains 0)", True
+    else:
+        status, holds = "NOT met", False
+    bar_met = holds and array.size >= MIN_SEEDS
+    if holds and not bar_met:
+        status += f" on {array.size} seeds (the bar needs >= {MIN_SEEDS})"
+    return {
+        "n": int(array.size),
+        "values": array.tolist(),
+        "mean": mean,
+        "sd": sd,
+        "ci95": interval,
+        "holds": holds,
+        "bar_met": bar_met,
+        "verdict": status,
+    }
+
+
+def summarize(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per metric: both sides' means and the paired differences' verdict (``verdict``) against
+    the best of every frozen row (``metrics``), and against the rows of each ridge tuning alone
+    (``by_tuning``: "validation", "cv"), recomputed from each seed's stored rows."""
+    summary: dict[str, Any] = {"seeds": [e["seed"] for e in entries], "metrics": {}}
+    for metric in CHECKED:
+        paired = [e for e in entries if metric in e["difference"]]
+        if not paired:
+            continue
+        summary["metrics"][metric] = {
+            "centralized_mean": float(np.mean([e["centralized"][metric] for e in paired])),
+            "best_frozen_mean": float(np.mean([e["best_frozen"][metric]["value"] for e in paired])),
+            "difference": verdict([e["difference"][metric] for e in paired]),
+        }
+    summary["by_tuning"] = {}
+    for tuning in ("validation", "cv"):
+        diffs: dict[str, list[float]] = {}
+        for e in entries:
+            best = best_frozen(e["frozen"], tuning=tuning)
+            for metric, value in paired_differences(e["centralized"], best).items():
+                diffs.setdefault(metric, []).append(value)
+        summary["by_tuning"][tuning] = {m: verdict(v) for m, v in diffs.items()}
+    return summary
+
+
+# ----- report ---------------------------------------------------------------------------------
+
+
+def _in_order(values: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``values``' items in ``CHECKED`` order (results JSON is written with sorted keys)."""
+    return [(m, values[m]) for m in CHECKED if m in values]
+
+
+def _short(method: str) -> str:
+    """A frozen row's name for the tables: "lstsq/val" (ridge on validation), "cca/cv", "probe"."""
+    if "(probe)" in method:
+        return "probe"
+    kind = "lstsq" if "lstsq" in method else "cca"
+    return f"{kind}/{'val' if 'validation' in method else 'cv'}"
+
+
+def _met(d: Mapping[str, Any]) -> str:
+    return "yes" if d["bar_met"] else ("holds, < 5 seeds" if d["holds"] else "NO")
+
+
+def _ci(interval: Sequence[float] | None) -> str:
+    return "" if interval is None else f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
+
+
+def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
+    config, summary, entries = result["config"], result["summary"], result["seeds"]
+    size = f"n = {config['n']}" if config["n"] else "the whole dataset"
+    lines = [f"## {name}\n", f"{config['note']}; {size}; seeds {summary['seeds']}.\n"]
+    rows = []
+    for metric, s in _in_order(summary["metrics"]):
+        d = s["difference"]
+        rows.append(
+            {
+                "metric": metric,
+                "centralized": f"{s['centralized_mean']:.4f}",
+                "best frozen": f"{s['best_frozen_mean']:.4f}",
+                "difference (mean ± sd)": f"{d['mean']:+.4f} ± {d['sd']:.4f}"
+                if d["n"] > 1
+                else f"{d['mean']:+.4f}",
+                "95% CI": _ci(d["ci95"]),
+                "seeds": d["n"],
+                "verdict": d["verdict"],
+            }
+        )
+    if rows:
+        lines += [format_table(rows, list(rows[0])), ""]
+    per_seed = [
+        {
+            "seed": e["seed"],
+            **{m: f"{v:+.4f}" for m, v in _in_order(e["difference"])},
+            "centralized stop": e["centralized"]["stop"],
+            **{
+                f"best frozen {m}": ", ".join(_short(f) for f in e["best_frozen"][m]["from"])
+                for m in ("mean_R@5", "zs_auroc")
+                if m in e["best_frozen"]
+            },
+        }
+        for e in entries
+    ]
+    lines += [
+        "Per seed: centralized - best frozen, and which frozen rows were best (lstsq or CCA, "
+        "ridge chosen on validation `val` or by CV on train `cv`; the probe F1 is always the "
+        "frozen embeddings' own probe):\n",
+        format_table(per_seed, list(per_seed[0])),
+        "",
+    ]
+    return lines
+
+
+def report_markdown(document: Mapping[str, Any]) -> str:
+    settings = document["settings"]
+    lines = [
+        "# Default centralized head vs the best tuned frozen baseline (issue 15)\n",
+        f"Command: `{document['command']}`\n",
+        "Each seed fixes the data (generation or subset, iid partition over "
+        f"{settings['sites']} sites, splits), the head's initialisation and shuffling. Both sides "
+        "are scored on the same rows (the pooled test halves of the sites' held-out splits). "
+        f"Centralized: run-config defaults (head `{settings['head']}`, loss `{settings['loss']}`), "
+        f"{settings['rounds']} steps x {settings['local_epochs']} epochs (the comparison runner's "
+        f"budget), stopped on the pooled validation halves: {SELECTION}. Frozen: per metric, the "
+        "best on the test rows of the frozen probe and of the lstsq and CCA maps, each ridge tuned "
+        "on validation and by 3-fold CV on train (`vs best of all`: the best of the four maps, "
+        "picked on the test rows, which can only favour frozen; `vs validation-tuned` and "
+        "`vs cv-tuned`: lstsq or CCA, whichever is better, with that tuning only). Bar: mean difference >= 0, or >= "
+        f"-{TOLERANCE:g} with the 95% t-interval containing 0, over >= {MIN_SEEDS} paired seeds.\n",
+    ]
+    table = []
+    for name, result in document["datasets"].items():
+        for metric, s in _in_order(result["summary"]["metrics"]):
+            d = s["difference"]
+            by = result["summary"].get("by_tuning", {})
+            table.append(
+                {
+                    "dataset": name,
+                    "metric": metric,
+                    "seeds": d["n"],
+                    "vs best of all": f"{d['mean']:+.4f} {_ci(d['ci95'])}",
+                    "bar met": _met(d),
+                    **{
+                        f"vs {t}-tuned": f"{by[t][metric]['mean']:+.4f} {_ci(by[t][metric]['ci95'])}"
+                        f" {_met(by[t][metric])}"
+                        for t in ("validation", "cv")
+                        if metric in by.get(t, {})
+                    },
+                }
+            )
+    if table:
+        lines += ["## Summary\n", format_table(table, list(table[0])), ""]
+    missing = [n for n in document["requested"] if n not in document["datasets"]]
+    if missing:
+        lines.append(f"Not run (yet): {', '.join(missing)}.\n")
+    for name, result in document["datasets"].items():
+        lines += dataset_markdown(name, result)
+    return "\n".join(lines) + "\n"
+
+
+# ----- runner ---------------------------------------------------------------------------------
+
+
+def run_all(
+    *,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: Path,
+    cache_dir: Path,
+    sites: int = SITES,
+    rounds: int = ROUNDS,
+    local_epochs: int = LOCAL_EPOCHS,
+    overrides: Mapping[str, Any] | None = None,
+    configs: Mapping[str, DatasetConfig] = DATASETS,
+    command: str = "",
+    keep_existing: bool = False,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Every dataset of ``names`` over ``seeds``; results written after every seed.
+
+    ``keep_existing``: datasets already in ``out_dir``'s results and not in ``names`` stay.
+    """
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ConfigError(f"unknown dataset configuration {unknown}: one of {', '.join(configs)}")
+    default = RunSettings.from_run_config(dict(overrides or {}))
+    document: dict[str, Any] = {
+        "machine": machine_info(),
+        "command": command,
+        "requested": list(names),
+        "settings": {
+            "sites": sites,
+            "rounds": rounds,
+            "local_epochs": local_epochs,
+            "head": default.head,
+            "loss": default.loss,
+            "overrides": dict(overrides or {}),
+            "seeds": list(seeds),
+            "tolerance": TOLERANCE,
+            "min_seeds": MIN_SEEDS,
+            "selection": SELECTION,
+        },
+        "datasets": {},
+    }
+    previous = out_dir / f"{RESULT_NAME}.json"
+    if keep_existing and previous.exists():
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        document["datasets"] = {k: v for k, v in old["datasets"].items() if k not in names}
+        document["requested"] = [*document["datasets"], *names]
+    for name in names:
+        config = configs[name]
+        entries: list[dict[str, Any]] = []
+        for seed in seeds:
+            started = time.perf_counter()
+            entry = run_seed(
+                config,
+                seed=seed,
+                sites=sites,
+                rounds=rounds,
+                local_epochs=local_epochs,
+                cache_dir=cache_dir,
+                overrides=overrides,
+            )
+            entries.append(entry)
+            document["datasets"][name] = {
+                "config": asdict(config),
+                "seeds": entries,
+                "summary": summarize(entries),
+            }
+            write_results(out_dir, RESULT_NAME, document, report_markdown(document))
+            if echo:
+                shown = ", ".join(f"{m} {v:+.4f}" for m, v in entry["difference"].items())
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {shown} "
+                    f"({time.perf_counter() - started:.0f} s; {entry['seconds']})",
+                    flush=True,
+                )
+    return document
+
+
+def merge(dirs: Sequence[Path], *, out_dir: Path) -> dict[str, Any]:
+    """One report from several runs' results (each run's datasets, its command and settings)."""
+    documents = [json.loads((d / f"{RESULT_NAME}.json").read_text(encoding="utf-8")) for d in dirs]
+    merged = dict(documents[-1])
+    merged["datasets"], merged["requested"], merged["runs"] = {}, [], []
+    for doc in documents:
+        merged["datasets"].update(doc["datasets"])
+        merged["requested"] += [n for n in doc["requested"] if n not in merged["requested"]]
+        merged["runs"].append({k: doc[k] for k in ("command", "settings", "machine")})
+    merged["command"] = " ; ".join(doc["command"] for doc in documents)
+    for result in merged["datasets"].values():  # from the stored rows, by this module's rules
+        result["summary"] = summarize(result["seeds"])
+    write_results(out_dir, RESULT_NAME, merged, report_markdown(merged))
+    return merged
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--datasets", default=",".join(DATASETS), help=f"comma-separated: {', '.join(DATASETS)}"
+    )
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
+    parser.add_argument(
+        "--synthetic-n",
+        type=int,
+        default=RunSettings().dataset_n,
+        help="pooled examples of the synthetic-radiology configurations (the demo uses 1200)",
+    )
+    parser.add_argument("--sites", type=int, default=SITES)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="training steps (rounds)")
+    parser.add_argument("--local-epochs", type=int, default=LOCAL_EPOCHS)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--cache", type=Path, default=Path("runs/default_vs_frozen/cache"))
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="no training: one report in --out from the datasets of earlier runs' --out dirs",
+    )
+    parser.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help="keep the datasets of --out's earlier results that this run does not redo",
+    )
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConfigError(
+            f"--seeds: '{args.seeds}' is not a comma-separated list of integers"
+        ) from exc
+    if args.merge:
+        merge(args.merge, out_dir=args.out)
+        print((args.out / f"{RESULT_NAME}.md").read_text(encoding="utf-8"))
+        return
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    configs = {
+        k: replace(c, n=args.synthetic_n) if c.dataset == "synthetic-radiology" else c
+        for k, c in DATASETS.items()
+    }
+    command = "python -m simulations.experiments.default_vs_frozen " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:]
+    )
+    run_all(
+        names=names,
+        seeds=seeds,
+        out_dir=args.out,
+        cache_dir=args.cache,
+        sites=args.sites,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        command=command.strip(),
+        configs=configs,
+        keep_existing=args.keep_existing,
+    )
+    print((args.out / f"{RESULT_NAME}.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from common.errors import FedEmbedError
+
+    try:
+        main()
+    except FedEmbedError as exc:
+        print(f"default_vs_frozen: error: {exc}", file=sys.stderr)
+        sys.exit(2)
