@@ -498,6 +498,18 @@ JUSTIFIED: tuple[Justified, ...] = (
     *(
         Justified(
             _AUDIT,
+            "_check_entry",
+            "value = entry.get(key, -1)",
+            f"value = entry.get(key, {default})",
+            "equivalent",
+            "the default stands in for a missing key only in the integer type check, which -1, "
+            "+1 and -2 all pass; the values used afterwards are read again with their own default",
+        )
+        for default in ("+1", "-2")
+    ),
+    *(
+        Justified(
+            _AUDIT,
             "_masked_violations",
             _MASKED_DTYPE,
             added,

@@ -568,3 +568,25 @@ def test_a_start_query_reply_is_held_to_the_head_and_the_start_metrics(tmp_path:
         f"{where}: metric 'train-loss' is not an allowed query-reply metric "
         "(allowed: image-sum-squares, num-examples)",
     ]
+
+
+def test_a_malformed_receipt_is_named_and_the_receipts_after_it_are_still_read(
+    tmp_path: Path,
+) -> None:
+    first = _record(tmp_path)
+    receipts = [_receipt(first, node_id="seven"), _receipt(first)]
+    summary = verify_audit_log(audit_path(tmp_path), receipts=receipts)
+    assert summary.confirmed == 1, summary.violations
+    assert len(summary.violations) == 1
+    assert summary.violations[0].startswith("coordinator receipt 1: malformed")
+
+
+def test_a_start_query_reply_without_a_recorded_head_cannot_pass_unchecked(
+    tmp_path: Path,
+) -> None:
+    """A query reply carries arrays, so a line that records no head is unchecked, like a train
+    reply's (with the run's head given, it is checked against it)."""
+    path = _write(tmp_path, _line(message_type="query", head=_DROP, metrics={"num-examples": 3}))
+    summary = verify_audit_log(path)
+    assert summary.unchecked == [1]
+    assert verify_audit_log(path, allowed_arrays=HEAD).ok
