@@ -15,16 +15,12 @@ import copy
 import json
 import math
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from client.privacy import (
     PrivacyLedger,
@@ -39,21 +35,13 @@ from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError, PrivacyError
 from common.heads import HeadConfig
 from common.training import HeadModel, TrainConfig, TrainResult, build_head_model
+from tests.client.dp_step_observer import StepObserver
 from tests.embedded_data import clustered
 
 HEAD = HeadConfig(out_dim=8, hidden_dim=16)
 CLIP = 30.0  # per-example gradient norms of HEAD on clustered(): ~10..70, so about half clip
 OPACUS_EPS = 1e-6  # Opacus' clipping factor is min(1, C / (||g|| + 1e-6))
 DELTA = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _quiet_one_thread() -> Iterator[None]:
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        warnings.filterwarnings("ignore", message="Optimal order is the")  # tiny sigma's RDP
-        yield
 
 
 def _model(dims: dict[str, int] | None = None) -> HeadModel:
@@ -67,53 +55,6 @@ def _model(dims: dict[str, int] | None = None) -> HeadModel:
     )
 
 
-class _Observer:
-    """For every step of the production loop: the rows the head saw, the trainable parameters
-    the step's gradient was computed at, and the flat gradient AdamW receives."""
-
-    def __init__(self, model: HeadModel, data: EmbeddedDataset) -> None:
-        assert data.image is not None
-        self.model = model
-        image = np.ascontiguousarray(data.image, dtype=np.float32)
-        self.row_of = {row.tobytes(): i for i, row in enumerate(image)}
-        assert len(self.row_of) == len(image)
-        self.batches: list[list[int]] = []
-        self.params: list[dict[str, torch.Tensor]] = []
-        self.grads: list[torch.Tensor] = []
-        self._seen: list[int] = []
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _Observer:
-        self._handles = [
-            self.model.head.register_forward_pre_hook(self._forward, with_kwargs=True),
-            register_optimizer_step_pre_hook(self._step),
-        ]
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _forward(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        image = kwargs["image"].detach().numpy()
-        self._seen.extend(self.row_of[row.tobytes()] for row in image)
-
-    def _step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        stepped = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
-        grads = [p.grad for p in stepped.values()]
-        assert all(g is not None for g in grads), "a parameter reached AdamW without a gradient"
-        self.params.append({name: p.detach().clone() for name, p in stepped.items()})
-        self.grads.append(torch.cat([g.detach().reshape(-1) for g in grads if g is not None]))
-        self.batches.append(self._seen)
-        self._seen = []
-
-
 def _round(
     model: HeadModel,
     data: EmbeddedDataset,
@@ -124,11 +65,11 @@ def _round(
     reference: dict[str, torch.Tensor] | None = None,
     run_id: int = 3,
     **config: Any,
-) -> tuple[PrivateRoundResult, _Observer]:
+) -> tuple[PrivateRoundResult, StepObserver]:
     """One private round through the site's entry point, observed."""
     extra: dict[str, Any] = {} if mode is None else {"grad_sample_mode": mode}
     settings: dict[str, Any] = {"loss": "proxy", "epochs": 1, "batch_size": 16, "lr": 1e-2}
-    with _Observer(model, data) as observer:
+    with StepObserver(model, data) as observer:
         result = train_head_private(
             model,
             data,

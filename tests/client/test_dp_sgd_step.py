@@ -12,33 +12,21 @@ with ``torch.autograd.grad``.
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from client.privacy import PrivacySettings, PrivateObjective, train_head_private
 from common.embedding import EmbeddedDataset
 from common.heads import HeadConfig
 from common.training import HeadModel, TrainConfig, build_head_model
+from tests.client.dp_step_observer import StepObserver
 from tests.embedded_data import clustered
 
 OPACUS_EPS = 1e-6  # Opacus' clipping factor is min(1, C / (||g|| + 1e-6))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_one_thread() -> Iterator[None]:
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        warnings.filterwarnings("ignore", message="Optimal order is the")  # tiny sigma's RDP
-        yield
 
 
 def _model(head: HeadConfig, *, seed: int = 0) -> HeadModel:
@@ -50,58 +38,6 @@ def _model(head: HeadConfig, *, seed: int = 0) -> HeadModel:
         num_classes=4,
         seed=seed,
     )
-
-
-class _StepObserver:
-    """Records, for every DP-SGD step of the production loop: which rows the head saw, the
-    trainable parameters the step's gradient was computed at, and the gradient AdamW receives."""
-
-    def __init__(self, model: HeadModel, data: EmbeddedDataset) -> None:
-        assert data.image is not None
-        self.model = model
-        self.row_of = {row.tobytes(): i for i, row in enumerate(data.image)}
-        assert len(self.row_of) == len(data.image)
-        self.batches: list[list[int]] = []
-        self.params: list[dict[str, torch.Tensor]] = []
-        self.grads: list[torch.Tensor] = []
-        self._seen: list[int] = []
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _StepObserver:
-        self._handles = [
-            self.model.head.register_forward_pre_hook(self._forward, with_kwargs=True),
-            register_optimizer_step_pre_hook(self._step),
-        ]
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _forward(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        image = kwargs["image"].detach().numpy()
-        self._seen.extend(self.row_of[row.tobytes()] for row in image)
-
-    def _step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        stepped = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
-        assert list(stepped) == _trainable(self.model)
-        assert all(p.grad is not None for p in stepped.values())
-        self.params.append({name: p.detach().clone() for name, p in stepped.items()})
-        self.grads.append(
-            torch.cat([p.grad.detach().reshape(-1) for p in stepped.values() if p.grad is not None])
-        )
-        self.batches.append(self._seen)
-        self._seen = []
-
-
-def _trainable(model: HeadModel) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _per_example_grads(
@@ -139,11 +75,11 @@ def _train(
     batch_size: int,
     epochs: int,
     mode: str | None = None,
-) -> _StepObserver:
+) -> StepObserver:
     """One private round through the site's entry point, observed."""
     # mode None: the function's default, i.e. what client/training.py runs
     extra: dict[str, Any] = {} if mode is None else {"grad_sample_mode": mode}
-    with _StepObserver(model, data) as observer:
+    with StepObserver(model, data) as observer:
         result = train_head_private(
             model,
             data,
@@ -161,7 +97,7 @@ def _train(
 
 
 def _references(
-    template: HeadModel, observer: _StepObserver, data: EmbeddedDataset, clip: float
+    template: HeadModel, observer: StepObserver, data: EmbeddedDataset, clip: float
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each step's noiseless clipped sum (autograd), and every batch example's gradient norm."""
     sums, norms = [], []

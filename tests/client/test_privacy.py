@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,6 @@ from tests.embedded_data import clustered
 
 HEAD = HeadConfig(out_dim=8, hidden_dim=16)
 DELTA = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _quiet_one_thread() -> Iterator[None]:
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
 
 
 def _model(loss: str = "proxy", *, layout: str = "two-tower", seed: int = 0) -> HeadModel:
