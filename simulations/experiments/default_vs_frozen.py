@@ -35,8 +35,8 @@ import numpy as np
 from common.config import RunSettings, SiteSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
-from common.evaluation import aligned_metrics, evaluate_head
-from common.metrics import RIDGES, format_table, linear_alignments
+from common.evaluation import evaluate_head
+from common.metrics import format_table
 from common.pipeline import SiteData, prepare_site_data
 from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.arms import (
@@ -50,6 +50,7 @@ from simulations.experiments.arms import (
     ridge_selection,
     split_holdout,
     train_selected,
+    tuned_alignment,
 )
 from simulations.experiments.comparison_runs import LOCAL_EPOCHS, ROUNDS, SITES
 from simulations.experiments.machine import machine_info
@@ -143,22 +144,9 @@ def cca_on_validation(
 ) -> tuple[dict[str, Any], Selection]:
     """CCA's counterpart of ``arms.frozen_row``'s lstsq map: the ridge (``RIDGES``) whose map
     scores best on ``val`` by the same score (mean of R@5 and zero-shot AUROC), on ``test``."""
-    assert train.image is not None and train.text is not None
-    alignments = linear_alignments(train.image, train.text, method="cca", ridges=RIDGES)
-    scores = []
-    for alignment in alignments:
-        metrics = _finite(aligned_metrics(alignment, val, ks=(5,)))
-        keys = [k for k in ("mean_R@5", "zs_auroc") if k in metrics]
-        scores.append(float(np.mean([metrics[k] for k in keys])))
-    selection = Selection("ridge", scores)
-    aligned = _finite(aligned_metrics(alignments[selection.chosen - 1], test))
-    ridge = RIDGES[selection.chosen - 1]
+    aligned, selection, ridge = tuned_alignment("cca", train, val, test)
     row = {"method": "frozen + cca (ridge on validation)", "stop": f"ridge {ridge:g}"}
-    return {**row, **{k: v for k, v in aligned.items() if k in HEADLINE}}, selection
-
-
-def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    return {**row, **aligned}, selection
 
 
 def frozen_candidates(
