@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import sys
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -66,7 +69,8 @@ def partition_indices(
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     from datasets import Dataset, disable_progress_bars  # flwr-datasets partitions HF datasets
-    from flwr_datasets import partitioner as fp
+
+    fp = _partitioners()
 
     columns: dict[str, list[Any]] = {"row": list(range(len(dataset)))}
     if scheme == "dirichlet":
@@ -77,7 +81,7 @@ def partition_indices(
         if dataset.sites is None:
             raise ConfigError(f"{dataset.name} has no site column for a natural partition")
         columns["site"] = list(dataset.sites)
-    part: fp.Partitioner
+    part: Any
     if scheme == "iid":
         part = fp.IidPartitioner(num_partitions=num_partitions)
     elif scheme == "dirichlet":
@@ -129,6 +133,28 @@ def split_indices(
     order = rng.permutation(n)
     n_test = max(1, round(n * test_fraction))
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _partitioners() -> ModuleType:
+    """``flwr_datasets.partitioner``, imported without flwr-datasets' plotting helpers.
+
+    ``flwr_datasets/__init__`` imports its ``visualization`` subpackage (seaborn, scipy.stats,
+    matplotlib.pyplot: about 1.2 s of CPU in every site process that partitions), which
+    partitioning never uses. While the package is first imported, an empty module stands in for
+    that subpackage; it is removed again at once, so a later ``import flwr_datasets.visualization``
+    loads the real one.
+    """
+    name = "flwr_datasets.visualization"
+    if "flwr_datasets" in sys.modules or name in sys.modules:
+        return importlib.import_module("flwr_datasets.partitioner")
+    sys.modules[name] = ModuleType(name)
+    try:
+        return importlib.import_module("flwr_datasets.partitioner")
+    finally:
+        del sys.modules[name]
+        package = sys.modules.get("flwr_datasets")
+        if package is not None and "visualization" in vars(package):
+            delattr(package, "visualization")
 
 
 @contextlib.contextmanager

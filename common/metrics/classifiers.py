@@ -6,20 +6,17 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.tree import DecisionTreeClassifier
-from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    from sklearn.base import BaseEstimator
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+# scikit-learn is imported where a model is built (about 1 s of CPU): every site and coordinator
+# process imports this package for retrieval and zero-shot metrics, few of them fit a classifier.
 
 from common.metrics.inputs import (
     MetricInputError,
@@ -62,6 +59,11 @@ def _scaled_logreg_cv(y: np.ndarray, seed: int) -> Pipeline | GridSearchCV:
 
     Folds shrink to the rarest class's count; with a class of one example C stays 1.0.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     folds = min(3, _min_class_count(y))
     if folds < 2:
@@ -76,6 +78,8 @@ def _scaled_logreg_cv(y: np.ndarray, seed: int) -> Pipeline | GridSearchCV:
 
 
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    from sklearn.metrics import f1_score
+
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
@@ -94,6 +98,10 @@ def linear_probe(
     Deterministic (lbfgs, unshuffled stratified folds). BLAS/OpenMP run single-threaded inside
     (see classifier_suite).
     """
+    from sklearn.metrics import accuracy_score
+    from sklearn.model_selection import GridSearchCV
+    from threadpoolctl import threadpool_limits
+
     split = _split(train_x, train_y, test_x, test_y)
     model = _scaled_logreg_cv(split.train_y, seed)
     with threadpool_limits(limits=1):
@@ -108,18 +116,26 @@ def linear_probe(
 
 
 def _knn(y: np.ndarray, seed: int) -> BaseEstimator:
+    from sklearn.neighbors import KNeighborsClassifier
+
     return KNeighborsClassifier(n_neighbors=min(5, y.shape[0]), metric="cosine", n_jobs=1)
 
 
 def _tree(y: np.ndarray, seed: int) -> BaseEstimator:
+    from sklearn.tree import DecisionTreeClassifier
+
     return DecisionTreeClassifier(random_state=seed)
 
 
 def _forest(y: np.ndarray, seed: int) -> BaseEstimator:
+    from sklearn.ensemble import RandomForestClassifier
+
     return RandomForestClassifier(n_estimators=100, n_jobs=2, random_state=seed)
 
 
 def _gboost(y: np.ndarray, seed: int) -> BaseEstimator:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
     return HistGradientBoostingClassifier(
         max_iter=30,
         learning_rate=0.2,
@@ -131,11 +147,17 @@ def _gboost(y: np.ndarray, seed: int) -> BaseEstimator:
 
 
 def _logreg(y: np.ndarray, seed: int) -> BaseEstimator:
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(max_iter=1000, random_state=seed)
 
 
 def _mlp(y: np.ndarray, seed: int) -> BaseEstimator:
     """Early stopping holds out a stratified 10%, which needs >= 2 examples of every class."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     n_classes = np.unique(y).size
     early = _min_class_count(y) >= 2 and math.ceil(0.1 * y.shape[0]) >= n_classes
     return make_pipeline(
@@ -182,6 +204,9 @@ def classifier_suite(
     fitting (the forest still uses 2 joblib workers): on a busy 2-core machine their spinning
     threads made small fits 5-30x slower, and results do not depend on thread counts.
     """
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
     names = list(CLASSIFIERS) if classifiers is None else list(classifiers)
     unknown = [name for name in names if name not in CLASSIFIERS]
     if unknown or not names:

@@ -1,4 +1,5 @@
-"""The ``flwr`` CLI wrapper: connections in FLWR_HOME, ``flwr run``/``ls``/``log``/``stop``, run results."""
+"""Talking to a SuperLink: connections in FLWR_HOME, ``flwr run`` (the CLI), run status, stop and
+logs (Flower's Control API in this process), run results."""
 
 from __future__ import annotations
 
@@ -7,21 +8,26 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import tomli
 import tomli_w
 
 from common.errors import FedEmbedError
 from simulations.flower.run_config import ConfigValue, format_config
+
+if TYPE_CHECKING:
+    from flwr.supercore.control import ControlHttpClient
 
 FINISHED_COMPLETED = "finished:completed"
 FINISHED_PREFIX = "finished:"
@@ -207,6 +213,36 @@ def _json_output(text: str, command: str) -> dict[str, Any]:
     return data
 
 
+_GLOB = re.compile(r"[*?\[]")
+
+
+def stage_app(app_dir: Path, into: Path) -> Path:
+    """A copy in ``into`` (a new directory) of what ``flwr run`` packs from ``app_dir``; ``app_dir`` itself
+    if the app's ``fab-include`` patterns do not name their top-level files and directories.
+
+    ``flwr run DIR`` walks and resolves every file under DIR before it applies the app's
+    fab-include patterns: from a checkout that holds its .venv that is about 4 s of CPU per run.
+    The copy holds pyproject.toml, .gitignore and the top-level entries the patterns start with
+    (``/client/**/*.py`` -> client/); Flower applies the same patterns to it, so the FAB and its
+    hash are the same.
+    """
+    app_dir = Path(app_dir).resolve()
+    project = tomli.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = project.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    tops = {str(p).lstrip("/").split("/", 1)[0] for p in patterns or ()}
+    if not tops or any(not t or _GLOB.search(t) for t in tops):
+        return app_dir
+    into.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in sorted(tops | {"pyproject.toml", ".gitignore"}):
+        source = app_dir / name
+        if source.is_dir():
+            shutil.copytree(source, into / name, ignore=ignore)
+        elif source.is_file():
+            shutil.copy2(source, into / name)
+    return into
+
+
 def submit_run(
     app_dir: Path,
     connection: Connection,
@@ -215,94 +251,141 @@ def submit_run(
     federation_config: Mapping[str, ConfigValue] | None = None,
     timeout: float = 300.0,
 ) -> int:
-    """``flwr run APP CONNECTION --format json [...]``; return the new run's ID."""
-    args = ["run", str(Path(app_dir).resolve()), connection.name, "--format", "json"]
-    if run_config:
-        args += ["--run-config", format_config(run_config)]
-    if federation_config:
-        args += ["--federation-config", format_config(federation_config)]
-    done = flwr_cli(args, connection, timeout=timeout)
+    """``flwr run APP CONNECTION --format json [...]`` (APP staged by ``stage_app`` in a temporary
+    directory); return the new run's ID."""
+    with tempfile.TemporaryDirectory(prefix="fedembed-app-") as tmp:
+        args = ["run", str(stage_app(app_dir, Path(tmp) / "app")), connection.name]
+        args += ["--format", "json"]
+        if run_config:
+            args += ["--run-config", format_config(run_config)]
+        if federation_config:
+            args += ["--federation-config", format_config(federation_config)]
+        done = flwr_cli(args, connection, timeout=timeout)
     return int(_json_output(done.stdout, "flwr run")["run-id"])
 
 
+@contextlib.contextmanager
+def control_api(connection: Connection, what: str) -> Iterator[ControlHttpClient]:
+    """A Control API client for ``connection``, in this process; Flower's errors as FlowerError.
+
+    ``flwr ls`` / ``log`` / ``stop`` each start a Python process that costs about 1.5 s of CPU,
+    and a run is polled many times. These calls send the same requests to the same endpoints
+    with the same client and interceptors as the CLI (Flower 1.41's ``ControlHttpClient``), and
+    the CLI's own handler words the errors; ``flwr run`` stays a CLI call (it builds the FAB).
+    ``what`` names the call in an error (``flwr ls`` ...).
+    """
+    import click
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.cli.utils import flwr_cli_exc_handler
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+    root = connection.root_certificates
+    client = ControlHttpClient.from_server_address(
+        server_address=connection.address,
+        insecure=root is None,
+        root_certificates=None if root is None else Path(root).read_bytes(),
+        interceptors=[
+            CliClientHttpInterceptor(),
+            RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+        ],
+    )
+    try:
+        with flwr_cli_exc_handler():
+            yield client
+    except click.ClickException as err:
+        raise FlowerError(f"`{what}` failed: {err.format_message()}") from None
+    finally:
+        client.close()
+
+
 def run_status(connection: Connection, run_id: int) -> RunStatus:
-    """Status of one run from ``flwr ls CONNECTION --run-id ID --format json``."""
-    args = ["ls", connection.name, "--run-id", str(run_id), "--format", "json"]
-    data = _json_output(flwr_cli(args, connection).stdout, "flwr ls")
-    runs = [r for r in data.get("runs", []) if int(r["run-id"]) == run_id]
-    if not runs:
+    """Status of one run, as ``flwr ls CONNECTION --run-id ID`` shows it."""
+    from flwr.cli.run_utils import format_runs
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    with control_api(connection, "flwr ls") as client:
+        response = client.ListRuns(ListRunsRequest(run_id=run_id))
+    rows = [
+        r
+        for r in format_runs([run_from_proto(p) for p in response.run_dict.values()], response.now)
+        if r.run_id == run_id
+    ]
+    if not rows:
         raise FlowerError(f"run {run_id} is unknown to SuperLink {connection.address}")
-    row = runs[0]
-    details = str(row.get("status-details", ""))
+    row = rows[0]
+    details = str(row.details)
     return RunStatus(
-        run_id,
-        str(row["status"]),
-        "" if details == "N/A" else details,
-        float(row.get("elapsed", 0.0)),
+        run_id, str(row.status_text), "" if details == "N/A" else details, float(row.elapsed)
     )
 
 
 def stop_run(connection: Connection, run_id: int) -> None:
-    """``flwr stop ID CONNECTION`` (a run that already finished is left alone)."""
-    with contextlib.suppress(FlowerError):
-        flwr_cli(["stop", str(run_id), connection.name, "--format", "json"], connection)
+    """Stop a run, as ``flwr stop ID CONNECTION`` does (a run that already finished is left alone)."""
+    from flwr.proto.control_pb2 import StopRunRequest
+
+    with contextlib.suppress(FlowerError), control_api(connection, "flwr stop") as client:
+        client.StopRun(StopRunRequest(run_id=run_id))
 
 
 def run_logs(connection: Connection, run_id: int) -> str:
-    """The run's whole log so far (``flwr log ID CONNECTION --show``), colour codes removed."""
-    done = flwr_cli(["log", str(run_id), connection.name, "--show"], connection)
-    return ANSI.sub("", done.stdout + done.stderr)
+    """The run's whole log so far, as ``flwr log ID CONNECTION --show`` prints it, colour codes removed."""
+    from flwr.proto.control_pb2 import StreamLogsRequest
+
+    with control_api(connection, "flwr log") as client:
+        for response in client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+            return ANSI.sub("", response.log_output)
+    return ""
 
 
 class _LogStream:
-    """``flwr log ID --stream`` copied to a file (and ``echo``) by a thread; ends with the run."""
+    """The run's log as ``flwr log ID --stream`` streams it, copied to a file (and ``echo``) by a
+    thread; the stream ends when the run does, or when the SuperLink goes away (``error`` then
+    says why). The run's status, not its log stream, says whether a run finished."""
 
     def __init__(
         self, connection: Connection, run_id: int, path: Path, echo: IO[str] | None
     ) -> None:
         self.path = path
         self.echo = echo
+        self.connection = connection
+        self.run_id = run_id
+        self.error = ""
         path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [flower_command("flwr"), "log", str(run_id), connection.name, "--stream"]
-        self._popen = subprocess.Popen(
-            argv,
-            env=connection.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-            preexec_fn=set_parent_death_signal,
-        )
+        path.touch()
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._copy, daemon=True)
         self._thread.start()
 
     def _copy(self) -> None:
-        assert self._popen.stdout is not None
-        with open(self.path, "a", encoding="utf-8") as out:
-            for line in self._popen.stdout:
-                clean = ANSI.sub("", line)
-                out.write(clean)
-                out.flush()
-                if self.echo is not None:
-                    self.echo.write(clean)
-                    self.echo.flush()
+        from flwr.proto.control_pb2 import StreamLogsRequest
+
+        request = StreamLogsRequest(run_id=self.run_id, after_timestamp=0.0)
+        try:
+            with (
+                open(self.path, "a", encoding="utf-8") as out,
+                control_api(self.connection, "flwr log --stream") as client,
+            ):
+                for response in client.StreamLogs(request):
+                    if self._closed.is_set():
+                        return
+                    clean = ANSI.sub("", response.log_output)
+                    out.write(clean)
+                    out.flush()
+                    if self.echo is not None:
+                        self.echo.write(clean)
+                        self.echo.flush()
+        except Exception as err:  # a broken stream only ends the copy
+            self.error = f"{type(err).__name__}: {err}"
 
     @property
     def running(self) -> bool:
-        return self._popen.poll() is None
+        return self._thread.is_alive()
 
     def close(self, timeout: float = 5.0) -> None:
-        if self.running:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._popen.pid, signal.SIGTERM)
-        try:
-            self._popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._popen.pid, signal.SIGKILL)
-            self._popen.wait()
+        """Stop copying (the stream itself ends with the run; a daemon thread never blocks exit)."""
+        self._closed.set()
         self._thread.join(timeout=timeout)
 
 
@@ -311,18 +394,18 @@ def wait_for_run(
     run_id: int,
     *,
     timeout: float,
-    poll_interval: float = 2.0,
+    poll_interval: float = 0.5,
     stream: _LogStream | None = None,
     started: float | None = None,
 ) -> RunStatus:
-    """Poll ``flwr ls`` until the run is finished:*; stop it and raise FlowerError on timeout.
+    """Poll the run's status until it is finished:*; stop it and raise FlowerError on timeout.
 
-    ``timeout`` counts from ``started`` (a time.monotonic() value; default now). While a log
-    stream is open (it ends when the run ends) ``flwr ls`` is only asked every 10 s, and at once
-    when the stream ends: each ``flwr`` call costs about a second of CPU.
+    ``timeout`` counts from ``started`` (a time.monotonic() value; default now). The status is
+    asked every ``poll_interval`` seconds, and at once when an open log ``stream`` ends (it ends
+    with the run).
     """
     deadline = (time.monotonic() if started is None else started) + timeout
-    next_poll = time.monotonic() + min(poll_interval, 1.0)
+    next_poll = time.monotonic() + poll_interval
     was_streaming = stream is not None and stream.running
     while True:
         streaming = stream is not None and stream.running
@@ -331,7 +414,7 @@ def wait_for_run(
             status = run_status(connection, run_id)
             if status.finished:
                 return status
-            next_poll = now + (max(poll_interval, 10.0) if streaming else poll_interval)
+            next_poll = now + poll_interval
         was_streaming = streaming
         if now >= deadline:
             stop_run(connection, run_id)
@@ -340,14 +423,14 @@ def wait_for_run(
                 f"Flower run {run_id} did not finish within {timeout:.0f} s "
                 f"(status now {final.status}); it was stopped"
             )
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def _await_finish(connection: Connection, run_id: int, timeout: float) -> RunStatus:
     deadline = time.monotonic() + timeout
     status = run_status(connection, run_id)
     while not status.finished and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.5)
         status = run_status(connection, run_id)
     return status
 
@@ -362,7 +445,7 @@ def run_app(
     timeout: float = 1800.0,
     log_dir: Path | None = None,
     echo: IO[str] | None = None,
-    poll_interval: float = 2.0,
+    poll_interval: float = 0.5,
     check: bool = False,
 ) -> RunResult:
     """Submit an app with ``flwr run``, wait for finished:*, and return its status and log.

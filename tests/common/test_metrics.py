@@ -22,6 +22,7 @@ from common.metrics import (
     select_ridge,
     zero_shot,
 )
+from common.metrics.zeroshot import auroc
 
 
 def _blobs(
@@ -187,6 +188,23 @@ def test_zero_shot_skips_absent_classes_and_single_class_is_nan() -> None:
     single = zero_shot(images, prompts, np.array([0, 0, 0]))
     assert single["zs_acc"] == pytest.approx(2 / 3)
     assert math.isnan(single["zs_auroc"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_auroc_is_scikit_learns_roc_auc_with_ties_counted_half(tied: bool) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(11 + tied)
+    for _ in range(200):
+        n = int(rng.integers(2, 80))
+        positive = rng.random(n) < rng.uniform(0.1, 0.9)
+        if positive.all() or not positive.any():
+            continue
+        scores = rng.integers(0, 4, n).astype(float) if tied else rng.normal(size=n)
+        assert auroc(positive, scores) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
+    assert auroc(np.array([True, False, True]), np.array([0.5, 0.5, 0.5])) == 0.5
+    with pytest.raises(MetricInputError, match="both positive and negative"):
+        auroc(np.array([True, True]), np.array([0.1, 0.2]))
 
 
 def test_zero_shot_rejects_bad_labels() -> None:

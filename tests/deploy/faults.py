@@ -85,9 +85,15 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def wait_for_rounds(run_dir: Path, rounds: int, timeout: float = 180.0) -> None:
+def wait_for_rounds(
+    run_dir: Path, rounds: int, timeout: float = 180.0, *, checkpointed: bool = False
+) -> None:
+    """Until the history has ``rounds`` rounds (and, with ``checkpointed``, round ``rounds``'s
+    checkpoint is written: the coordinator writes a round's history line first, and a resumed
+    run starts from the last checkpoint)."""
     deadline = time.monotonic() + timeout
-    while len(read_history(run_dir)) < rounds:
+    checkpoint = run_dir / "checkpoints" / f"round-{rounds:04d}.safetensors"
+    while len(read_history(run_dir)) < rounds or (checkpointed and not checkpoint.is_file()):
         assert time.monotonic() < deadline, f"round {rounds} not done after {timeout:.0f} s"
         time.sleep(0.1)
 

@@ -299,12 +299,19 @@ def test_runbook_local_rehearsal_with_tls_and_authentication(
         )
         run_id = str(started["run-id"])
 
+        asked = [0.0]
+
         def finished() -> dict[str, Any] | None:
+            # `flwr ls` (a second of CPU) when the run exported its head or every 20 s
+            exported = (coordinator / "run" / "final").is_dir()
+            if not exported and time.monotonic() - asked[0] < 20.0:
+                return None
+            asked[0] = time.monotonic()
             runs = _flwr_json(["ls", "fedembed", "--run-id", run_id], operator)["runs"]
             row: dict[str, Any] = runs[0]
             return row if str(row["status"]).startswith("finished:") else None
 
-        row = _wait(finished, timeout=RUN_TIMEOUT, what=f"run {run_id} finished", interval=5.0)
+        row = _wait(finished, timeout=RUN_TIMEOUT, what=f"run {run_id} finished", interval=0.5)
         log = _sh([flower_command("flwr"), "log", run_id, "fedembed", "--show"], operator)
         assert row["status"] == FINISHED_COMPLETED, f"{row}\n{log[-3000:]}"
 
