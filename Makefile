@@ -17,14 +17,20 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint install clean bench
+.PHONY: demo test test-suite typecheck test-fast lint install clean bench
 
 demo: $(STAMP)
 	$(BIN)/fedembed demo
 
+# mypy (about 45 s of CPU on a fresh checkout) runs beside the suite; make fails if either does.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory -j 2 typecheck test-suite
+
+typecheck: $(STAMP)
 	$(BIN)/mypy
+
+test-suite: $(STAMP)
 	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Unit tests only: no Flower processes, no long runs (those carry the `slow` marker).
