@@ -5,6 +5,7 @@ Layout under the cache root::
     <root>/<encoder-fingerprint>/encoder.json        the encoder's identity (what the key hashes)
     <root>/<encoder-fingerprint>/shards/<id>.npy     float32 [m, dim] embeddings of m inputs
     <root>/<encoder-fingerprint>/shards/<id>.json    {"keys": [...], "sha256": ..., "dim": ..., "count": ...}
+    <root>/<encoder-fingerprint>/loads/<id>.json     {"load": {...}}: a load that gave this encoder
 
 An entry is keyed by the encoder's identity (model, weights fingerprint, pooling, preprocessing) and
 the content hash of the input, so a changed file or a changed encoder is never served a stale vector.
@@ -16,6 +17,10 @@ checked the first time it is read; a corrupt shard is moved aside (``*.corrupt``
 recomputed. ``EmbeddingCache.verify()`` checks every shard without changing anything;
 ``EmbeddingCache.prune(keep)`` deletes every entry whose key is not kept (a withdrawn patient's),
 rewriting shards with the same commit order.
+
+A load record names what was asked for (spec, modality, sizes, weight-file fingerprint) when a
+model gave this identity, so a later process that finds everything cached knows the encoder
+without loading the model (``recorded_encoder``).
 """
 
 from __future__ import annotations
@@ -102,6 +107,11 @@ def encoder_fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
 
 
+def _load_name(load: dict[str, Any]) -> str:
+    payload = json.dumps(load, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
 class EmbeddingCache:
     """Embeddings of one site's inputs for any number of encoders, under one directory."""
 
@@ -115,6 +125,27 @@ class EmbeddingCache:
         self._verified: set[Path] = set()
 
     # ------------------------------------------------------------------ public API
+    def record_encoder(self, load: dict[str, Any], encoder: SupportsEmbed) -> None:
+        """Remember that the load described by ``load`` (JSON values) gave ``encoder``."""
+        directory = self._encoder_dir(encoder)
+        atomic_write_json(directory / "loads" / f"{_load_name(load)}.json", {"load": load})
+
+    def recorded_encoder(self, load: dict[str, Any]) -> tuple[dict[str, Any], int] | None:
+        """The identity and output size a load described by ``load`` gave before, if recorded
+        here (a record whose encoder directory does not match its identity is ignored)."""
+        wanted = json.loads(json.dumps(load))
+        for path in sorted(self.root.glob(f"*/loads/{_load_name(load)}.json")):
+            directory = path.parent.parent
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))["load"]
+                meta = json.loads((directory / "encoder.json").read_text(encoding="utf-8"))
+                identity, dim = meta["identity"], int(meta["dim"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if saved == wanted and encoder_fingerprint(identity) == directory.name:
+                return identity, dim
+        return None
+
     def embed(
         self,
         encoder: SupportsEmbed,

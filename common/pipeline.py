@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
@@ -10,13 +12,20 @@ from typing import Any
 
 import numpy as np
 
+from common.cache import EmbeddingCache, SupportsEmbed
 from common.config import DataSpec
 from common.data.dataset import SiteDataset
 from common.data.partition import concat_datasets, partition_indices, split_indices
 from common.data.registry import BUILTIN_DATASETS, DEFAULT_SYNTHETIC_SIZE, load_dataset
 from common.embedding import EmbeddedDataset, EmbedReport, embed_dataset
-from common.encoders import Encoder, fingerprint_files, load_encoder, weight_files
-from common.errors import DataError
+from common.encoders import (
+    ENCODER_CODE_VERSION,
+    Encoder,
+    fingerprint_files,
+    load_encoder,
+    weight_files,
+)
+from common.errors import CacheError, DataError
 
 DEFAULT_CACHE_DIR = Path(".fedembed") / "cache"
 
@@ -46,6 +55,73 @@ def get_encoder(
 @cache  # keyed on all four values, however the caller spelled them
 def _cached_encoder(spec: str, modality: str, image_size: int | None, max_length: int) -> Encoder:
     return load_encoder(spec, modality=modality, image_size=image_size, max_length=max_length)
+
+
+def known_encoder(
+    spec: str,
+    *,
+    modality: str,
+    image_size: int | None = None,
+    max_length: int = 128,
+    cache_dir: str | os.PathLike[str],
+) -> SupportsEmbed:
+    """The encoder ``get_encoder`` gives, known without loading its model when the embedding
+    cache at ``cache_dir`` recorded an earlier load of the same spec, settings and weight files
+    (the model is then loaded on the first input the cache lacks); otherwise loaded and recorded.
+
+    A site whose data is all cached (every round after its first, a re-run) never loads the
+    encoder: no model in memory, no seconds spent loading it.
+    """
+    load = {
+        "code_version": ENCODER_CODE_VERSION,
+        "spec": _spec_location(spec),
+        "modality": modality,
+        "image_size": image_size,
+        "max_length": max_length,
+        "weights": fingerprint_files(weight_files(spec)),
+    }
+    cache = EmbeddingCache(cache_dir)
+    known = cache.recorded_encoder(load)
+    if known is None:
+        encoder = get_encoder(spec, modality=modality, image_size=image_size, max_length=max_length)
+        cache.record_encoder(load, encoder)
+        return encoder
+    identity, dim = known
+    return RecordedEncoder(
+        identity,
+        dim,
+        lambda: get_encoder(spec, modality=modality, image_size=image_size, max_length=max_length),
+    )
+
+
+def _spec_location(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_dir() else spec.strip()
+
+
+class RecordedEncoder:
+    """An encoder known by the identity and size an earlier load of it recorded; its model is
+    loaded only when something must be embedded, and must give that identity."""
+
+    def __init__(self, identity: dict[str, Any], dim: int, load: Callable[[], Encoder]) -> None:
+        self._identity = identity
+        self.dim = dim
+        self._load = load
+
+    def identity(self) -> dict[str, Any]:
+        return copy.deepcopy(self._identity)
+
+    def embed(
+        self, items: Sequence[Any], *, batch_size: int | None = None, progress: bool = False
+    ) -> np.ndarray:
+        encoder = self._load()
+        if encoder.identity() != self._identity:
+            raise CacheError(
+                f"encoder {self._identity.get('source')!r}: the loaded model's identity differs "
+                "from the one its cache recorded for the same files and settings "
+                f"(dim {encoder.dim} vs {self.dim}); remove the cache's 'loads' records"
+            )
+        return encoder.embed(items, batch_size=batch_size, progress=progress)
 
 
 def _enabled(spec: str | None) -> bool:
@@ -125,12 +201,17 @@ def embed_site(
     image_encoder = text_encoder = None
     identities: dict[str, dict[str, Any]] = {}
     if dataset.images is not None and _enabled(spec.image_encoder):
-        image_encoder = get_encoder(
-            spec.image_encoder, modality="image", image_size=spec.encoder_image_size
+        image_encoder = known_encoder(
+            spec.image_encoder,
+            modality="image",
+            image_size=spec.encoder_image_size,
+            cache_dir=cache_dir,
         )
         identities["image"] = image_encoder.identity()
     if dataset.texts is not None and _enabled(spec.text_encoder):
-        text_encoder = get_encoder(spec.text_encoder, modality="text", max_length=spec.max_length)
+        text_encoder = known_encoder(
+            spec.text_encoder, modality="text", max_length=spec.max_length, cache_dir=cache_dir
+        )
         identities["text"] = text_encoder.identity()
     embedded, report = embed_dataset(
         dataset,

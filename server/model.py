@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from common.config import RunSettings
+from common.config import RunSettings, resolve_path
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
-from common.pipeline import DataSpec, embed_site, get_encoder
+from common.pipeline import DataSpec, embed_site, known_encoder
 from common.training import HeadModel, build_run_model
 
 _TASK_SAMPLE = 20
@@ -39,16 +39,30 @@ def describe_task(run: RunSettings) -> dict[str, Any]:
     return {"modalities": list(sample.modalities), "class_names": list(sample.class_names)}
 
 
+def coordinator_cache() -> Path:
+    """The coordinator's embedding cache, ``$FEDEMBED_HOME/cache``: its validation set's embeddings
+    and the encoders' recorded loads (so a later run sizes the head without loading a model)."""
+    return resolve_path("", "cache")
+
+
 def initial_model(run: RunSettings) -> tuple[HeadModel, dict[str, Any]]:
     """The global head at round 0 (seeded), sized for the run's encoders and task."""
     task = describe_task(run)
     dims: dict[str, int] = {}
     if "image" in task["modalities"]:
-        dims["image"] = get_encoder(
-            run.image_encoder, modality="image", image_size=run.encoder_image_size or None
+        dims["image"] = known_encoder(
+            run.image_encoder,
+            modality="image",
+            image_size=run.encoder_image_size or None,
+            cache_dir=coordinator_cache(),
         ).dim
     if "text" in task["modalities"]:
-        dims["text"] = get_encoder(run.text_encoder, modality="text", max_length=run.max_length).dim
+        dims["text"] = known_encoder(
+            run.text_encoder,
+            modality="text",
+            max_length=run.max_length,
+            cache_dir=coordinator_cache(),
+        ).dim
     return build_run_model(run, dims=dims, num_classes=len(task["class_names"])), task
 
 
@@ -70,7 +84,7 @@ class ServerEvaluator:
             max_length=run.max_length,
         )
         self.data: EmbeddedDataset
-        self.data, _, _ = embed_site(spec, cache_dir=run.run_path / "server-cache")
+        self.data, _, _ = embed_site(spec, cache_dir=coordinator_cache())
         self.model, _ = initial_model(run)
 
     def evaluate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -111,15 +111,23 @@ def plan_round(
     return plan
 
 
+# (target epsilon, delta, sample rate, steps) -> sigma: a site plans every round of a run alike,
+# and Opacus' search costs about a second of CPU each time.
+_SIGMAS: dict[tuple[float | None, float, float, int], float] = {}
+
+
 def _calibrated_sigma(privacy: PrivacySettings, sample_rate: float, total_steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     if total_steps < 1:
         raise ConfigError("privacy: dp-target-epsilon needs at least one training step per round")
+    key = (privacy.target_epsilon, privacy.delta, sample_rate, total_steps)
+    if key in _SIGMAS:
+        return _SIGMAS[key]
     try:
         with warnings.catch_warnings():  # the search's large trial sigmas hit the largest order
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(
+            _SIGMAS[key] = float(
                 get_noise_multiplier(
                     target_epsilon=privacy.target_epsilon,
                     target_delta=privacy.delta,
@@ -133,3 +141,4 @@ def _calibrated_sigma(privacy: PrivacySettings, sample_rate: float, total_steps:
             f"dp-target-epsilon {privacy.target_epsilon:g} is unreachable for {total_steps} steps "
             f"at sample rate {sample_rate:.4g} ({exc}); raise it or train fewer rounds/epochs"
         ) from exc
+    return _SIGMAS[key]

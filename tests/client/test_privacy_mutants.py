@@ -253,6 +253,32 @@ def test_one_step_calibrates_and_the_round_after_the_planned_ones_is_declined(
     assert "dp-target-epsilon 2 (planned 1 rounds)" in second.reason
 
 
+def test_the_calibrated_sigma_is_searched_once_per_target_and_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import opacus.accountants.utils as opacus_utils
+
+    from client.privacy import budget
+
+    searches: list[int] = []
+    search = opacus_utils.get_noise_multiplier
+
+    def counting(**kw: object) -> float:
+        searches.append(int(kw["steps"]))  # type: ignore[call-overload]
+        return float(search(**kw))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(budget, "_SIGMAS", {})
+    monkeypatch.setattr(opacus_utils, "get_noise_multiplier", counting)
+    privacy = PrivacySettings(target_epsilon=2.0)
+    first = _plan(tmp_path, privacy, n=32, batch=32, epochs=1, planned=3)
+    again = _plan(
+        tmp_path, PrivacySettings(target_epsilon=2.0), n=32, batch=32, epochs=1, planned=3
+    )
+    assert searches == [3] and again.noise_multiplier == first.noise_multiplier
+    other = _plan(tmp_path, privacy, n=32, batch=32, epochs=1, planned=2)
+    assert searches == [3, 2] and other.noise_multiplier < first.noise_multiplier
+
+
 def test_a_target_epsilon_needs_a_training_step(tmp_path: Path) -> None:
     message = "privacy: dp-target-epsilon needs at least one training step per round"
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):

@@ -28,22 +28,30 @@ def test_sampler_counts_a_shared_mapping_once_in_pss(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import mmap, os, sys, time
+            if len(sys.argv) == 1:  # the child first: a fork after the allocations would share
+                # them until its exec, and a sampler catching that moment counts them twice
+                os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable, __file__, "child"])
             with open({str(shared)!r}, "rb") as handle:
                 view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             total = sum(view[i] for i in range(0, len(view), 4096))  # touch every page
             private = bytearray(b"x" * (32 * 2**20))
-            if len(sys.argv) == 1:
-                os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable, __file__, "child"])
-            time.sleep(6)
+            open({str(tmp_path)!r} + f"/ready-{{os.getpid()}}", "w").close()
+            deadline = time.monotonic() + 60
+            while not os.path.exists({str(tmp_path / "stop")!r}) and time.monotonic() < deadline:
+                time.sleep(0.1)
             """
         )
     )
     probe = subprocess.Popen([sys.executable, str(script)])
-    sampler = TreeSampler("memprobe.py", interval=0.2).start()
     try:
-        time.sleep(4)
-    finally:
+        deadline = time.monotonic() + 60  # both processes allocated, however loaded the machine
+        while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sampler = TreeSampler("memprobe.py", interval=0.2).start()
+        time.sleep(1.5)
         sampler.stop()
+    finally:
+        (tmp_path / "stop").touch()
         probe.wait(timeout=30)
     peak = sampler.peak()
     assert peak["max_processes"] == 2
