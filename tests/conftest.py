@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +23,19 @@ _WORDS = (
     "chest radiograph frontal there is a no the in of with nodule opacity cardiomegaly effusion "
     "normal heart lung left right upper lower lobe pleural tube line mm size small large"
 ).split()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_simulated_site_at_a_time() -> Iterator[None]:
+    """Simulations in tests run their sites one after another (one Ray actor): the suite runs two
+    test processes on two cores, and each actor costs about 6 s of CPU to start. Tests that
+    need sites in parallel pass their own CPUs per site. (Session scope: module-scoped fixtures
+    that simulate are set up before any function-scoped one.)"""
+    from simulations.flower import federate
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(federate, "CPUS_PER_SITE", os.cpu_count() or 1)
+        yield
 
 
 @pytest.fixture(scope="session")

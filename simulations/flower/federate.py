@@ -62,6 +62,11 @@ class FederationResult:
         return self
 
 
+# Ray CPUs per simulated site when a caller does not say: as many sites train at once as there
+# are cores.
+CPUS_PER_SITE = 1
+
+
 def check_federation(run_config: Mapping[str, ConfigValue], *, sites: int) -> None:
     """Refuse, before any Flower process starts, a run-config the app's coordinator would refuse.
 
@@ -105,11 +110,15 @@ def simulate(
     out_dir: Path,
     sites: int,
     run_config: Mapping[str, ConfigValue],
-    cpus_per_site: int = 1,
+    cpus_per_site: int | None = None,
     timeout: float = 3600.0,
     echo: bool = True,
 ) -> FederationResult:
-    """``sites`` virtual sites on Flower's simulation engine (our own SuperLink, stopped on exit)."""
+    """``sites`` virtual sites on Flower's simulation engine (our own SuperLink, stopped on exit).
+
+    ``cpus_per_site`` (default ``CPUS_PER_SITE``): Ray CPUs per virtual site, so the machine's
+    cores over it is how many sites train at once (one Ray actor each).
+    """
     home = _with_home(out_dir)
     run_dir = home / "run"
     config = {
@@ -124,7 +133,10 @@ def simulate(
             APP_DIR,
             link.connection,
             run_config=config,
-            federation_config={"num-supernodes": sites, "client-resources-num-cpus": cpus_per_site},
+            federation_config={
+                "num-supernodes": sites,
+                "client-resources-num-cpus": cpus_per_site or CPUS_PER_SITE,
+            },
             timeout=timeout,
             log_dir=home / "logs",
             echo=sys.stdout if echo else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import re
@@ -249,29 +250,49 @@ def submit_run(
     *,
     run_config: Mapping[str, ConfigValue] | None = None,
     federation_config: Mapping[str, ConfigValue] | None = None,
-    timeout: float = 300.0,
 ) -> int:
-    """``flwr run APP CONNECTION --format json [...]`` (APP staged by ``stage_app`` in a temporary
-    directory); return the new run's ID."""
+    """Start a run of ``app_dir`` as ``flwr run APP CONNECTION`` does, from this process: the same
+    FAB (Flower's ``build_fab_from_disk`` over the app staged by ``stage_app``), the same
+    ``StartRun`` request and overrides; return the new run's ID (a ``flwr`` process would cost
+    about 1.5 s of CPU)."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import parse_config_args
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.utils import simulation_config_from_json
+
     with tempfile.TemporaryDirectory(prefix="fedembed-app-") as tmp:
-        args = ["run", str(stage_app(app_dir, Path(tmp) / "app")), connection.name]
-        args += ["--format", "json"]
-        if run_config:
-            args += ["--run-config", format_config(run_config)]
-        if federation_config:
-            args += ["--federation-config", format_config(federation_config)]
-        done = flwr_cli(args, connection, timeout=timeout)
-    return int(_json_output(done.stdout, "flwr run")["run-id"])
+        fab_bytes = build_fab_from_disk(stage_app(app_dir, Path(tmp) / "app"))
+    overrides = parse_config_args([format_config(run_config)] if run_config else None)
+    federation = None
+    if federation_config:
+        parsed = parse_config_args([format_config(federation_config)])
+        federation = simulation_config_from_json(
+            {k.replace("-", "_"): v for k, v in parsed.items()}
+        )
+    request = StartRunRequest(
+        fab=fab_to_proto(Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})),
+        override_config=user_config_to_proto(overrides),
+        federation="",
+        override_federation_config=federation,
+        app_spec="",
+    )
+    with control_api(connection, "flwr run") as client:
+        reply = client.StartRun(request)
+    if not reply.HasField("run_id"):
+        raise FlowerError("`flwr run` failed: the SuperLink started no run")
+    return int(reply.run_id)
 
 
 @contextlib.contextmanager
 def control_api(connection: Connection, what: str) -> Iterator[ControlHttpClient]:
     """A Control API client for ``connection``, in this process; Flower's errors as FlowerError.
 
-    ``flwr ls`` / ``log`` / ``stop`` each start a Python process that costs about 1.5 s of CPU,
-    and a run is polled many times. These calls send the same requests to the same endpoints
-    with the same client and interceptors as the CLI (Flower 1.41's ``ControlHttpClient``), and
-    the CLI's own handler words the errors; ``flwr run`` stays a CLI call (it builds the FAB).
+    ``flwr run`` / ``ls`` / ``log`` / ``stop`` each start a Python process that costs about 1.5 s
+    of CPU, and a run is polled many times. These calls send the same requests to the same
+    endpoints with the same client and interceptors as the CLI (Flower 1.41's
+    ``ControlHttpClient``), and the CLI's own handler words the errors.
     ``what`` names the call in an error (``flwr ls`` ...).
     """
     import click
@@ -448,7 +469,7 @@ def run_app(
     poll_interval: float = 0.5,
     check: bool = False,
 ) -> RunResult:
-    """Submit an app with ``flwr run``, wait for finished:*, and return its status and log.
+    """Submit an app (``submit_run``), wait for finished:*, and return its status and log.
 
     Success is ``finished:completed`` only (``flwr run`` exits 0 for failed runs too). With
     ``stream`` the log is copied live to ``log_dir``/run-ID.log (and ``echo``); otherwise it is
