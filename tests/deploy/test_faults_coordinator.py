@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from common.tensorfile import read_tensorfile
-from simulations.flower.flwr_cli import run_app, run_status, submit_run
+from simulations.flower.flwr_cli import run_app, run_status, stop_run, submit_run
 from simulations.flower.local import LocalSuperLink, LocalSuperNode
 from simulations.flower.processes import descendants_running
 from tests.deploy.faults import (
@@ -58,13 +58,15 @@ def test_coordinator_killed_mid_run_resumes_without_lost_or_repeated_rounds(
     os.kill(serverapps[0], signal.SIGKILL)  # the coordinator dies during round 2
     killed_after = len(read_history(run_dir))
     assert killed_after == 1 and not (run_dir / "final").exists()
-    # Resumed at once: Flower notices the dead ServerApp only after 2 missed 30 s heartbeats, so
-    # the killed run is still "running" to it while the resumed run starts (and then turns
-    # finished:failed); it is never reported completed.
+    # Flower notices the dead ServerApp only after 2 missed 30 s heartbeats, and until then the
+    # SuperNodes sit on the dead run's round-2 message: the operator stops it (flwr stop), then
+    # resumes at once. The killed run is never reported completed.
+    stop_run(link.connection, run_id)
+    assert run_status(link.connection, run_id).status == "finished:stopped"
     resumed = run_app(
         fault_app, link.connection, run_config={**config, "resume": True}, timeout=RUN_TIMEOUT
     )
-    assert run_status(link.connection, run_id).status in ("running", "finished:failed")
+    assert run_status(link.connection, run_id).status == "finished:stopped"
     assert resumed.ok, resumed.log_text[-3000:]
     assert f"resuming run from round {killed_after}" in resumed.log_text
     history = read_history(run_dir)
