@@ -41,12 +41,18 @@ class SiteData:
 
 
 def get_encoder(
-    spec: str, *, modality: str, image_size: int | None = None, max_length: int = 128
+    spec: str,
+    *,
+    modality: str,
+    image_size: int | None = None,
+    max_length: int = 128,
+    weights: str | None = None,
 ) -> Encoder:
     """Load an encoder once per process (loading a model costs seconds; embedding reuses it),
-    and again when its weight files change (a long-lived site worker sees new weights)."""
+    and again when its weight files change (a long-lived site worker sees new weights).
+    ``weights``: the files' ``fingerprint_files`` if the caller has it (else computed here)."""
     encoder = _cached_encoder(spec, modality, image_size, max_length)
-    if fingerprint_files(weight_files(spec)) != encoder.identity()["weights"]:
+    if (weights or fingerprint_files(weight_files(spec))) != encoder.identity()["weights"]:
         _cached_encoder.cache_clear()
         encoder = _cached_encoder(spec, modality, image_size, max_length)
     return encoder
@@ -72,26 +78,29 @@ def known_encoder(
     A site whose data is all cached (every round after its first, a re-run) never loads the
     encoder: no model in memory, no seconds spent loading it.
     """
+    weights = fingerprint_files(weight_files(spec))
     load = {
         "code_version": ENCODER_CODE_VERSION,
         "spec": _spec_location(spec),
         "modality": modality,
         "image_size": image_size,
         "max_length": max_length,
-        "weights": fingerprint_files(weight_files(spec)),
+        "weights": weights,
     }
+
+    def loaded() -> Encoder:
+        return get_encoder(
+            spec, modality=modality, image_size=image_size, max_length=max_length, weights=weights
+        )
+
     cache = EmbeddingCache(cache_dir)
     known = cache.recorded_encoder(load)
     if known is None:
-        encoder = get_encoder(spec, modality=modality, image_size=image_size, max_length=max_length)
+        encoder = loaded()
         cache.record_encoder(load, encoder)
         return encoder
     identity, dim = known
-    return RecordedEncoder(
-        identity,
-        dim,
-        lambda: get_encoder(spec, modality=modality, image_size=image_size, max_length=max_length),
-    )
+    return RecordedEncoder(identity, dim, loaded)
 
 
 def _spec_location(spec: str) -> str:
@@ -107,6 +116,7 @@ class RecordedEncoder:
         self._identity = identity
         self.dim = dim
         self._load = load
+        self._encoder: Encoder | None = None
 
     def identity(self) -> dict[str, Any]:
         return copy.deepcopy(self._identity)
@@ -114,14 +124,16 @@ class RecordedEncoder:
     def embed(
         self, items: Sequence[Any], *, batch_size: int | None = None, progress: bool = False
     ) -> np.ndarray:
-        encoder = self._load()
-        if encoder.identity() != self._identity:
-            raise CacheError(
-                f"encoder {self._identity.get('source')!r}: the loaded model's identity differs "
-                "from the one its cache recorded for the same files and settings "
-                f"(dim {encoder.dim} vs {self.dim}); remove the cache's 'loads' records"
-            )
-        return encoder.embed(items, batch_size=batch_size, progress=progress)
+        if self._encoder is None:  # loaded and checked once, on the first chunk the cache lacks
+            encoder = self._load()
+            if encoder.identity() != self._identity:
+                raise CacheError(
+                    f"encoder {self._identity.get('source')!r}: the loaded model's identity "
+                    "differs from the one its cache recorded for the same files and settings "
+                    f"(dim {encoder.dim} vs {self.dim}); remove the cache's 'loads' records"
+                )
+            self._encoder = encoder
+        return self._encoder.embed(items, batch_size=batch_size, progress=progress)
 
 
 def _enabled(spec: str | None) -> bool:

@@ -48,20 +48,18 @@ def coordinator_cache() -> Path:
 def initial_model(run: RunSettings) -> tuple[HeadModel, dict[str, Any]]:
     """The global head at round 0 (seeded), sized for the run's encoders and task."""
     task = describe_task(run)
+    cache = coordinator_cache()
     dims: dict[str, int] = {}
     if "image" in task["modalities"]:
         dims["image"] = known_encoder(
             run.image_encoder,
             modality="image",
             image_size=run.encoder_image_size or None,
-            cache_dir=coordinator_cache(),
+            cache_dir=cache,
         ).dim
     if "text" in task["modalities"]:
         dims["text"] = known_encoder(
-            run.text_encoder,
-            modality="text",
-            max_length=run.max_length,
-            cache_dir=coordinator_cache(),
+            run.text_encoder, modality="text", max_length=run.max_length, cache_dir=cache
         ).dim
     return build_run_model(run, dims=dims, num_classes=len(task["class_names"])), task
 
