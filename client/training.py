@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from common.wire import (
     SUM_SQUARES,
     absolute_round,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +101,14 @@ def run_local_round(
             run_id=run_id,
             server_round=server_round,
             reference=reference,
+        )
+        log.info(
+            "round %d: DP-SGD with loss %s%s; epsilon %.4g (delta %g) so far",
+            server_round,
+            private.objective,
+            f" (auto: {private.objective_reason})" if private.objective_reason else "",
+            private.epsilon_total,
+            private.delta,
         )
         if private.declined:
             return RoundOutcome(

@@ -22,6 +22,7 @@ from common.config import (
 from common.data.partition import PARTITION_SCHEMES
 from common.privacy import _KEYS as PRIVACY_KEYS
 from common.privacy import LEDGER_SCOPES, PrivacySettings
+from common.registries import sample_dp_losses
 
 
 def _names(choices: Iterable[str]) -> str:
@@ -49,8 +50,8 @@ RUN_MEANINGS: dict[str, str] = {
     "local_epochs": "epochs each site trains per round",
     "batch_size": "local training batch size",
     "lr": "local learning rate (AdamW)",
-    "loss": f"training loss: {_names(LOSSES)} (sample-level DP needs proxy; "
-    "docs/architecture.md describes each)",
+    "loss": f"training loss: {_names(LOSSES)} (sample-level DP needs auto or a per-example loss: "
+    f"{_names(sample_dp_losses())}; docs/architecture.md describes each)",
     "head": f"head preset: {_names(HEAD_PRESET_NAMES)}",
     "start_steps": "aligned head, no DP, no secure aggregation: conjugate-gradient rounds that "
     "fit the pooled ridge least-squares map (frozen + lstsq) from per-site sums before round 1 "
@@ -161,7 +162,10 @@ _SECTIONS: tuple[tuple[str, str, type, dict[str, str]], ...] = (
     (
         "Sample-level DP (`dp-*`, run-config or node-config)",
         "A site's node-config values win over the run-config's; `dp-ledger-scope` is refused in "
-        'the run-config. Only with `loss = "proxy"`. `common/privacy.py` `PrivacySettings`.',
+        'the run-config. With `loss = "auto"` (it then trains the best per-example objective the data '
+        "supports) or a per-example loss (`proxy`, `prompts`, `infonce-public`, "
+        "`infonce-public+prompts`); any other loss is refused at run start. "
+        "`common/privacy.py` `PrivacySettings`.",
         PrivacySettings,
         PRIVACY_MEANINGS,
     ),

@@ -106,6 +106,8 @@ def evaluate_head(
             "embeddings": "frozen",
             **_label_metrics(_primary(train), _primary(test), train, test, classifiers, seed),
         }
+        if not paired and test.text is not None and test.prompts is not None:
+            frozen.update(_zero_shot(test.text, test.prompts, test))  # one encoder's space
         report.rows.append(frozen)
     if model is not None:
         report.rows.append(_projected_row(model, train, test, classifiers=classifiers, seed=seed))
@@ -177,20 +179,25 @@ def _aligned_frozen_row(
 def aligned_metrics(
     alignment: LinearAlignment, data: EmbeddedDataset, *, ks: Sequence[int] = KS
 ) -> dict[str, float]:
-    """Retrieval (and zero-shot, when every row of ``data`` is labelled) of the frozen embeddings
+    """Retrieval (and zero-shot of the labelled rows, with class prompts) of the frozen embeddings
     of ``data`` put in one space by a fitted ``alignment`` (image = side a, text = side b)."""
     assert data.image is not None and data.text is not None
     image_z, text_z = alignment.transform_a(data.image), alignment.transform_b(data.text)
     metrics = _retrieval(image_z, text_z, data, ks=ks)
-    if _zero_shot_ready(data):
-        assert data.prompts is not None and data.labels is not None
-        metrics.update(zero_shot(image_z, alignment.transform_b(data.prompts), data.labels))
+    if data.prompts is not None:
+        metrics.update(_zero_shot(image_z, alignment.transform_b(data.prompts), data))
     return metrics
 
 
-def _zero_shot_ready(data: EmbeddedDataset) -> bool:
-    """Whether ``data`` can be scored zero-shot: class prompts, and a label on every row."""
-    return data.prompts is not None and data.labels is not None and bool((data.labels >= 0).all())
+def _zero_shot(queries: np.ndarray, prompts: np.ndarray, data: EmbeddedDataset) -> dict[str, float]:
+    """Zero-shot scores of the labelled rows of ``data`` (``queries`` are its rows, embedded)
+    against the class prompts; none without labels of two classes."""
+    if data.labels is None:
+        return {}
+    rows = data.labels >= 0
+    if np.unique(data.labels[rows]).size < 2:
+        return {}
+    return zero_shot(queries[rows], prompts, data.labels[rows])
 
 
 def _retrieval(
@@ -221,16 +228,16 @@ def projected_metrics(
     classifiers: Sequence[str] | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """The head's metrics: retrieval and zero-shot (when every ``test`` row is labelled) on
-    projected ``test``; the linear probe (and ``classifiers``) fitted on projected ``train``
+    """The head's metrics: retrieval and zero-shot (the labelled rows' images, or for text-only
+    data reports, against the class prompts) on projected ``test``; the linear probe (and ``classifiers``) fitted on projected ``train``
     (left out without ``train``)."""
     test_z = model.project(test)
     metrics: dict[str, float] = {}
     if "image" in test_z and "text" in test_z:
         metrics.update(_retrieval(test_z["image"], test_z["text"], test))
-        if "prompts" in test_z and _zero_shot_ready(test):
-            assert test.labels is not None
-            metrics.update(zero_shot(test_z["image"], test_z["prompts"], test.labels))
+    queries = test_z.get("image", test_z.get("text"))  # reports alone: each against the prompts
+    if queries is not None and "prompts" in test_z:
+        metrics.update(_zero_shot(queries, test_z["prompts"], test))
     if train is not None:
         train_z = model.project(train)
         key = "joint" if "joint" in test_z else ("image" if "image" in test_z else "text")

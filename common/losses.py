@@ -4,87 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.dp_losses import PUBLIC_OBJECTIVES, ClassProxyLoss, PublicNegativesLoss
 from common.errors import ConfigError
+from common.loss_rows import (
+    check_prompts,
+    check_temperature,
+    positive_mask,
+    stack_rows,
+    zero_loss,
+)
 from common.registries import AUTO_LOSS, LOSSES, loss_info
-
-# Conventions shared by all losses:
-# - inputs are the head's outputs, [B, d] each, expected L2-normalised (similarities are plain dot
-#   products, not re-normalised); when both image and text are given, row i of each is one example.
-# - labels: integer tensor [B]; a negative label (-1) means "no label".
-# - "stacked rows": z = [image; text] (2B rows) with labels repeated, so the image and text rows of
-#   one example, and cross-modal pairs in general, take part; with one modality z is that modality.
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """Stacked embedding rows with their labels (or None) and the example each row belongs to."""
-
-    z: Tensor
-    labels: Tensor | None
-    example: Tensor
-
-
-def _check_embeddings(loss: str, name: str, x: Tensor) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{loss}: {name} embeddings must be [batch, dim], got {list(x.shape)}")
-
-
-def _check_labels(loss: str, labels: Tensor, batch: int) -> None:
-    if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"{loss}: labels must have shape [{batch}], got {list(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"{loss}: labels must be an integer tensor, got {labels.dtype}")
-
-
-def _stack_rows(
-    loss: str, image: Tensor | None, text: Tensor | None, labels: Tensor | None
-) -> _Rows:
-    """Validate the inputs and stack the available modalities as rows [image; text]."""
-    parts = [(name, x) for name, x in (("image", image), ("text", text)) if x is not None]
-    if not parts:
-        raise ValueError(f"{loss}: needs image and/or text embeddings, got neither")
-    for name, x in parts:
-        _check_embeddings(loss, name, x)
-    if image is not None and text is not None and image.shape != text.shape:
-        raise ValueError(
-            f"{loss}: image and text must be paired rows of equal shape, "
-            f"got {list(image.shape)} and {list(text.shape)}"
-        )
-    batch = parts[0][1].shape[0]
-    if batch < 1:
-        raise ValueError(f"{loss}: needs a non-empty batch")
-    if labels is not None:
-        _check_labels(loss, labels, batch)
-    repeat = len(parts)
-    example = torch.arange(batch, device=parts[0][1].device).repeat(repeat)
-    return _Rows(
-        z=torch.cat([x for _, x in parts], dim=0),
-        labels=None if labels is None else labels.repeat(repeat),
-        example=example,
-    )
-
-
-def _positive_mask(rows: _Rows) -> Tensor:
-    """[N, N] bool: j != i and (same example, or both labelled with the same label)."""
-    same = rows.example[:, None] == rows.example[None, :]
-    if rows.labels is not None:
-        known = rows.labels >= 0
-        same = same | (
-            (rows.labels[:, None] == rows.labels[None, :]) & known[:, None] & known[None, :]
-        )
-    eye = torch.eye(same.shape[0], dtype=torch.bool, device=same.device)
-    return same & ~eye
-
-
-def _zero(z: Tensor) -> Tensor:
-    """A zero loss that still belongs to the graph (so ``backward()`` works and gives zeros)."""
-    return z.sum() * 0.0
 
 
 class InfoNCELoss(nn.Module):
@@ -129,7 +63,7 @@ class InfoNCELoss(nn.Module):
             raise ValueError(
                 f"InfoNCELoss: needs paired image and text embeddings; {missing} is missing"
             )
-        _stack_rows("InfoNCELoss", image, text, None)
+        stack_rows("InfoNCELoss", image, text, None)
         logits = self.scale() * image @ text.T
         target = torch.arange(image.shape[0], device=image.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -148,14 +82,14 @@ class PairwiseLabelLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.1) -> None:
         super().__init__()
-        self.temperature = _check_temperature("PairwiseLabelLoss", temperature)
+        self.temperature = check_temperature("PairwiseLabelLoss", temperature)
 
     def forward(
         self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
     ) -> Tensor:
         if labels is None:
             raise ValueError("PairwiseLabelLoss: needs labels")
-        rows = _stack_rows("PairwiseLabelLoss", image, text, labels)
+        rows = stack_rows("PairwiseLabelLoss", image, text, labels)
         assert rows.labels is not None
         known = rows.labels >= 0
         same_example = rows.example[:, None] == rows.example[None, :]
@@ -164,9 +98,9 @@ class PairwiseLabelLoss(nn.Module):
         upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=rows.z.device), diagonal=1)
         pairs = usable & upper
         if not bool(pairs.any()):
-            return _zero(rows.z)
+            return zero_loss(rows.z)
         logits = (rows.z @ rows.z.T / self.temperature)[pairs]
-        targets = _positive_mask(rows)[pairs].to(logits.dtype)
+        targets = positive_mask(rows)[pairs].to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, targets)
 
 
@@ -183,19 +117,19 @@ class SupConLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.1) -> None:
         super().__init__()
-        self.temperature = _check_temperature("SupConLoss", temperature)
+        self.temperature = check_temperature("SupConLoss", temperature)
 
     def forward(
         self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
     ) -> Tensor:
         if labels is None and (image is None or text is None):
             raise ValueError("SupConLoss: needs labels, or both image and text (paired positives)")
-        rows = _stack_rows("SupConLoss", image, text, labels)
-        positives = _positive_mask(rows)
+        rows = stack_rows("SupConLoss", image, text, labels)
+        positives = positive_mask(rows)
         counts = positives.sum(dim=1)
         anchors = counts > 0
         if not bool(anchors.any()):
-            return _zero(rows.z)
+            return zero_loss(rows.z)
         eye = torch.eye(rows.z.shape[0], dtype=torch.bool, device=rows.z.device)
         logits = (rows.z @ rows.z.T / self.temperature).masked_fill(eye, float("-inf"))
         log_prob = F.log_softmax(logits, dim=1)
@@ -216,7 +150,7 @@ class PromptLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.1) -> None:
         super().__init__()
-        self.temperature = _check_temperature("PromptLoss", temperature)
+        self.temperature = check_temperature("PromptLoss", temperature)
 
     def forward(
         self,
@@ -228,20 +162,12 @@ class PromptLoss(nn.Module):
     ) -> Tensor:
         if labels is None or prompts is None:
             raise ValueError("PromptLoss: needs labels and the projected class prompts")
-        rows = _stack_rows("PromptLoss", image, text, labels)
+        rows = stack_rows("PromptLoss", image, text, labels)
         assert rows.labels is not None
-        _check_embeddings("PromptLoss", "prompt", prompts)
-        if prompts.shape[1] != rows.z.shape[1]:
-            raise ValueError(
-                f"PromptLoss: prompts have dim {prompts.shape[1]}, embeddings {rows.z.shape[1]}"
-            )
-        if bool((rows.labels >= prompts.shape[0]).any()):
-            raise ValueError(
-                f"PromptLoss: a label is >= the number of class prompts ({prompts.shape[0]})"
-            )
+        check_prompts("PromptLoss", rows, prompts)
         known = rows.labels >= 0
         if not bool(known.any()):
-            return _zero(rows.z)
+            return zero_loss(rows.z)
         logits = rows.z[known] @ prompts.T / self.temperature
         return F.cross_entropy(logits, rows.labels[known])
 
@@ -326,22 +252,32 @@ class AutoLoss(CLIPLabelLoss):
 
     One module (parameter ``clip.logit_scale``) whatever is chosen, so a coordinator that has not
     seen the sites' data builds the same state dict as every site. ``choose(objective)`` sets the
-    weights of ``AUTO_OBJECTIVES[objective]`` (``common.training.choose_objective`` calls it from
-    the data); ``forward`` before a choice is an error.
+    weights of ``AUTO_OBJECTIVES[objective]``, or, for a site that trains under sample-level DP,
+    of the per-example ``PUBLIC_OBJECTIVES[objective]`` (``self.public``, no parameters);
+    ``common.training.choose_objective`` calls it from the data. ``forward`` before a choice is
+    an error.
     """
 
     def __init__(self, *, init_temperature: float = 0.07, objective: str | None = None) -> None:
         super().__init__(init_temperature=init_temperature, supcon_weight=0.0)
+        self.public = PublicNegativesLoss(pair_weight=1.0, prompt_weight=1.0)
         self.objective: str | None = None
         if objective is not None:
             self.choose(objective)
 
     def choose(self, objective: str) -> None:
-        """Train with the terms of the registered loss ``objective`` (a key of AUTO_OBJECTIVES)."""
+        """Train with the terms of the registered loss ``objective`` (a key of AUTO_OBJECTIVES or
+        PUBLIC_OBJECTIVES)."""
+        if objective in PUBLIC_OBJECTIVES:
+            weights = PUBLIC_OBJECTIVES[objective]
+            self.public.pair_weight = weights["pair_weight"]
+            self.public.prompt_weight = weights["prompt_weight"]
+            self.objective = objective
+            return
         if objective not in AUTO_OBJECTIVES:
             raise ConfigError(
-                f"loss 'auto': objective must be one of {', '.join(AUTO_OBJECTIVES)}, "
-                f"got {objective!r}"
+                f"loss 'auto': objective must be one of "
+                f"{', '.join([*AUTO_OBJECTIVES, *PUBLIC_OBJECTIVES])}, got {objective!r}"
             )
         weights = AUTO_OBJECTIVES[objective]
         self.clip_weight = weights["clip_weight"]
@@ -349,6 +285,28 @@ class AutoLoss(CLIPLabelLoss):
         self.prompt_weight = weights["prompt_weight"]
         self.supcon.temperature = 0.1 if objective == "supcon" else 0.2
         self.objective = objective
+
+    @property
+    def per_example_objective(self) -> bool:
+        """Whether the chosen objective is per-example (valid under DP-SGD: ``per_example``)."""
+        return self.objective in PUBLIC_OBJECTIVES
+
+    @property
+    def uses_prompts(self) -> bool:
+        return self.per_example_objective or super().uses_prompts
+
+    def per_example(
+        self,
+        image: Tensor | None = None,
+        text: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        prompts: Tensor | None = None,
+    ) -> Tensor:
+        """Unreduced loss [B] of a per-example objective (``PublicNegativesLoss``)."""
+        if not self.per_example_objective:
+            raise ValueError(f"AutoLoss: objective {self.objective!r} is not per-example")
+        return self.public.per_example(image, text, labels, prompts=prompts)
 
     def forward(
         self,
@@ -360,82 +318,9 @@ class AutoLoss(CLIPLabelLoss):
     ) -> Tensor:
         if self.objective is None:
             raise ValueError("AutoLoss: no objective chosen yet (choose one from the data first)")
+        if self.per_example_objective:
+            return self.public(image, text, labels, prompts=prompts)
         return super().forward(image, text, labels, prompts=prompts)
-
-
-class ProxyClassifier(nn.Module):
-    """Cosine-style class logits ``z @ normalize(proxies).T / T``: [N, dim] -> [N, C].
-
-    A module of its own so that Opacus can hook it: put it in the private model beside the head
-    (its per-sample gradients come from Opacus' functorch fallback) to train the proxies with DP-SGD.
-    """
-
-    def __init__(self, *, num_classes: int, dim: int, temperature: float = 0.1) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"ProxyClassifier: num_classes must be >= 2, got {num_classes}")
-        if dim < 1:
-            raise ValueError(f"ProxyClassifier: dim must be >= 1, got {dim}")
-        self.num_classes = num_classes
-        self.temperature = _check_temperature("ProxyClassifier", temperature)
-        self.proxies = nn.Parameter(torch.randn(num_classes, dim))
-
-    def forward(self, z: Tensor) -> Tensor:
-        proxies = F.normalize(self.proxies, p=2.0, dim=-1, eps=1e-8)
-        return z @ proxies.T / self.temperature
-
-
-class ClassProxyLoss(nn.Module):
-    """Cross-entropy against learnable class proxies: per-example decomposable (DP-SGD safe).
-
-    The proxies [C, dim] live in ``self.classifier`` (parameter name ``classifier.proxies``) and are
-    normalised in the forward pass; for example i and each modality m present,
-    ``logits_c = z_i^m . p_c / T`` (p_c unit norm) and the term is ``CE(logits, y_i)``; the image and
-    text terms are summed. Example i's term depends only on example i and the proxies. Labels are
-    required and must be in ``[0, C)``.
-    """
-
-    def __init__(self, *, num_classes: int, dim: int, temperature: float = 0.1) -> None:
-        super().__init__()
-        self.classifier = ProxyClassifier(num_classes=num_classes, dim=dim, temperature=temperature)
-
-    @property
-    def proxies(self) -> nn.Parameter:
-        """The raw (unnormalised) class proxies [C, dim]."""
-        return self.classifier.proxies
-
-    def per_example(
-        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
-    ) -> Tensor:
-        """Unreduced loss [B]: image term + text term of each example (for DP / Opacus)."""
-        if labels is None:
-            raise ValueError("ClassProxyLoss: needs labels")
-        _stack_rows("ClassProxyLoss", image, text, labels)
-        num_classes = self.classifier.num_classes
-        if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
-            raise ValueError(
-                f"ClassProxyLoss: labels must be in [0, {num_classes}), "
-                f"got min {int(labels.min())} max {int(labels.max())}"
-            )
-        # One classifier call per modality (not on the stacked rows): under Opacus each call's
-        # batch dimension must be the example dimension for per-sample gradients.
-        terms = [
-            F.cross_entropy(self.classifier(x), labels, reduction="none")
-            for x in (image, text)
-            if x is not None
-        ]
-        return torch.stack(terms).sum(dim=0)
-
-    def forward(
-        self, image: Tensor | None = None, text: Tensor | None = None, labels: Tensor | None = None
-    ) -> Tensor:
-        return self.per_example(image, text, labels).mean()
-
-
-def _check_temperature(loss: str, temperature: float) -> float:
-    if temperature <= 0:
-        raise ValueError(f"{loss}: temperature must be > 0, got {temperature}")
-    return float(temperature)
 
 
 # Loss names by need (common/registries.py LOSSES is the one list).
@@ -462,6 +347,11 @@ def _proxy(num_classes: int | None, dim: int, kwargs: dict[str, float]) -> nn.Mo
     return ClassProxyLoss(num_classes=num_classes, dim=dim, **kwargs)
 
 
+def _public(name: str, temperature: float | None) -> nn.Module:
+    extra = {} if temperature is None else {"pair_temperature": temperature}
+    return PublicNegativesLoss(**PUBLIC_OBJECTIVES[name], **extra)
+
+
 # name -> (temperature or None, num_classes, dim) -> the loss module; one per registered loss.
 _BUILDERS: dict[str, Callable[[float | None, int | None, int], nn.Module]] = {
     "infonce": lambda t, n, d: InfoNCELoss() if t is None else InfoNCELoss(init_temperature=t),
@@ -470,6 +360,9 @@ _BUILDERS: dict[str, Callable[[float | None, int | None, int], nn.Module]] = {
     "pairwise": lambda t, n, d: PairwiseLabelLoss(**({} if t is None else {"temperature": t})),
     "supcon": lambda t, n, d: SupConLoss(**({} if t is None else {"temperature": t})),
     "proxy": lambda t, n, d: _proxy(n, d, {} if t is None else {"temperature": t}),
+    "prompts": lambda t, n, d: _public("prompts", t),
+    "infonce-public": lambda t, n, d: _public("infonce-public", t),
+    "infonce-public+prompts": lambda t, n, d: _public("infonce-public+prompts", t),
     AUTO_LOSS: lambda t, n, d: AutoLoss() if t is None else AutoLoss(init_temperature=t),
 }
 assert set(_BUILDERS) == set(LOSSES), "common/losses.py: a registered loss has no builder"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common.errors import ConfigError, PrivacyError
-from common.registries import loss_info
+from common.registries import AUTO_LOSS, loss_info, sample_dp_losses
 
 LEDGER_SCOPES: tuple[str, ...] = ("site", "run")
 
@@ -167,13 +167,22 @@ def _convert(name: str, raw: Any, *, key: str, source: str) -> Any:
 
 
 def require_sample_level_dp(loss: str) -> None:
-    """Raise PrivacyError unless ``loss`` is per-example decomposable (valid for DP-SGD)."""
-    if loss_info(loss).per_example:
+    """Raise PrivacyError unless ``loss`` is valid for DP-SGD: per-example decomposable, or
+    ``auto``, which then chooses a per-example objective (``registries.choose_loss``)."""
+    info = loss_info(loss)
+    if info.per_example or info.auto:
         return
     raise PrivacyError(
         f"sample-level DP (DP-SGD) is refused for loss '{loss}': it uses in-batch negatives, so "
         "removing one example changes the other examples' loss terms; Opacus' per-sample "
         "clipping then does not bound the sensitivity and the epsilon it would report is not a "
-        "valid guarantee. Use loss 'proxy' for sample-level DP, or client-level DP (Flower's "
-        "clipping + noise of the whole site update) with any loss"
+        "valid guarantee. Losses valid under sample-level DP: "
+        f"{', '.join(sample_dp_loss_choices())} (auto chooses the best the data supports); or "
+        "client-level DP (Flower's clipping + noise of the whole site update) "
+        "with any loss"
     )
+
+
+def sample_dp_loss_choices() -> tuple[str, ...]:
+    """The losses a run may name under sample-level DP: ``auto`` and the per-example ones."""
+    return (AUTO_LOSS, *sample_dp_losses())

@@ -58,22 +58,54 @@ LOSSES: dict[str, LossInfo] = {
         per_example=True,
         min_classes=2,  # a softmax over the class proxies
     ),
+    "prompts": LossInfo(
+        "cross-entropy of each image and report against the class prompts (public task "
+        "metadata, projected by the head as a per-step constant, T 0.1): per-example (DP-SGD safe)",
+        labels=True,
+        prompts=True,
+        per_example=True,
+        min_classes=2,
+    ),
+    "infonce-public": LossInfo(
+        "InfoNCE of each image-text pair against the class prompts as its only negatives (public, "
+        "never other examples; T 0.07): per-example (DP-SGD safe), no labels needed",
+        prompts=True,
+        pairs=True,
+        per_example=True,
+    ),
+    "infonce-public+prompts": LossInfo(
+        "infonce-public + prompts (a labelled example's own class prompt is not its negative): "
+        "per-example (DP-SGD safe)",
+        labels=True,
+        prompts=True,
+        pairs=True,
+        per_example=True,
+        min_classes=2,
+    ),
     AUTO_LOSS: LossInfo(
         "chosen from what the data has: infonce for image-text pairs; infonce+supcon with labels; "
         "infonce+supcon+prompts with labels and class prompts; supcon for labelled single-modality "
-        "data (one module whatever is chosen, so every site's head has the same parameters)",
+        "data; under sample-level DP the per-example infonce-public+prompts, prompts or "
+        "infonce-public (one module whatever is chosen, so every site's head has the same "
+        "parameters)",
         auto=True,
     ),
 }
 
 
-def choose_loss(*, paired: bool, labelled: bool, prompts: bool) -> tuple[str, str]:
+def choose_loss(
+    *, paired: bool, labelled: bool, prompts: bool, private: bool = False
+) -> tuple[str, str]:
     """The objective ``auto`` trains with, and why, from what the training data has.
 
     ``paired``: image and text rows (two-tower layout); ``labelled``: class labels of at least two
-    classes; ``prompts``: the task's class prompts embedded by the text encoder. Data with neither
-    pairs nor labels has nothing to train on: DataError.
+    classes; ``prompts``: the task's class prompts embedded by the text encoder. ``private``: the
+    site trains with sample-level DP (DP-SGD), so only a per-example objective will do. Data with
+    neither pairs nor labels has nothing to train on: DataError; under DP, data without class
+    prompts has no public negatives: DataError naming the alternative.
     """
+    if private:
+        return _choose_private(paired=paired, labelled=labelled, prompts=prompts)
     if paired and labelled and prompts:
         return "infonce+supcon+prompts", "image-text pairs with labels and class prompts"
     if paired and labelled:
@@ -85,6 +117,25 @@ def choose_loss(*, paired: bool, labelled: bool, prompts: bool) -> tuple[str, st
     raise DataError(
         "loss 'auto': the data has neither image-text pairs nor labels of two classes: "
         "nothing to train a head on"
+    )
+
+
+def _choose_private(*, paired: bool, labelled: bool, prompts: bool) -> tuple[str, str]:
+    why = "sample-level DP: a per-example objective"
+    if prompts and labelled and paired:
+        return "infonce-public+prompts", f"{why}; image-text pairs with labels and class prompts"
+    if prompts and labelled:
+        return "prompts", f"{why}; labels and class prompts, no image-text pairs"
+    if prompts and paired:
+        return "infonce-public", f"{why}; image-text pairs and class prompts, no labels"
+    alternative = (
+        "name loss 'proxy' (learnable class proxies) or give the task's class prompts"
+        if labelled
+        else "give the task's class prompts and labels"
+    )
+    raise DataError(
+        "loss 'auto' under sample-level DP: the data has no class prompts, the public negatives "
+        f"every per-example objective of 'auto' needs: {alternative}"
     )
 
 

@@ -133,6 +133,11 @@ def build_head_model(
         raise ConfigError(f"loss '{loss}' needs paired images and texts with the two-tower layout")
     if info.labels and not num_classes:
         raise ConfigError(f"loss '{loss}' needs class labels, but the dataset has none")
+    if info.prompts and (layout != "two-tower" or "text" not in dims):
+        raise ConfigError(
+            f"loss '{loss}' needs the two-tower layout with a text tower (it projects the class "
+            "prompts with it)"
+        )
     torch.manual_seed(seed)
     head = MultimodalHead(dims=dict(dims), config=head_config, layout=layout)
     spec = {
@@ -221,9 +226,12 @@ def training_rows(model: HeadModel, data: EmbeddedDataset) -> np.ndarray:
     return rows
 
 
-def choose_objective(model: HeadModel, data: EmbeddedDataset) -> tuple[str, str]:
-    """For an ``auto`` loss, choose the objective from what ``data`` has (``choose_loss``) and
-    record it in the model's loss spec; other losses are returned as they are."""
+def choose_objective(
+    model: HeadModel, data: EmbeddedDataset, *, private: bool = False
+) -> tuple[str, str]:
+    """For an ``auto`` loss, choose the objective from what ``data`` has (``choose_loss``; a
+    per-example one when ``private``, i.e. under DP-SGD) and record it in the model's loss spec;
+    other losses are returned as they are."""
     if not isinstance(model.loss, AutoLoss):
         return model.objective, ""
     dims = model.head.describe()["dims"]
@@ -239,7 +247,9 @@ def choose_objective(model: HeadModel, data: EmbeddedDataset) -> tuple[str, str]
         and np.unique(data.labels[data.labels >= 0]).size >= 2
     )
     prompts = data.prompts is not None and "text" in dims and model.head.layout == "two-tower"
-    objective, reason = choose_loss(paired=paired, labelled=labelled, prompts=prompts)
+    objective, reason = choose_loss(
+        paired=paired, labelled=labelled, prompts=prompts, private=private
+    )
     model.loss.choose(objective)
     model.loss_spec["objective"] = objective
     return objective, reason
@@ -429,7 +439,7 @@ learning rate per step whatever the weight's scale."""
 def _param_groups(model: HeadModel, lr: float) -> list[dict[str, Any]]:
     if not model.head.has_linear_path:
         return [{"params": list(model.parameters())}]
-    linear = [p for name, p in model.named_parameters() if _is_path(name)]
+    linear = [p for name, p in model.named_parameters() if is_linear_path(name)]
     head = [p for name, p in model.named_parameters() if name.startswith("head.")]
     ids = {id(p) for p in linear}
     residual = [p for p in head if id(p) not in ids]
@@ -444,7 +454,7 @@ def _param_groups(model: HeadModel, lr: float) -> list[dict[str, Any]]:
     return groups
 
 
-def _is_path(name: str) -> bool:
+def is_linear_path(name: str) -> bool:
     """Whether parameter ``name`` belongs to a tower's linear path (``head.<tower>.linear.*``)."""
     parts = name.split(".")
     return len(parts) == 4 and parts[0] == "head" and parts[2] == "linear"

@@ -18,11 +18,19 @@ from torch import Tensor, nn
 
 from client.privacy.budget import RoundPlan, plan_round
 from client.privacy.ledger import LedgerEntry, PrivacyLedger, pld_epsilon
+from common.dp_losses import ClassProxyLoss, PublicNegativesLoss
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError, PrivacyError
-from common.losses import ClassProxyLoss
+from common.losses import AutoLoss
 from common.privacy import PrivacySettings, require_sample_level_dp
-from common.training import HeadModel, TrainConfig, TrainResult, training_rows
+from common.training import (
+    HeadModel,
+    TrainConfig,
+    TrainResult,
+    choose_objective,
+    is_linear_path,
+    training_rows,
+)
 
 # Per-sample gradient modes that are valid for our head + proxy loss, fastest first (measured by
 # simulations/bench_dp.py). "ew" (ExpandedWeights) is not valid: it cannot handle F.normalize.
@@ -51,6 +59,8 @@ class PrivateRoundResult:
     reason: str = ""
     grad_sample_mode: str = "ghost"
     epsilon_total_pld: float | None = None  # ``epsilon_total`` by PLD (None: not computed)
+    objective: str = ""  # the loss trained with (what ``auto`` chose: a per-example objective)
+    objective_reason: str = ""  # why ``auto`` chose it ("" for a named loss)
 
     @property
     def samples_per_second(self) -> float:
@@ -89,23 +99,52 @@ class PrivateRoundResult:
 class PrivateObjective(nn.Module):
     """Head + loss as one module returning the per-example loss [B] (what Opacus wraps).
 
-    It holds the HeadModel's own ``head`` and ``loss`` submodules (the same parameters, not
-    copies), so the HeadModel is trained in place and its state_dict keys never change.
+    It holds the HeadModel's own ``head`` (the same parameters, not copies), so the HeadModel is
+    trained in place and its state_dict keys never change. The loss is a submodule (its
+    parameters trained by DP-SGD too) only for ``proxy``, whose class proxies are data; the
+    prompt losses (``common.dp_losses.PublicNegativesLoss``, ``auto``'s per-example objectives)
+    have no trained parameters and get the class prompts, projected by the current head without
+    gradient at every step: a per-step constant of the parameters, public, never an example.
     """
 
-    def __init__(self, model: HeadModel) -> None:
+    _public: PublicNegativesLoss | AutoLoss | None
+
+    def __init__(self, model: HeadModel, prompts: Tensor | None = None) -> None:
         super().__init__()
-        if not isinstance(model.loss, ClassProxyLoss):
+        loss = model.loss
+        per_example = isinstance(loss, (ClassProxyLoss, PublicNegativesLoss)) or (
+            isinstance(loss, AutoLoss) and loss.per_example_objective
+        )
+        if not per_example:
             require_sample_level_dp(str(model.loss_spec["name"]))
-            raise PrivacyError(f"DP-SGD needs a per-example loss, got {type(model.loss).__name__}")
+            raise PrivacyError(
+                f"DP-SGD needs a per-example loss, got {type(loss).__name__} "
+                f"(objective {model.objective!r})"
+            )
         self.head = model.head
-        self.loss: ClassProxyLoss = model.loss
+        self.proxy = loss if isinstance(loss, ClassProxyLoss) else None
+        # not a submodule (its parameters, e.g. auto's unused CLIP temperature, are not trained)
+        object.__setattr__(self, "_public", None if self.proxy is not None else loss)
+        if self._public is not None and prompts is None:
+            raise DataError(
+                f"loss '{model.objective}' needs the task's class prompts; the data has none"
+            )
+        self._prompts = prompts
 
     def forward(self, image: Tensor | None, text: Tensor | None, labels: Tensor) -> Tensor:
         out = self.head(image=image, text=text)
-        if "joint" in out:  # the concat layout's output is one view
-            return self.loss.per_example(image=out["joint"], labels=labels)
-        return self.loss.per_example(image=out.get("image"), text=out.get("text"), labels=labels)
+        if self.proxy is not None:
+            if "joint" in out:  # the concat layout's output is one view
+                return self.proxy.per_example(image=out["joint"], labels=labels)
+            return self.proxy.per_example(
+                image=out.get("image"), text=out.get("text"), labels=labels
+            )
+        assert self._public is not None and self._prompts is not None
+        with torch.no_grad():  # Opacus records no activations without grad
+            prompts = self.head(text=self._prompts)["text"]
+        return self._public.per_example(
+            image=out.get("image"), text=out.get("text"), labels=labels, prompts=prompts
+        )
 
 
 class _PerExampleCriterion:
@@ -147,6 +186,7 @@ def train_head_private(
         )
     require_sample_level_dp(str(model.loss_spec["name"]))
     data.validate()
+    chosen, why = choose_objective(model, data, private=True)
     rows = training_rows(model, data)
     ledger = PrivacyLedger(ledger_path)
     with ledger.locked():
@@ -160,6 +200,7 @@ def train_head_private(
         )
         if plan.declined or plan.steps == 0:
             result = _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_before)
+            result.objective, result.objective_reason = chosen, why
             result.epsilon_total_pld = pld_epsilon(
                 plan.history, privacy.delta, rdp=plan.epsilon_before
             )
@@ -186,6 +227,7 @@ def train_head_private(
         model, data, rows, config, privacy, plan, reference=reference, mode=grad_sample_mode
     )
     result = _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_after)
+    result.objective, result.objective_reason = chosen, why
     result.epsilon_total_pld = epsilon_total_pld
     result.seconds = time.perf_counter() - started
     result.steps = plan.steps
@@ -235,15 +277,25 @@ def _dp_sgd(
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     inputs = _training_tensors(data, rows)
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = _anchor(model, reference) if config.proximal_mu > 0 else None
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-    objective = PrivateObjective(model)
-    extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
-    gsm = prepare_module(
-        objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra
+    prompts = (
+        None if data.prompts is None else torch.from_numpy(np.asarray(data.prompts, np.float32))
     )
+    objective = PrivateObjective(model, prompts)
+    trained = {id(p) for p in objective.parameters() if p.requires_grad}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in trained and _private(n, model)]
+    params = [p for _, p in named]
+    chosen = {id(p) for p in params}
+    kept = [p for p in objective.parameters() if p.requires_grad and id(p) not in chosen]
+    anchor = _anchor(model, named, reference) if config.proximal_mu > 0 else None
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
+    gsm: Any = None
+    for p in kept:  # not trained: Opacus neither clips nor noises them
+        p.requires_grad_(False)
     try:
+        gsm = prepare_module(
+            objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra
+        )
         optimizer = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
             torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
             noise_multiplier=plan.noise_multiplier,
@@ -273,8 +325,11 @@ def _dp_sgd(
                 mode=mode,
             )
     finally:
-        gsm.cleanup()
+        if gsm is not None:
+            gsm.cleanup()
         _strip_opacus_state(model)
+        for p in kept:
+            p.requires_grad_(True)
         model.eval()
 
 
@@ -314,6 +369,19 @@ def _steps(
     return losses, samples
 
 
+def _private(name: str, model: HeadModel) -> bool:
+    """Whether DP-SGD trains parameter ``name``: every trainable one, except that a head with a
+    linear path (``aligned``) trains its affine paths only and keeps its residual MLPs at their
+    zero start. Under DP most coordinates' gradients are noise, and AdamW moves each trained
+    weight by about its learning rate per step whatever the gradient: a residual trained on noise
+    adds a random vector to every output, while the affine paths start at a public map (the
+    identity for a tower whose widths agree) and carry what the data says. Measured in
+    docs/results/privacy/privacy.md (both variants)."""
+    if not model.head.has_linear_path or not name.startswith("head."):
+        return True
+    return is_linear_path(name)
+
+
 def _strip_opacus_state(model: nn.Module) -> None:
     """Remove what Opacus leaves beyond ``cleanup()`` (captured-activation lists, summed grads)."""
     for module in model.modules():
@@ -333,8 +401,8 @@ def _training_tensors(
             return None
         return torch.from_numpy(np.ascontiguousarray(array[rows], dtype=np.float32))
 
-    assert data.labels is not None
-    return take(data.image), take(data.text), torch.from_numpy(data.labels[rows].astype(np.int64))
+    labels = np.full(len(data), -1) if data.labels is None else data.labels
+    return take(data.image), take(data.text), torch.from_numpy(labels[rows].astype(np.int64))
 
 
 def _batches(
@@ -362,11 +430,11 @@ def _empty_batch(params: list[nn.Parameter], mode: str) -> None:
             p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
 
 
-def _anchor(model: HeadModel, reference: Mapping[str, Tensor] | None) -> list[Tensor]:
-    """FedProx anchor per trainable parameter (the round's global weights; default: current)."""
+def _anchor(
+    model: HeadModel,
+    named: list[tuple[str, nn.Parameter]],
+    reference: Mapping[str, Tensor] | None,
+) -> list[Tensor]:
+    """FedProx anchor per trained parameter (the round's global weights; default: current)."""
     source = reference if reference is not None else model.state_dict()
-    return [
-        source[name].detach().clone().to(p.dtype)
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    ]
+    return [source[name].detach().clone().to(p.dtype) for name, p in named]

@@ -1,4 +1,6 @@
-"""Utility vs epsilon: federated training with sample-level DP (Opacus, proxy loss) at several privacy levels."""
+"""Utility vs epsilon: federated training with sample-level DP (Opacus DP-SGD at every site) at several
+privacy levels, with a loss valid under DP-SGD (default ``auto``: the best per-example objective the
+data supports, common/registries.py ``choose_loss``)."""
 
 from __future__ import annotations
 
@@ -8,17 +10,22 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.atomic import append_line
 from common.config import RunSettings
+from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, PrivacyError
 from common.metrics import format_table
+from common.privacy import sample_dp_loss_choices
+from common.registries import AUTO_LOSS, choose_loss, loss_info
 from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.arms import (
     HEADLINE,
-    SAMPLE_DP_LOSS,
     concat_embedded,
     federate,
     metric_row,
@@ -26,12 +33,15 @@ from simulations.experiments.arms import (
     run_config_of,
 )
 from simulations.experiments.machine import machine_info
+from simulations.flower.run_config import parse_run_config
 
 DEFAULT_OUT = RESULTS_DIR / "privacy"
 SITES = 4
 """Sites of every study run (rounds and local epochs: RunSettings' defaults)."""
 EPSILONS: tuple[float, ...] = (1.0, 3.0, 8.0, math.inf)
-METRIC = "probe_f1_macro"  # defined for paired and text-only data; the proxy loss trains for labels
+METRIC = "probe_f1_macro"  # defined for paired and text-only data
+RATIOS = ("zs_auroc", "mean_R@5")  # the issue's bars: DP / no DP, same loss family
+FROZEN_SHOWN = ("zs_auroc", "mean_R@5", METRIC)  # the frozen baseline (+ tuned map) beside
 # dataset -> its run-config (dataset-n 0 = every example)
 DATASETS: dict[str, dict[str, Any]] = {
     "synthetic-radiology": {"dataset-n": 2000},
@@ -52,15 +62,16 @@ def study_run(
     rounds: int,
     local_epochs: int,
     overrides: Mapping[str, Any],
+    loss: str = AUTO_LOSS,
 ) -> RunSettings:
-    """The non-private run settings of one (dataset, seed): proxy loss, IID split over ``sites``."""
+    """The non-private run settings of one (dataset, seed): ``loss``, IID split over ``sites``."""
     if dataset not in DATASETS and "dataset-n" not in overrides:
         raise ConfigError(f"dataset '{dataset}': give its dataset-n in overrides")
     return RunSettings.from_run_config(
         {
             "dataset": dataset,
             **DATASETS.get(dataset, {}),
-            "loss": SAMPLE_DP_LOSS,
+            "loss": loss,
             "partition": "iid",
             "min-sites": sites,
             "num-server-rounds": rounds,
@@ -84,12 +95,14 @@ def run_study(
     delta: float = 1e-5,
     max_grad_norm: float = 1.0,
     overrides: Mapping[str, Any] | None = None,
+    loss: str = AUTO_LOSS,
     echo: bool = False,
 ) -> dict[str, Any]:
     """Every (dataset, seed, epsilon) as a federated Flower simulation; summary JSON, markdown, PNG.
 
     Each run is a fresh consortium whose sites calibrate DP-SGD to ``dp-target-epsilon`` for the
-    whole run; epsilon = inf is the same federation without DP (same loss, splits and seed). The
+    whole run; epsilon = inf is the same federation without DP (splits, seed and the per-example
+    loss the DP sites train: ``private_objective``). The
     epsilon reported is the largest any site's accountant recorded (its audit log); a run whose
     spend exceeds its target raises PrivacyError. Finished runs are kept in
     ``work_dir``/runs.jsonl and reused when the study is started again.
@@ -112,6 +125,7 @@ def run_study(
                 rounds=rounds,
                 local_epochs=local_epochs,
                 overrides=overrides or {},
+                loss=loss,
             )
             site_data = prepare_sites(run, sites, cache_dir=work_dir / "cache")
             train = concat_embedded([s.train for s in site_data])
@@ -119,18 +133,20 @@ def run_study(
             frozen.append(
                 {"dataset": dataset, "seed": seed, **metric_row("frozen", None, train, test)}
             )
+            same_family = private_objective(run.loss, train)
             for epsilon in epsilons:
                 key = f"{dataset}/seed-{seed}/eps-{_label(epsilon)}"
                 if key not in done:
+                    arm = run if not math.isinf(epsilon) else replace(run, loss=same_family)
                     done[key] = _one_run(
-                        key, run, epsilon, delta, max_grad_norm, sites, work_dir, train, test, echo
+                        key, arm, epsilon, delta, max_grad_norm, sites, work_dir, train, test, echo
                     )
                     append_line(journal, json.dumps(done[key], sort_keys=True))
                 runs.append(done[key])
     document = {
         "experiment": "utility vs epsilon, sample-level DP (Opacus DP-SGD at every site)",
         "setting": f"federated (Flower simulation), {sites} sites, IID, {rounds} rounds x "
-        f"{local_epochs} local epochs, loss {SAMPLE_DP_LOSS}",
+        f"{local_epochs} local epochs, loss {loss}",
         "metric": METRIC,
         "delta": delta,
         "max_grad_norm": max_grad_norm,
@@ -144,6 +160,21 @@ def run_study(
     figure = plot_study(document, out_dir / "utility_vs_epsilon.png")
     write_results(out_dir, "privacy", _json_safe(document), render_markdown(document, figure.name))
     return document
+
+
+def private_objective(loss: str, train: EmbeddedDataset) -> str:
+    """The per-example loss a site trains with under DP-SGD: ``loss`` itself, or for ``auto``
+    what it chooses on ``train`` (``choose_loss(private=True)``). The study's epsilon = inf arm
+    trains it without DP, so the DP arms are read against the same loss family."""
+    if not loss_info(loss).auto:
+        return loss
+    labelled = train.labels is not None and np.unique(train.labels[train.labels >= 0]).size >= 2
+    return choose_loss(
+        paired=train.image is not None and train.text is not None,
+        labelled=labelled,
+        prompts=train.prompts is not None and train.text is not None,
+        private=True,
+    )[0]
 
 
 def _one_run(
@@ -187,6 +218,7 @@ def _one_run(
         "dataset": run.dataset,
         "seed": run.seed,
         "target_epsilon": epsilon,
+        "loss": run.loss,
         "epsilon": spent,
         "epsilon_per_site": arm.privacy.get("epsilon_per_site", {}),
         "delta": delta if dp else None,
@@ -222,9 +254,24 @@ def summarize(
                 if values:
                     row[metric] = statistics.fmean(values)
                     row[f"{metric}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-            frozen_values = [float(f[METRIC]) for f in base if METRIC in f]
-            if frozen_values:
-                row[f"frozen_{METRIC}"] = statistics.fmean(frozen_values)
+            for metric in FROZEN_SHOWN:
+                frozen_values = [float(f[metric]) for f in base if metric in f]
+                if frozen_values:
+                    row[f"frozen_{metric}"] = statistics.fmean(frozen_values)
+            no_dp = {
+                r["seed"]: r
+                for r in runs
+                if r["dataset"] == dataset and math.isinf(float(r["target_epsilon"]))
+            }
+            for metric in RATIOS:  # paired by seed: DP run / the same seed's run without DP
+                ratios = [
+                    float(r[metric]) / float(no_dp[r["seed"]][metric])
+                    for r in group
+                    if metric in r and r["seed"] in no_dp and float(no_dp[r["seed"]][metric]) > 0
+                ]
+                if ratios and not math.isinf(target):
+                    row[f"{metric}_ratio"] = statistics.fmean(ratios)
+                    row[f"{metric}_ratio_min"] = min(ratios)
             rows.append(row)
     return rows
 
@@ -271,8 +318,14 @@ def render_markdown(document: Mapping[str, Any], figure: str) -> str:
             if metric in row:
                 spread = f" ± {row[f'{metric}_std']:.4f}" if row["seeds"] > 1 else ""
                 cells[metric] = f"{row[metric]:.4f}{spread}"
-        if f"frozen_{METRIC}" in row:
-            cells[f"frozen {METRIC}"] = f"{row[f'frozen_{METRIC}']:.4f}"
+        for metric in RATIOS:
+            if f"{metric}_ratio" in row:
+                cells[f"{metric} / no DP (min over seeds)"] = (
+                    f"{row[f'{metric}_ratio']:.2f}x ({row[f'{metric}_ratio_min']:.2f}x)"
+                )
+        for metric in FROZEN_SHOWN:
+            if f"frozen_{metric}" in row:
+                cells[f"frozen {metric}"] = f"{row[f'frozen_{metric}']:.4f}"
         shown.append(cells)
     columns = list(dict.fromkeys(k for r in shown for k in r))
     lines = [
@@ -283,7 +336,8 @@ def render_markdown(document: Mapping[str, Any], figure: str) -> str:
         "splits of all sites (mean ± std when several seeds). Each site calibrates its noise multiplier σ "
         "so that the whole run costs at most the target ε (Opacus RDP accountant, Poisson "
         "sampling); 'ε spent' is the largest total any site's accountant reported (its audit log). "
-        "The ∞ rows are the same federation without DP (same loss, splits and seeds).",
+        "The ∞ rows are the same federation without DP (same splits and seeds, and the same "
+        "per-example loss the DP sites trained with: what auto chooses under DP).",
         "",
         format_table(shown, columns),
         "",
@@ -324,6 +378,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sites", type=int, default=SITES)
     parser.add_argument("--rounds", type=int, default=run.num_server_rounds)
     parser.add_argument("--local-epochs", type=int, default=run.local_epochs)
+    parser.add_argument(
+        "--loss",
+        default=AUTO_LOSS,
+        choices=sample_dp_loss_choices(),
+        help="a loss valid under DP-SGD (auto: the best per-example objective for the data)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config overrides for every run, TOML values (e.g. batch-size=256 lr=0.003)",
+    )
     args = parser.parse_args(argv)
     document = run_study(
         out_dir=Path(args.out),
@@ -334,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sites=args.sites,
         rounds=args.rounds,
         local_epochs=args.local_epochs,
+        loss=args.loss,
+        overrides=parse_run_config(" ".join(args.set), option="--set"),
     )
     print((Path(args.out) / "privacy.md").read_text())
     print(f"{len(document['runs'])} runs")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from common.dp_losses import ClassProxyLoss
 from common.embedding import EmbeddedDataset
 from common.training import HeadModel
 
@@ -47,6 +48,8 @@ class StepObserver:
             handle.remove()
 
     def _forward(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("image") is None:  # the class prompts, projected without gradient
+            return
         image = kwargs["image"].detach().numpy()
         self._seen.extend(self.row_of[row.tobytes()] for row in image)
 
@@ -63,5 +66,11 @@ class StepObserver:
 
 
 def trainable(model: HeadModel) -> list[str]:
-    """The model's trainable parameters' names, in order."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+    """The parameters DP-SGD trains, in order: the head's, and the class proxies of ``proxy`` (the
+    prompt losses' only parameter, ``auto``'s CLIP temperature, is not used under DP)."""
+    proxy = isinstance(model.loss, ClassProxyLoss)
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (proxy or not name.startswith("loss."))
+    ]

@@ -414,7 +414,9 @@ def test_the_private_objective_refuses_a_loss_that_is_not_per_example() -> None:
     mislabelled = HeadModel(infonce.head, infonce.loss, loss_spec={**_model().loss_spec})
     with pytest.raises(PrivacyError) as error:
         PrivateObjective(mislabelled)
-    assert str(error.value) == "DP-SGD needs a per-example loss, got InfoNCELoss"
+    assert str(error.value) == (
+        "DP-SGD needs a per-example loss, got InfoNCELoss (objective 'proxy')"
+    )
 
 
 # 8. a round whose loss becomes NaN fails with a named error, not a NaN head

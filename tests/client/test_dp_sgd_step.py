@@ -22,19 +22,20 @@ import torch
 from client.privacy import PrivacySettings, PrivateObjective, train_head_private
 from common.embedding import EmbeddedDataset
 from common.heads import HeadConfig
-from common.training import HeadModel, TrainConfig, build_head_model
+from common.privacy import sample_dp_loss_choices
+from common.training import HeadModel, TrainConfig, build_head_model, choose_objective
 from tests.client.dp_step_observer import StepObserver
 from tests.embedded_data import clustered
 
 OPACUS_EPS = 1e-6  # Opacus' clipping factor is min(1, C / (||g|| + 1e-6))
 
 
-def _model(head: HeadConfig, *, seed: int = 0) -> HeadModel:
+def _model(head: HeadConfig, *, seed: int = 0, loss: str = "proxy") -> HeadModel:
     return build_head_model(
         dims={"image": 12, "text": 8},
         head_config=head,
         layout="two-tower",
-        loss="proxy",
+        loss=loss,
         num_classes=4,
         seed=seed,
     )
@@ -50,8 +51,10 @@ def _per_example_grads(
         for name, p in model.named_parameters():
             if name in params:
                 p.copy_(params[name])
-    objective = PrivateObjective(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    choose_objective(model, data, private=True)
+    prompts = None if data.prompts is None else torch.from_numpy(data.prompts)
+    objective = PrivateObjective(model, prompts)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
     image, text = torch.from_numpy(data.image), torch.from_numpy(data.text)
     labels = torch.from_numpy(data.labels.astype(np.int64))
     grads = []
@@ -83,7 +86,7 @@ def _train(
         result = train_head_private(
             model,
             data,
-            TrainConfig(loss="proxy", epochs=epochs, batch_size=batch_size, lr=1e-2),
+            TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-2),
             privacy,
             ledger_path=ledger,
             planned_rounds=1,
@@ -141,6 +144,27 @@ def test_noiseless_step_is_mean_of_clipped_per_example_gradients(
         clip_factor = (CLIP / (grads.norm(dim=1, keepdim=True) + OPACUS_EPS)).clamp(max=1.0)
         mean = (grads * clip_factor).mean(dim=0)
         torch.testing.assert_close(observer.grads[0], mean, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", [n for n in sample_dp_loss_choices() if n != "proxy"])
+def test_every_dp_loss_steps_with_the_clipped_sum_of_single_example_gradients(
+    loss: str, tmp_path: Path
+) -> None:
+    """The prompt losses (and auto under DP) through the production loop: each step's gradient is
+    the sum of every batch example's gradient computed alone, each clipped to C, over B; so one
+    example moves it by at most C / B, whatever the other examples are."""
+    data, model = clustered(64, prompts=True), _model(SMALL_HEAD, loss=loss)
+    template = copy.deepcopy(model)
+    choose_objective(template, data, private=True)
+    every = _per_example_grads(template, dict(template.named_parameters()), data, list(range(64)))
+    clip = float(every.norm(dim=1).median())
+    privacy = PrivacySettings(noise_multiplier=1e-9, max_grad_norm=clip)
+    observer = _train(model, data, privacy, tmp_path / "l.json", batch_size=16, epochs=1)
+    assert model.objective != "auto" and model.objective == template.objective
+    sums, norms = _references(template, observer, data, clip)
+    assert 0.1 < float((norms > clip).float().mean()) < 0.9  # clipping is exercised
+    for k, (grad, clipped_sum) in enumerate(zip(observer.grads, sums, strict=True)):
+        torch.testing.assert_close(grad, clipped_sum / 16, rtol=1e-4, atol=1e-6, msg=f"step {k}")
 
 
 # 2. noise multiplier sigma: the residual is N(0, (sigma C / B)^2) per coordinate, fresh each step

@@ -23,9 +23,11 @@ from client.privacy import (
     train_head_private,
 )
 from common.embedding import EmbeddedDataset
-from common.errors import ConfigError, PrivacyError
-from common.heads import HeadConfig
-from common.training import HeadModel, TrainConfig, build_head_model
+from common.errors import ConfigError, DataError, PrivacyError
+from common.heads import HEAD_PRESETS, HeadConfig
+from common.privacy import sample_dp_loss_choices
+from common.registries import sample_dp_losses
+from common.training import HeadModel, TrainConfig, build_head_model, choose_objective
 from tests.embedded_data import clustered
 
 HEAD = HeadConfig(out_dim=8, hidden_dim=16)
@@ -52,16 +54,32 @@ def _batch(data: EmbeddedDataset, size: int) -> tuple[torch.Tensor, torch.Tensor
     )
 
 
+def _objective(model: HeadModel, data: EmbeddedDataset) -> PrivateObjective:
+    """The production private objective of ``model`` on ``data`` (``auto`` chooses under DP)."""
+    choose_objective(model, data, private=True)
+    prompts = None if data.prompts is None else torch.from_numpy(data.prompts)
+    return PrivateObjective(model, prompts)
+
+
+def _trained(objective: PrivateObjective) -> list[torch.nn.Parameter]:
+    return [p for p in objective.parameters() if p.requires_grad]
+
+
 def _opacus_grad_samples(
-    model: HeadModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, mode: str = "hooks"
+    objective: PrivateObjective,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    mode: str = "hooks",
 ) -> torch.Tensor:
-    """Opacus' per-example gradients [B, P] of the private objective (head + proxies)."""
-    gsm = prepare_module(PrivateObjective(model), grad_sample_mode=mode, loss_reduction="mean")
+    """Opacus' per-example gradients [B, P] of the private objective."""
+    gsm = prepare_module(objective, grad_sample_mode=mode, loss_reduction="mean")
     gsm.train()
     gsm(x, t, y).mean().backward()
-    grads = _stacked_grad_samples(model.parameters(), len(y))
+    grads = _stacked_grad_samples(iter(_trained(objective)), len(y))
     gsm.cleanup()
-    model.zero_grad(set_to_none=True)
+    objective.zero_grad(set_to_none=True)
     return grads
 
 
@@ -71,16 +89,14 @@ def _stacked_grad_samples(params: Iterator[torch.nn.Parameter], batch: int) -> t
 
 
 def _autograd_grads(
-    model: HeadModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    objective: PrivateObjective, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
     """Plain autograd gradient of each single example's loss, [B, P]."""
-    objective = PrivateObjective(model)
     rows = []
     for i in range(len(y)):
         loss = objective(x[i : i + 1], t[i : i + 1], y[i : i + 1]).sum()
-        rows.append(
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
-        )
+        grads = torch.autograd.grad(loss, _trained(objective))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)
 
 
@@ -135,20 +151,31 @@ def _round(
 def test_opacus_per_example_gradients_equal_autograd(mode: str, layout: str) -> None:
     model = _model(layout=layout)
     assert "loss.classifier.proxies" in dict(model.named_parameters())
-    x, t, y = _batch(clustered(), 16)
-    opacus = _opacus_grad_samples(model, x, t, y, mode=mode)
-    torch.testing.assert_close(opacus, _autograd_grads(model, x, t, y), rtol=1e-4, atol=1e-5)
+    data = clustered()
+    objective = _objective(model, data)
+    x, t, y = _batch(data, 16)
+    opacus = _opacus_grad_samples(objective, x, t, y, mode=mode)
+    torch.testing.assert_close(opacus, _autograd_grads(objective, x, t, y), rtol=1e-4, atol=1e-5)
 
 
-def test_ghost_clipping_sums_clipped_gradients_and_one_example_moves_at_most_c() -> None:
-    model = _model()
-    x, t, y = _batch(clustered(), 16)
-    grads = _autograd_grads(model, x, t, y)
+@pytest.mark.parametrize("loss", sample_dp_loss_choices())
+def test_ghost_clipping_sums_clipped_gradients_and_one_example_moves_at_most_c(loss: str) -> None:
+    """Every loss a run may train with under sample-level DP: the production objective's
+    per-example gradients (Opacus) equal each example's own gradient computed alone, ghost
+    clipping sums them clipped to C, and removing any one example moves that sum by <= C."""
+    model, data = _model(loss), clustered(prompts=True)
+    objective = _objective(model, data)
+    assert model.objective in sample_dp_losses()  # auto chose a per-example objective
+    x, t, y = _batch(data, 16)
+    grads = _autograd_grads(objective, x, t, y)
+    torch.testing.assert_close(
+        _opacus_grad_samples(objective, x, t, y), grads, rtol=1e-4, atol=1e-5
+    )
     clip = float(grads.norm(dim=1).median())  # about half the examples get clipped
 
-    gsm = prepare_module(PrivateObjective(model), grad_sample_mode="ghost", max_grad_norm=clip)
+    gsm = prepare_module(objective, grad_sample_mode="ghost", max_grad_norm=clip)
     optimizer = DPOptimizerFastGradientClipping(
-        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.optim.SGD(_trained(objective), lr=0.1),
         noise_multiplier=0.0,
         max_grad_norm=clip,
         expected_batch_size=16,
@@ -156,15 +183,55 @@ def test_ghost_clipping_sums_clipped_gradients_and_one_example_moves_at_most_c()
     criterion = DPLossFastGradientClipping(gsm, optimizer, _Identity(), "mean")
     gsm.train()
     criterion(gsm(x, t, y)).backward()
-    ghost = torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+    ghost = torch.cat([p.grad.reshape(-1) for p in _trained(objective)])  # type: ignore[union-attr]
     gsm.cleanup()
+    objective.zero_grad(set_to_none=True)
     torch.testing.assert_close(ghost, _clipped_sum(grads, clip), rtol=1e-4, atol=1e-5)
 
-    full = _clipped_sum(_opacus_grad_samples(model, x, t, y), clip)
+    full = _clipped_sum(_opacus_grad_samples(objective, x, t, y), clip)
     for j in range(16):
         keep = torch.arange(16) != j
-        without = _clipped_sum(_opacus_grad_samples(model, x[keep], t[keep], y[keep]), clip)
+        without = _clipped_sum(_opacus_grad_samples(objective, x[keep], t[keep], y[keep]), clip)
         assert float((full - without).norm()) <= clip * (1 + 1e-5)
+
+
+def test_auto_under_dp_trains_the_best_per_example_objective_and_says_so(tmp_path: Path) -> None:
+    privacy = PrivacySettings(noise_multiplier=1.0)
+    paired = _round(_model("auto"), clustered(64, prompts=True), privacy, tmp_path / "a.json")
+    assert paired.objective == "infonce-public+prompts" and paired.steps > 0
+    assert "sample-level DP" in paired.objective_reason
+    text_only = clustered(64, prompts=True)
+    text_only.image = None
+    model = build_head_model(dims={"text": 8}, head_config=HEAD, loss="auto", num_classes=4, seed=0)
+    assert _round(model, text_only, privacy, tmp_path / "b.json").objective == "prompts"
+    with pytest.raises(DataError, match=r"no class prompts.*name loss 'proxy'"):
+        _round(_model("auto"), clustered(64), privacy, tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()  # refused before anything was charged
+
+
+def test_dp_sgd_trains_only_the_affine_paths_of_an_aligned_head(tmp_path: Path) -> None:
+    """Under DP the residual MLPs keep their zero start (noise would be all they learn); the
+    affine paths train, and every parameter is trainable again afterwards."""
+    model = build_head_model(
+        dims={"image": 12, "text": 8}, head_config=HEAD_PRESETS["aligned"], loss="auto", seed=0
+    )
+    before = _state(model)
+    result = _round(
+        model,
+        clustered(64, prompts=True),
+        PrivacySettings(noise_multiplier=1.0),
+        tmp_path / "l.json",
+    )
+    assert result.steps > 0
+    after = _state(model)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == {
+        "head.image.linear.weight",
+        "head.image.linear.bias",
+        "head.text.linear.weight",
+        "head.text.linear.bias",
+    }
+    assert all(p.requires_grad for p in model.parameters())
 
 
 class _Identity:
@@ -211,7 +278,8 @@ def test_in_batch_losses_break_the_sensitivity_bound_and_are_refused(
             _model(loss), clustered(), PrivacySettings(noise_multiplier=1.0), tmp_path / "l.json"
         )
     message = str(error.value)
-    for phrase in ("in-batch negatives", "not a valid guarantee", "'proxy'", "client-level DP"):
+    valid = ", ".join(sample_dp_loss_choices())
+    for phrase in ("in-batch negatives", "not a valid guarantee", valid, "client-level DP"):
         assert phrase in message
     assert not (tmp_path / "l.json").exists()
 

@@ -61,10 +61,17 @@ def test_loss_names_and_needs_come_from_the_registry() -> None:
 
     assert list(LOSSES) == list(registries.LOSSES)
     assert set(NEEDS_LABELS) == {n for n, i in registries.LOSSES.items() if i.labels}
-    assert NEEDS_PROMPTS == ("infonce+supcon+prompts",)
-    assert registries.sample_dp_losses() == ("proxy",)
-    require_sample_level_dp("proxy")  # the only per-example decomposable loss
-    for name in set(registries.LOSSES) - {"proxy"}:
+    assert NEEDS_PROMPTS == (
+        "infonce+supcon+prompts",
+        "prompts",
+        "infonce-public",
+        "infonce-public+prompts",
+    )
+    per_example = ("proxy", "prompts", "infonce-public", "infonce-public+prompts")
+    assert registries.sample_dp_losses() == per_example
+    for name in ("auto", *per_example):  # auto chooses a per-example objective under DP
+        require_sample_level_dp(name)
+    for name in set(registries.LOSSES) - {"auto", *per_example}:
         with pytest.raises(PrivacyError, match=f"refused for loss '{re.escape(name)}'"):
             require_sample_level_dp(name)
     with pytest.raises(ConfigError, match="unknown loss 'clip'"):

@@ -12,6 +12,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from common.data.dataset import ImageRef
+from common.data.dicom_codecs import register_plugin
 from common.data.images import file_key, is_dicom, read_image
 from common.errors import DataError
 
@@ -90,6 +91,7 @@ def test_deep_compressed_dicom_keeps_its_range_through_rescale_and_window(
 ) -> None:
     """The window is applied to the 12/16-bit values themselves: every stored level inside the
     window stays a level of its own (no 8-bit step before windowing)."""
+    register_plugin()  # pixel_array below decodes through pydicom itself, before read_image does
     dataset = pydicom.dcmread(_testdata(name))
     stored = dataset.pixel_array.astype(np.float64)
     slope, intercept = 0.5, -100.0

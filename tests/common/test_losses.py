@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.dp_losses import PUBLIC_OBJECTIVES, ClassProxyLoss, PublicNegativesLoss
 from common.errors import ConfigError, DataError
 from common.heads import HeadConfig, MultimodalHead
 from common.losses import (
     AUTO_OBJECTIVES,
     LOSSES,
     AutoLoss,
-    ClassProxyLoss,
     CLIPLabelLoss,
     InfoNCELoss,
     PairwiseLabelLoss,
@@ -328,6 +328,9 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
         "pairwise": PairwiseLabelLoss,
         "supcon": SupConLoss,
         "proxy": ClassProxyLoss,
+        "prompts": PublicNegativesLoss,
+        "infonce-public": PublicNegativesLoss,
+        "infonce-public+prompts": PublicNegativesLoss,
         "auto": AutoLoss,
     }
     assert set(LOSSES) == set(expected)
@@ -337,6 +340,10 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
         if isinstance(loss, ClassProxyLoss):
             assert loss.proxies.shape == (4, 8)
             assert loss.classifier.temperature == pytest.approx(0.3)
+        elif isinstance(loss, PublicNegativesLoss):
+            assert loss.pair_temperature == pytest.approx(0.3)
+            assert loss.prompt_temperature == pytest.approx(0.1)
+            assert not list(loss.parameters())
         else:
             assert loss.temperature == pytest.approx(0.3)
     assert build_loss("infonce", num_classes=None, dim=8).temperature == pytest.approx(0.07)
@@ -347,7 +354,7 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
     assert isinstance(without_prompts, CLIPLabelLoss) and not without_prompts.uses_prompts
 
 
-@pytest.mark.parametrize("objective", sorted(AUTO_OBJECTIVES))
+@pytest.mark.parametrize("objective", sorted([*AUTO_OBJECTIVES, *PUBLIC_OBJECTIVES]))
 def test_auto_loss_equals_the_registered_loss_it_chose(objective: str) -> None:
     """`auto` is one module whatever it chooses (same parameters at every site), and once it has
     chosen it computes exactly the registered loss of that name."""
@@ -360,7 +367,8 @@ def test_auto_loss_equals_the_registered_loss_it_chose(objective: str) -> None:
         auto(image, text, labels)
     auto.choose(objective)
     reference = build_loss(objective, num_classes=3, dim=D)
-    kwargs = {"prompts": prompts} if objective.endswith("prompts") else {}
+    kwargs = {"prompts": prompts} if getattr(reference, "uses_prompts", False) else {}
+    assert auto.uses_prompts == bool(kwargs)
     torch.testing.assert_close(
         auto(image, text, labels, **kwargs), reference(image, text, labels, **kwargs)
     )
@@ -379,6 +387,21 @@ def test_choose_loss_follows_what_the_data_has() -> None:
         choose_loss(paired=False, labelled=False, prompts=False)
 
 
+def test_choose_loss_under_dp_takes_a_per_example_objective() -> None:
+    def private(**has: bool) -> str:
+        return choose_loss(private=True, **has)[0]
+
+    assert private(paired=True, labelled=True, prompts=True) == "infonce-public+prompts"
+    assert private(paired=False, labelled=True, prompts=True) == "prompts"
+    assert private(paired=True, labelled=False, prompts=True) == "infonce-public"
+    for name in ("infonce-public+prompts", "prompts", "infonce-public"):
+        assert LOSSES[name].per_example
+    with pytest.raises(DataError, match=r"no class prompts.*name loss 'proxy'"):
+        private(paired=True, labelled=True, prompts=False)
+    with pytest.raises(DataError, match=r"no class prompts.*give the task's class prompts and"):
+        private(paired=True, labelled=False, prompts=False)
+
+
 def test_build_loss_errors() -> None:
     with pytest.raises(
         ConfigError,
@@ -394,7 +417,7 @@ def test_build_loss_errors() -> None:
         build_loss("supcon", num_classes=3, dim=8, temperature=0.0)
 
 
-def test_only_proxy_is_per_example_decomposable() -> None:
+def test_the_per_example_losses_are_the_registered_ones() -> None:
     assert {name: loss_is_per_example_decomposable(name) for name in LOSSES} == {
         "infonce": False,
         "infonce+supcon": False,
@@ -402,7 +425,10 @@ def test_only_proxy_is_per_example_decomposable() -> None:
         "pairwise": False,
         "supcon": False,
         "proxy": True,
-        "auto": False,
+        "prompts": True,
+        "infonce-public": True,
+        "infonce-public+prompts": True,
+        "auto": False,  # chooses a per-example objective under DP (choose_loss private=True)
     }
     with pytest.raises(ConfigError, match="unknown loss"):
         loss_is_per_example_decomposable("nope")
@@ -490,3 +516,80 @@ def test_infonce_training_on_toy_pairs_lowers_the_loss() -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
     assert losses[0] > math.log(n) * 0.8  # chance level at init
+
+
+# Per-example losses with public negatives (the class prompts): valid under DP-SGD
+
+
+def _public_longhand(
+    image: Tensor, text: Tensor, labels: list[int], prompts: Tensor, pair_w: float, prompt_w: float
+) -> list[float]:
+    """Each example's term written out with Python loops (T pair 0.07, T prompt 0.1)."""
+    out = []
+    for i, y in enumerate(labels):
+        total = 0.0
+        if prompt_w and y >= 0:
+            for z in (image[i], text[i]):
+                logits = [float(z @ p) / 0.1 for p in prompts]
+                total += prompt_w * (math.log(sum(math.exp(v) for v in logits)) - logits[y])
+        if pair_w:
+            pair = float(image[i] @ text[i]) / 0.07
+            ce = []
+            for z in (image[i], text[i]):
+                logits = [pair] + [float(z @ p) / 0.07 for c, p in enumerate(prompts) if c != y]
+                ce.append(math.log(sum(math.exp(v) for v in logits)) - pair)
+            total += pair_w * 0.5 * (ce[0] + ce[1])
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_OBJECTIVES))
+@pytest.mark.parametrize("labels", ["mixed", "with_unlabelled"])
+def test_public_negative_losses_match_longhand(name: str, labels: str) -> None:
+    batch = inputs("both")
+    prompts = unit(5, D, seed=7)
+    y = LABEL_CASES[labels]
+    loss = build_loss(name, num_classes=5, dim=D).double()
+    weights = PUBLIC_OBJECTIVES[name]
+    expected = _public_longhand(
+        batch["image"], batch["text"], y, prompts, weights["pair_weight"], weights["prompt_weight"]
+    )
+    per_example = loss.per_example(**batch, labels=torch.tensor(y), prompts=prompts)
+    assert per_example.tolist() == pytest.approx(expected, rel=1e-9)
+    assert float(loss(**batch, labels=torch.tensor(y), prompts=prompts)) == pytest.approx(
+        sum(expected) / len(expected), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_OBJECTIVES))
+def test_public_negative_losses_are_per_example_and_treat_prompts_as_constants(name: str) -> None:
+    """Example i's term is the same alone as in any batch; the prompts get no gradient."""
+    batch = {k: v.requires_grad_(True) for k, v in inputs("both", seed=3).items()}
+    y = torch.tensor([0, 1, 2, 1, 0])
+    prompts = unit(3, D, seed=9).requires_grad_(True)
+    loss = build_loss(name, num_classes=3, dim=D).double()
+    together = loss.per_example(**batch, labels=y, prompts=prompts)
+    for i in range(B):
+        alone = loss.per_example(
+            image=batch["image"][i : i + 1],
+            text=batch["text"][i : i + 1],
+            labels=y[i : i + 1],
+            prompts=prompts,
+        )
+        assert float(alone[0].detach()) == pytest.approx(float(together[i].detach()), rel=1e-12)
+    together.sum().backward()
+    assert prompts.grad is None and batch["image"].grad is not None
+
+
+def test_public_negative_losses_refuse_what_they_cannot_use() -> None:
+    batch = inputs("both")
+    prompts = unit(3, D, seed=1)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    with pytest.raises(ValueError, match="needs the projected class prompts"):
+        build_loss("prompts", num_classes=3, dim=D)(**batch, labels=y)
+    with pytest.raises(ValueError, match="pair term needs paired image and text"):
+        build_loss("infonce-public", num_classes=None, dim=D)(image=batch["image"], prompts=prompts)
+    with pytest.raises(ValueError, match="prompt term needs labels"):
+        build_loss("prompts", num_classes=3, dim=D)(**batch, prompts=prompts)
+    with pytest.raises(ValueError, match="a label is >= the number of class prompts"):
+        build_loss("prompts", num_classes=3, dim=D)(**batch, labels=y + 1, prompts=prompts)

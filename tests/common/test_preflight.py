@@ -39,11 +39,13 @@ def test_sample_level_dp_with_a_loss_using_in_batch_negatives_is_refused(
     message = _refusal({"loss": loss, **dp})
     key, value = next(iter(dp.items()))
     assert message.startswith(f"run-config: {key} = {value} turns on sample-level DP")
-    assert f"loss '{loss}'" in message and "Use loss 'proxy'" in message
+    valid = "auto, proxy, prompts, infonce-public, infonce-public+prompts"
+    assert f"loss '{loss}'" in message and f"valid under sample-level DP: {valid}" in message
 
 
 def test_sample_level_dp_with_the_proxy_loss_and_dp_off_with_any_loss_pass() -> None:
-    assert check_run_config({"loss": "proxy", "dp-noise-multiplier": 1.0}).loss == "proxy"
+    for loss in ("proxy", "prompts", "infonce-public", "infonce-public+prompts", "auto"):
+        assert check_run_config({"loss": loss, "dp-noise-multiplier": 1.0}).loss == loss
     # The app's defaults: 0 is "off", so the default loss (auto) runs without DP-SGD.
     off = {"dp-noise-multiplier": 0.0, "dp-target-epsilon": 0.0}
     assert check_run_config(off).loss == "auto"

@@ -76,7 +76,7 @@ def test_simulate_refuses_sample_level_dp_with_infonce_before_starting_flower(
     done, seconds = _fedembed(tmp_path, *argv, "--out", "out")
     err = _assert_refused_without_flower(done, seconds, tmp_path / "out")
     assert "dp-noise-multiplier = 1.0 turns on sample-level DP" in err
-    assert "loss 'infonce'" in err and "Use loss 'proxy'" in err
+    assert "loss 'infonce'" in err and "valid under sample-level DP: auto, proxy, prompts" in err
 
 
 def test_simulate_refuses_a_site_column_of_five_values_for_four_sites_before_starting_flower(

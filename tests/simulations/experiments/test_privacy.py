@@ -68,6 +68,13 @@ def test_one_row_per_epsilon_with_the_accountants_epsilon(
     assert not ledger_path(inf_home / "sites" / "site-0").exists()
     for row in summary:
         assert 0.0 <= row[METRIC] <= 1.0 and f"frozen_{METRIC}" in row
+    # The default loss (auto) trains a per-example objective under DP; the no-DP row trains that
+    # same objective, so the ratio of the two reads DP's cost alone.
+    losses = {r["target_epsilon"]: r["loss"] for r in document["runs"]}
+    assert losses == {EPSILONS[0]: "auto", EPSILONS[1]: "infonce-public+prompts"}
+    no_dp = next(r for r in document["runs"] if math.isinf(r["target_epsilon"]))
+    assert private["zs_auroc_ratio"] == pytest.approx(run["zs_auroc"] / no_dp["zs_auroc"])
+    assert "zs_auroc_ratio" not in baseline and "frozen_zs_auroc" in baseline
 
 
 def test_outputs_json_markdown_and_figure(study: tuple[dict[str, Any], Path, Path]) -> None:
@@ -79,9 +86,14 @@ def test_outputs_json_markdown_and_figure(study: tuple[dict[str, Any], Path, Pat
     table = [line for line in markdown.splitlines() if line.startswith("| synthetic-radiology")]
     assert len(table) == len(EPSILONS)
     assert f"{document['summary'][0]['epsilon']:.3f}" in table[0] and "∞ (no DP)" in table[1]
+    assert "zs_auroc / no DP" in markdown and f"{summary_ratio(document):.2f}x" in table[0]
     assert "utility_vs_epsilon.png" in markdown
     image = matplotlib.image.imread(out / "utility_vs_epsilon.png")
     assert image.ndim == 3 and image.shape[1] > 300
+
+
+def summary_ratio(document: dict[str, Any]) -> float:
+    return float(document["summary"][0]["zs_auroc_ratio"])
 
 
 def test_restart_reuses_finished_runs(
