@@ -128,14 +128,16 @@ def _choose_private(*, paired: bool, labelled: bool, prompts: bool) -> tuple[str
         return "prompts", f"{why}; labels and class prompts, no image-text pairs"
     if prompts and paired:
         return "infonce-public", f"{why}; image-text pairs and class prompts, no labels"
-    alternative = (
-        "name loss 'proxy' (learnable class proxies) or give the task's class prompts"
-        if labelled
-        else "give the task's class prompts and labels"
-    )
+    if not prompts:
+        proxy = ", or name loss 'proxy' (learnable class proxies)" if labelled else ""
+        raise DataError(
+            "loss 'auto' under sample-level DP: the data has no class prompts (embedded by a text "
+            "tower), the public negatives every per-example objective of 'auto' needs: give the "
+            f"task's class prompts{proxy}"
+        )
     raise DataError(
-        "loss 'auto' under sample-level DP: the data has no class prompts, the public negatives "
-        f"every per-example objective of 'auto' needs: {alternative}"
+        "loss 'auto' under sample-level DP: the data has neither labels of two classes nor "
+        "image-text pairs to train on"
     )
 
 

@@ -188,6 +188,8 @@ def train_head_private(
     data.validate()
     chosen, why = choose_objective(model, data, private=True)
     rows = training_rows(model, data)
+    if model.uses_prompts and data.prompts is None:  # refused before the ledger is charged
+        raise DataError(f"loss '{chosen}' needs the task's class prompts; the data has none")
     ledger = PrivacyLedger(ledger_path)
     with ledger.locked():
         plan = plan_round(
@@ -282,7 +284,12 @@ def _dp_sgd(
     )
     objective = PrivateObjective(model, prompts)
     trained = {id(p) for p in objective.parameters() if p.requires_grad}
-    named = [(n, p) for n, p in model.named_parameters() if id(p) in trained and _private(n, model)]
+    present = {m for m in ("image", "text") if getattr(data, m) is not None}
+    named = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if id(p) in trained and _private(n, model, present)
+    ]
     params = [p for _, p in named]
     chosen = {id(p) for p in params}
     kept = [p for p in objective.parameters() if p.requires_grad and id(p) not in chosen]
@@ -369,17 +376,21 @@ def _steps(
     return losses, samples
 
 
-def _private(name: str, model: HeadModel) -> bool:
-    """Whether DP-SGD trains parameter ``name``: every trainable one, except that a head with a
-    linear path (``aligned``) trains its affine paths only and keeps its residual MLPs at their
-    zero start. Under DP most coordinates' gradients are noise, and AdamW moves each trained
+def _private(name: str, model: HeadModel, present: set[str]) -> bool:
+    """Whether DP-SGD trains parameter ``name``: every trainable one, except the tower of a
+    modality the site's data lacks (``present``: it gets no gradient, so Opacus has no
+    per-example gradient of it), and except that a head with a linear path (``aligned``) trains
+    its affine paths only and keeps its residual MLPs at their zero start. Under DP most coordinates' gradients are noise, and AdamW moves each trained
     weight by about its learning rate per step whatever the gradient: a residual trained on noise
     adds a random vector to every output, while the affine paths start at a public map (the
     identity for a tower whose widths agree) and carry what the data says. Measured in
     docs/results/privacy/privacy.md (both variants)."""
-    if not model.head.has_linear_path or not name.startswith("head."):
+    parts = name.split(".")
+    if parts[0] != "head":
         return True
-    return is_linear_path(name)
+    if parts[1] in ("image", "text") and parts[1] not in present:
+        return False
+    return not model.head.has_linear_path or is_linear_path(name)
 
 
 def _strip_opacus_state(model: nn.Module) -> None:

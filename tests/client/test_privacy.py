@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,13 +201,56 @@ def test_auto_under_dp_trains_the_best_per_example_objective_and_says_so(tmp_pat
     paired = _round(_model("auto"), clustered(64, prompts=True), privacy, tmp_path / "a.json")
     assert paired.objective == "infonce-public+prompts" and paired.steps > 0
     assert "sample-level DP" in paired.objective_reason
-    text_only = clustered(64, prompts=True)
-    text_only.image = None
-    model = build_head_model(dims={"text": 8}, head_config=HEAD, loss="auto", num_classes=4, seed=0)
-    assert _round(model, text_only, privacy, tmp_path / "b.json").objective == "prompts"
     with pytest.raises(DataError, match=r"no class prompts.*name loss 'proxy'"):
         _round(_model("auto"), clustered(64), privacy, tmp_path / "c.json")
     assert not (tmp_path / "c.json").exists()  # refused before anything was charged
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("missing", ["image", "text"])
+def test_a_site_with_one_modality_trains_the_run_s_two_tower_head(
+    missing: str, mode: str, tmp_path: Path
+) -> None:
+    """The run's head has both towers; a site holding only reports (or only images) trains the
+    tower its data reaches, under auto (prompts) and proxy alike, and the other stays as sent."""
+    privacy = PrivacySettings(noise_multiplier=1.0)
+    for loss in ("auto", "proxy"):
+        data = clustered(64, prompts=True)
+        setattr(data, missing, None)
+        model = _model(loss)
+        before = _state(model)
+        result = train_head_private(
+            model,
+            data,
+            TrainConfig(epochs=1, batch_size=32, lr=5e-3),
+            privacy,
+            ledger_path=tmp_path / f"{loss}-{missing}-{mode}.json",
+            planned_rounds=3,
+            run_id=7,
+            server_round=1,
+            grad_sample_mode=mode,
+        )
+        assert result.steps > 0
+        assert loss == "proxy" or result.objective == "prompts"
+        after = _state(model)
+        moved = {n.split(".")[1] for n in before if not torch.equal(before[n], after[n])}
+        assert missing not in moved and (moved - {"classifier"}) >= {
+            "text" if missing == "image" else "image"
+        }
+
+
+def test_a_named_prompt_loss_without_prompts_is_refused_before_the_ledger_is_charged(
+    tmp_path: Path,
+) -> None:
+    for loss in ("prompts", "infonce-public", "infonce-public+prompts"):
+        with pytest.raises(DataError, match=f"loss '{re.escape(loss)}' needs the task's class"):
+            _round(
+                _model(loss),
+                clustered(64),
+                PrivacySettings(noise_multiplier=1.0),
+                tmp_path / "l.json",
+            )
+        assert not (tmp_path / "l.json").exists()
 
 
 def test_dp_sgd_trains_only_the_affine_paths_of_an_aligned_head(tmp_path: Path) -> None:

@@ -396,10 +396,12 @@ def test_choose_loss_under_dp_takes_a_per_example_objective() -> None:
     assert private(paired=True, labelled=False, prompts=True) == "infonce-public"
     for name in ("infonce-public+prompts", "prompts", "infonce-public"):
         assert LOSSES[name].per_example
-    with pytest.raises(DataError, match=r"no class prompts.*name loss 'proxy'"):
+    with pytest.raises(DataError, match=r"no class prompts.*prompts, or name loss 'proxy'"):
         private(paired=True, labelled=True, prompts=False)
-    with pytest.raises(DataError, match=r"no class prompts.*give the task's class prompts and"):
+    with pytest.raises(DataError, match=r"no class prompts.*give the task's class prompts$"):
         private(paired=True, labelled=False, prompts=False)
+    with pytest.raises(DataError, match="neither labels of two classes nor image-text pairs"):
+        private(paired=False, labelled=False, prompts=True)
 
 
 def test_build_loss_errors() -> None:
