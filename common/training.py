@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,10 +234,24 @@ def choose_objective(
     other losses are returned as they are."""
     if not isinstance(model.loss, AutoLoss):
         return model.objective, ""
-    dims = model.head.describe()["dims"]
+    objective, reason = objective_for(
+        data, layout=model.head.layout, towers=model.head.describe()["dims"], private=private
+    )
+    model.loss.choose(objective)
+    model.loss_spec["objective"] = objective
+    return objective, reason
+
+
+def objective_for(
+    data: EmbeddedDataset, *, layout: str, towers: Iterable[str], private: bool = False
+) -> tuple[str, str]:
+    """What ``auto`` trains a head of ``layout`` with ``towers`` on ``data`` with, and why
+    (``registries.choose_loss`` from the pairs, labels and class prompts the head can use)."""
+    towers = set(towers)
+    two_tower = layout == "two-tower"
     paired = (
-        model.head.layout == "two-tower"
-        and set(dims) == {"image", "text"}
+        two_tower
+        and towers == {"image", "text"}
         and data.image is not None
         and data.text is not None
     )
@@ -246,13 +260,8 @@ def choose_objective(
         and data.num_classes >= 2
         and np.unique(data.labels[data.labels >= 0]).size >= 2
     )
-    prompts = data.prompts is not None and "text" in dims and model.head.layout == "two-tower"
-    objective, reason = choose_loss(
-        paired=paired, labelled=labelled, prompts=prompts, private=private
-    )
-    model.loss.choose(objective)
-    model.loss_spec["objective"] = objective
-    return objective, reason
+    prompts = data.prompts is not None and "text" in towers and two_tower
+    return choose_loss(paired=paired, labelled=labelled, prompts=prompts, private=private)
 
 
 def train_head(

@@ -283,16 +283,14 @@ def _dp_sgd(
         None if data.prompts is None else torch.from_numpy(np.asarray(data.prompts, np.float32))
     )
     objective = PrivateObjective(model, prompts)
-    trained = {id(p) for p in objective.parameters() if p.requires_grad}
+    in_objective = {id(p) for p in objective.parameters()}
     present = {m for m in ("image", "text") if getattr(data, m) is not None}
-    named = [
-        (n, p)
-        for n, p in model.named_parameters()
-        if id(p) in trained and _private(n, model, present)
+    trainable = [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_objective
     ]
+    named = [(n, p) for n, p in trainable if _private(n, model, present)]
     params = [p for _, p in named]
-    chosen = {id(p) for p in params}
-    kept = [p for p in objective.parameters() if p.requires_grad and id(p) not in chosen]
+    kept = [p for n, p in trainable if not _private(n, model, present)]
     anchor = _anchor(model, named, reference) if config.proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
@@ -380,10 +378,11 @@ def _private(name: str, model: HeadModel, present: set[str]) -> bool:
     """Whether DP-SGD trains parameter ``name``: every trainable one, except the tower of a
     modality the site's data lacks (``present``: it gets no gradient, so Opacus has no
     per-example gradient of it), and except that a head with a linear path (``aligned``) trains
-    its affine paths only and keeps its residual MLPs at their zero start. Under DP most coordinates' gradients are noise, and AdamW moves each trained
-    weight by about its learning rate per step whatever the gradient: a residual trained on noise
-    adds a random vector to every output, while the affine paths start at a public map (the
-    identity for a tower whose widths agree) and carry what the data says. Measured in
+    its affine paths only and keeps its residual MLPs at their zero start. Under DP most
+    coordinates' gradients are noise, and AdamW moves each trained weight by about its learning
+    rate per step whatever the gradient: a residual trained on noise adds a random vector to every
+    output, while the affine paths start at a public map (the identity for a tower whose widths
+    agree) and carry what the data says. Measured in
     docs/results/privacy/privacy.md (both variants)."""
     parts = name.split(".")
     if parts[0] != "head":

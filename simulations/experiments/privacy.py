@@ -14,15 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common.atomic import append_line
 from common.config import RunSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, PrivacyError
 from common.metrics import format_table
 from common.privacy import sample_dp_loss_choices
-from common.registries import AUTO_LOSS, choose_loss, loss_info
+from common.registries import AUTO_LOSS, loss_info
+from common.training import objective_for
 from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.arms import (
     HEADLINE,
@@ -133,7 +132,7 @@ def run_study(
             frozen.append(
                 {"dataset": dataset, "seed": seed, **metric_row("frozen", None, train, test)}
             )
-            same_family = private_objective(run.loss, train)
+            same_family = private_objective(run, train)
             for epsilon in epsilons:
                 key = f"{dataset}/seed-{seed}/eps-{_label(epsilon)}"
                 if key not in done:
@@ -162,19 +161,14 @@ def run_study(
     return document
 
 
-def private_objective(loss: str, train: EmbeddedDataset) -> str:
-    """The per-example loss a site trains with under DP-SGD: ``loss`` itself, or for ``auto``
-    what it chooses on ``train`` (``choose_loss(private=True)``). The study's epsilon = inf arm
-    trains it without DP, so the DP arms are read against the same loss family."""
-    if not loss_info(loss).auto:
-        return loss
-    labelled = train.labels is not None and np.unique(train.labels[train.labels >= 0]).size >= 2
-    return choose_loss(
-        paired=train.image is not None and train.text is not None,
-        labelled=labelled,
-        prompts=train.prompts is not None and train.text is not None,
-        private=True,
-    )[0]
+def private_objective(run: RunSettings, train: EmbeddedDataset) -> str:
+    """The per-example loss a site trains with under DP-SGD: the run's loss itself, or for
+    ``auto`` what it chooses on ``train`` (``objective_for(private=True)``, as the sites do). The
+    study's epsilon = inf arm trains it without DP, so the DP arms are read against the same loss
+    family."""
+    if not loss_info(run.loss).auto:
+        return run.loss
+    return objective_for(train, layout=run.layout, towers=train.dims, private=True)[0]
 
 
 def _one_run(
