@@ -71,13 +71,16 @@ def bundle_key(spec: DataSpec) -> BundleKey:
     weight files of the encoders it uses (``common.encoders.weight_files``).
     """
     from common.encoders import ENCODER_CODE_VERSION, fingerprint_files, weight_files
+    from common.encoders.runtime import runtime_key
     from common.pipeline import encoder_specs, load_site_dataset
 
     dataset = load_site_dataset(spec)
+    runtime = runtime_key(spec.encoder_precision, spec.encoder_device)
     encoders = {
         modality: {
             "code_version": ENCODER_CODE_VERSION,
             "weights": fingerprint_files(weight_files(encoder)),
+            "runtime": runtime,
         }
         for modality, encoder in encoder_specs(spec, dataset).items()
     }
@@ -145,8 +148,10 @@ def _embed(settings: SiteSettings, spec: DataSpec, key: BundleKey, path: Path) -
     for line in data.report.summary():  # skip-and-report mode (node-config on-bad-row)
         log.warning("site %s: %s", settings.name, line)
     site = Site(settings.name, spec, data.train, data.test, data.encoders, source="embedded")
-    stamps = {m: {k: i[k] for k in ("code_version", "weights")} for m, i in data.encoders.items()}
-    if stamps != key.encoders or bundle_key(spec) != key:
+    stamped = ("code_version", "weights")  # the key's other part, the runtime, is the spec's
+    stamps = {m: {k: i[k] for k in stamped} for m, i in data.encoders.items()}
+    wanted = {m: {k: e[k] for k in stamped} for m, e in key.encoders.items()}
+    if stamps != wanted or bundle_key(spec) != key:
         log.warning(
             "site %s: its data or encoders changed while they were being embedded; no bundle "
             "saved (the next load embeds the data as it is then, from the cache)",

@@ -43,7 +43,7 @@ class RoundOutcome:
     metrics: dict[str, float | int] = field(default_factory=dict)
     declined: bool = False
     reason: str = ""
-    privacy: dict[str, float | int] = field(default_factory=dict)
+    privacy: dict[str, float | int | str] = field(default_factory=dict)
 
 
 def _load_global(run: RunSettings, site: Site, arrays: Mapping[str, np.ndarray]) -> HeadModel:
@@ -103,11 +103,12 @@ def run_local_round(
             reference=reference,
         )
         log.info(
-            "round %d: DP-SGD with loss %s%s; epsilon %.4g (delta %g) so far",
+            "round %d: DP-SGD with loss %s%s; epsilon %.4g (%s, delta %g) so far",
             server_round,
             private.objective,
             f" (auto: {private.objective_reason})" if private.objective_reason else "",
             private.epsilon_total,
+            private.accountant.upper(),
             private.delta,
         )
         if private.declined:

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.atomic import atomic_open, atomic_write_json, sha256_file
-from common.errors import CacheError
+from common.errors import CacheError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,12 @@ class SupportsEmbed(Protocol):
     def identity(self) -> dict[str, Any]: ...
 
     def embed(
-        self, items: Sequence[Any], *, batch_size: int | None = None, progress: bool = False
+        self,
+        items: Sequence[Any],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        on_error: Callable[[int, DataError], None] | None = None,
     ) -> np.ndarray: ...
 
 
@@ -155,11 +160,15 @@ class EmbeddingCache:
         batch_size: int | None = None,
         progress: bool = False,
         desc: str = "embedding",
+        on_error: Callable[[int, DataError], None] | None = None,
     ) -> tuple[np.ndarray, CacheStats]:
         """Return float32 embeddings [len(keys), dim] for ``keys``, encoding only the missing ones.
 
-        ``load_items(indices)`` returns the raw inputs (texts or image arrays) at those positions of
-        ``keys``; it is called only for inputs that are not cached yet, one chunk at a time.
+        ``load_items(indices)`` returns the encoder's inputs at those positions of ``keys`` (texts,
+        image arrays, or objects the encoder loads lazily, e.g. ``ImageRef``); it is called only
+        for inputs that are not cached yet, one shard at a time. With ``on_error``, an input
+        whose loading raises DataError is reported as ``on_error(position, error)``, is not
+        cached, and its rows (every position of its key) are NaN.
         """
         stats = CacheStats()
         directory = self._encoder_dir(encoder)
@@ -171,7 +180,7 @@ class EmbeddingCache:
         if missing:
             self._compute_missing(
                 encoder, keys, missing, load_items, directory, index, stats,
-                batch_size=batch_size, progress=progress, desc=desc,
+                batch_size=batch_size, progress=progress, desc=desc, on_error=on_error,
             )  # fmt: skip
         return self._gather(directory, keys, index, encoder.dim), stats
 
@@ -326,9 +335,10 @@ class EmbeddingCache:
 
     def _load_index(
         self, directory: Path, stats: CacheStats, *, verify: bool = True
-    ) -> dict[str, tuple[Path, int]]:
-        """Map key -> (shard .npy, row) over every committed shard (one with its .json written)."""
-        index: dict[str, tuple[Path, int]] = {}
+    ) -> dict[str, tuple[Path, int] | None]:
+        """Map key -> (shard .npy, row) over every committed shard (one with its .json written);
+        ``embed`` marks a key whose input failed to load with None."""
+        index: dict[str, tuple[Path, int] | None] = {}
         shards = directory / "shards"
         if not shards.exists():
             return index
@@ -380,31 +390,48 @@ class EmbeddingCache:
         missing: list[int],
         load_items: Callable[[list[int]], Sequence[Any]],
         directory: Path,
-        index: dict[str, tuple[Path, int]],
+        index: dict[str, tuple[Path, int] | None],
         stats: CacheStats,
         *,
         batch_size: int | None,
         progress: bool,
         desc: str,
+        on_error: Callable[[int, DataError], None] | None,
     ) -> None:
         bar = _progress_bar(len(missing), desc) if progress else None
+        chunk: list[int] = []
+        failed: set[int] = set()  # rows of the current chunk whose input failed to load
+
+        def report(row: int, error: DataError) -> None:
+            failed.add(row)
+            assert on_error is not None
+            on_error(chunk[row], error)
+
         try:
             for start in range(0, len(missing), self.shard_size):
                 chunk = missing[start : start + self.shard_size]
+                failed.clear()
                 items = load_items(chunk)
                 if len(items) != len(chunk):
                     raise CacheError(
                         f"load_items returned {len(items)} items for {len(chunk)} indices"
                     )
                 vectors = np.ascontiguousarray(
-                    encoder.embed(items, batch_size=batch_size), dtype=np.float32
+                    encoder.embed(
+                        items, batch_size=batch_size, on_error=None if on_error is None else report
+                    ),
+                    dtype=np.float32,
                 )
-                _check_vectors(vectors, len(chunk), encoder.dim)
-                chunk_keys = [keys[i] for i in chunk]
-                npy_path = self._write_shard(directory, chunk_keys, vectors)
-                for row, key in enumerate(chunk_keys):
-                    index[key] = (npy_path, row)
-                stats.shards_written += 1
+                kept = [row for row in range(len(chunk)) if row not in failed]
+                _check_vectors(vectors[kept], len(kept), encoder.dim)
+                for row in failed:
+                    index[keys[chunk[row]]] = None  # not cached: its rows come out NaN
+                if kept:
+                    chunk_keys = [keys[chunk[row]] for row in kept]
+                    npy_path = self._write_shard(directory, chunk_keys, vectors[kept])
+                    for row, key in enumerate(chunk_keys):
+                        index[key] = (npy_path, row)
+                    stats.shards_written += 1
                 if bar is not None:
                     bar.update(len(chunk))
         finally:
@@ -428,7 +455,11 @@ class EmbeddingCache:
         return npy_path
 
     def _gather(
-        self, directory: Path, keys: Sequence[str], index: dict[str, tuple[Path, int]], dim: int
+        self,
+        directory: Path,
+        keys: Sequence[str],
+        index: dict[str, tuple[Path, int] | None],
+        dim: int,
     ) -> np.ndarray:
         out = np.empty((len(keys), dim), dtype=np.float32)
         by_shard: dict[Path, list[tuple[int, int]]] = {}
@@ -437,7 +468,11 @@ class EmbeddingCache:
                 raise CacheError(
                     f"embedding cache {directory}: key {key[:12]}... missing after encoding"
                 )
-            npy_path, row = index[key]
+            entry = index[key]
+            if entry is None:  # its input failed to load (on_error)
+                out[position] = np.nan
+                continue
+            npy_path, row = entry
             by_shard.setdefault(npy_path, []).append((position, row))
         for npy_path, pairs in by_shard.items():
             shard = np.load(npy_path, mmap_mode="r")
@@ -467,7 +502,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _unique_missing(keys: Sequence[str], index: dict[str, tuple[Path, int]]) -> list[int]:
+def _unique_missing(keys: Sequence[str], index: dict[str, tuple[Path, int] | None]) -> list[int]:
     """Positions of the first occurrence of each key that is not cached."""
     seen: set[str] = set()
     missing: list[int] = []

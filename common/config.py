@@ -79,6 +79,9 @@ class DataSpec:
     image_encoder: str = "mobilenetv2"
     text_encoder: str = "minilm"
     encoder_image_size: int | None = None
+    # How the encoders run (common.encoders.runtime): precision auto/fp32/bf16, device auto/cpu/cuda.
+    encoder_precision: str = "auto"
+    encoder_device: str = "auto"
     max_length: int = 128
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -94,6 +97,7 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         _check_on_bad_row(self.on_bad_row, source="data spec")
+        _check_encoder_runtime(self.encoder_precision, self.encoder_device, source="data spec")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError(f"test-fraction must be in [0, 1), got {self.test_fraction}")
         _check_test_rows(self.test_rows, source="data spec")
@@ -116,6 +120,19 @@ class DataSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_encoder_runtime(precision: str, device: str, *, source: str) -> None:
+    if precision not in registries.ENCODER_PRECISIONS:
+        raise ConfigError(
+            f"{source}: encoder-precision must be one of "
+            f"{', '.join(registries.ENCODER_PRECISIONS)}, not {precision!r}"
+        )
+    if device not in registries.ENCODER_DEVICES:
+        raise ConfigError(
+            f"{source}: encoder-device must be one of {', '.join(registries.ENCODER_DEVICES)}, "
+            f"not {device!r}"
+        )
 
 
 def _check_on_bad_row(value: str, *, source: str) -> None:
@@ -456,9 +473,13 @@ class SiteSettings:
     on_bad_row: str = "raise"  # "skip": leave unusable manifest rows out and report them
     # Share of the site's rows held out (never trained on; its evaluation reports score them).
     test_fraction: float = 0.2
+    # How this site's encoders run (its own hardware): see common.encoders.runtime.
+    encoder_precision: str = "auto"
+    encoder_device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_on_bad_row(self.on_bad_row, source="node-config")
+        _check_encoder_runtime(self.encoder_precision, self.encoder_device, source="node-config")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(
                 f"node-config: test-fraction must be in (0, 1), got {self.test_fraction}"
@@ -504,6 +525,8 @@ class SiteSettings:
             image_encoder=run.image_encoder,
             text_encoder=run.text_encoder,
             encoder_image_size=run.encoder_image_size or None,
+            encoder_precision=self.encoder_precision,
+            encoder_device=self.encoder_device,
             max_length=run.max_length,
             partition=partition,
             num_partitions=self.num_partitions if partitioned else 1,

@@ -21,7 +21,7 @@ from common.config import (
 )
 from common.data.partition import PARTITION_SCHEMES
 from common.privacy import _KEYS as PRIVACY_KEYS
-from common.privacy import LEDGER_SCOPES, PrivacySettings
+from common.privacy import ACCOUNTANTS, LEDGER_SCOPES, PrivacySettings
 from common.registries import sample_dp_losses
 
 
@@ -127,6 +127,10 @@ SITE_MEANINGS: dict[str, str] = {
     "on_bad_row": "unusable manifest rows: raise (stop, naming file, line and field) or skip "
     "(leave them out and report them)",
     "test_fraction": "share of the site's rows held out, never trained on (0, 1)",
+    "encoder_precision": "how this site's encoders compute: auto (bf16 where the hardware has it "
+    "and a fidelity probe keeps every probe embedding within cosine 0.999 of fp32, else fp32), "
+    "fp32 or bf16; part of the embedding cache key",
+    "encoder_device": "where this site's encoders run: auto (CUDA when present), cpu or cuda",
 }
 
 PRIVACY_MEANINGS: dict[str, str] = {
@@ -142,6 +146,10 @@ PRIVACY_MEANINGS: dict[str, str] = {
     "only approximate)",
     "ledger_scope": f"node-config only: {_names(LEDGER_SCOPES)} (site: count everything this state dir "
     "spent; run: each federation run starts a fresh budget)",
+    "accountant": f"the accountant that calibrates sigma for dp-target-epsilon, decides the budget "
+    f"and gives the reported dp-epsilon: {_names(ACCOUNTANTS)} (pld: dp-accounting's privacy loss "
+    "distributions, a tighter valid bound; RDP's where PLD is not computed, said in the record). "
+    "The other's total is reported too (dp-epsilon-rdp, dp-epsilon-pld)",
 }
 
 _SECTIONS: tuple[tuple[str, str, type, dict[str, str]], ...] = (

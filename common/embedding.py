@@ -11,7 +11,7 @@ import numpy as np
 
 from common.cache import DEFAULT_SHARD_SIZE, CacheStats, EmbeddingCache, SupportsEmbed
 from common.data.dataset import SiteDataset, SkippedRow, text_key
-from common.data.manifest import ON_ERROR_CHOICES, verify_images
+from common.data.manifest import ON_ERROR_CHOICES
 from common.errors import ConfigError, DataError
 
 
@@ -132,34 +132,31 @@ def embed_dataset(
 ) -> tuple[EmbeddedDataset, EmbedReport]:
     """Embed every modality of ``dataset`` that has an encoder, reusing and filling the cache.
 
-    Before anything is embedded, every image not cached yet is decoded once: an unreadable,
-    truncated or changed file raises DataError naming its manifest line and field
-    (``on_bad_row="raise"``), or its row is left out and listed in ``report.skipped``
-    (``"skip"``), together with the rows the manifest reader skipped. The embeddings of the
-    kept rows are those of a dataset holding only those rows.
+    Each image not cached yet is read, checked against its key and decoded once, one batch
+    ahead of the encoder. An unreadable, truncated or changed file raises DataError naming its
+    manifest line and field (``on_bad_row="raise"``; shards finished before it stay cached), or
+    its row is left out and listed in ``report.skipped`` (``"skip"``), together with the rows
+    the manifest reader skipped. The embeddings of the kept rows are those of a dataset holding
+    only those rows.
     """
     if on_bad_row not in ON_ERROR_CHOICES:
         raise ConfigError(f"on-bad-row must be {' or '.join(ON_ERROR_CHOICES)}, got {on_bad_row!r}")
     cache = EmbeddingCache(cache_dir, shard_size=shard_size)
+    image: np.ndarray | None = None
+    stats: dict[str, CacheStats] = {}
     if dataset.images is not None and image_encoder is not None:
-        dataset = _check_images(dataset, cache, image_encoder, on_bad_row)
-    report = EmbedReport(skipped=list(dataset.skipped), kept=len(dataset))
+        image, stats["image"], dataset = _embed_images(
+            dataset, cache, image_encoder, on_bad_row,
+            batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+    report = EmbedReport(stats=stats, skipped=list(dataset.skipped), kept=len(dataset))
     out = EmbeddedDataset(
         ids=list(dataset.ids),
+        image=image,
         labels=None if dataset.labels is None else np.asarray(dataset.labels, dtype=np.int64),
         class_names=list(dataset.class_names),
         splits=None if dataset.splits is None else list(dataset.splits),
     )
-    if dataset.images is not None and image_encoder is not None:
-        images = dataset.images
-        out.image, report.stats["image"] = cache.embed(
-            image_encoder,
-            [ref.key for ref in images],
-            lambda idx: [images[i].load() for i in idx],
-            batch_size=batch_size,
-            progress=progress,
-            desc=f"{dataset.name}: images",
-        )
     if dataset.texts is not None and text_encoder is not None:
         texts = dataset.texts
         keys = [text_key(t) for t in texts]
@@ -194,14 +191,54 @@ def cache_keys(dataset: SiteDataset) -> set[str]:
     return keys
 
 
-def _check_images(
-    dataset: SiteDataset, cache: EmbeddingCache, encoder: SupportsEmbed, on_bad_row: str
-) -> SiteDataset:
-    """Decode the images the cache does not hold yet; raise at a bad one, or leave its row out."""
-    keys = [ref.key for ref in dataset.images or ()]
-    uncached = {keys[i] for i in cache.missing(encoder, keys)}
-    cached = {key for key in keys if key not in uncached}
-    return verify_images(dataset, on_error=on_bad_row, known_good=cached).dataset
+def _embed_images(
+    dataset: SiteDataset,
+    cache: EmbeddingCache,
+    encoder: SupportsEmbed,
+    on_bad_row: str,
+    *,
+    batch_size: int | None,
+    progress: bool,
+) -> tuple[np.ndarray, CacheStats, SiteDataset]:
+    """The dataset's image embeddings; in skip mode also the dataset without unreadable images."""
+    images = dataset.images
+    assert images is not None
+    keys = [ref.key for ref in images]
+    failed: dict[str, str] = {}  # image key -> why it could not be loaded
+
+    def skip(position: int, error: DataError) -> None:
+        failed[keys[position]] = _without_location(str(error), images[position].row)
+
+    vectors, stats = cache.embed(
+        encoder,
+        keys,
+        lambda idx: [images[i] for i in idx],  # loaded by the encoder, one batch ahead
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"{dataset.name}: images",
+        on_error=skip if on_bad_row == "skip" else None,
+    )
+    if not failed:
+        return vectors, stats, dataset
+    keep = [i for i, key in enumerate(keys) if key not in failed]
+    skipped = [
+        SkippedRow(row=images[i].row, id=dataset.ids[i], reason=failed[key])
+        for i, key in enumerate(keys)
+        if key in failed
+    ]
+    if not keep:
+        raise DataError(
+            f"{dataset.name}: no readable images ({len(skipped)} skipped; first: {skipped[0].describe()})"
+        )
+    kept = dataset.subset(keep)
+    kept.skipped = [*dataset.skipped, *skipped]
+    return vectors[keep], stats, kept
+
+
+def _without_location(message: str, row: int | None) -> str:
+    """``message`` after its "<manifest> line N " prefix (a SkippedRow names its line itself)."""
+    location = f" line {row} "
+    return message.split(location, 1)[1] if row is not None and location in message else message
 
 
 def _group_ids(keys: Sequence[Any]) -> np.ndarray:

@@ -25,6 +25,7 @@ from common.encoders import (
     load_encoder,
     weight_files,
 )
+from common.encoders.runtime import runtime_key
 from common.errors import CacheError, DataError
 
 DEFAULT_CACHE_DIR = Path(".fedembed") / "cache"
@@ -47,20 +48,37 @@ def get_encoder(
     image_size: int | None = None,
     max_length: int = 128,
     weights: str | None = None,
+    precision: str = "auto",
+    device: str = "auto",
 ) -> Encoder:
     """Load an encoder once per process (loading a model costs seconds; embedding reuses it),
     and again when its weight files change (a long-lived site worker sees new weights).
     ``weights``: the files' ``fingerprint_files`` if the caller has it (else computed here)."""
-    encoder = _cached_encoder(spec, modality, image_size, max_length)
+    settings = (spec, modality, image_size, max_length, precision, device)
+    encoder = _cached_encoder(*settings)
     if (weights or fingerprint_files(weight_files(spec))) != encoder.identity()["weights"]:
         _cached_encoder.cache_clear()
-        encoder = _cached_encoder(spec, modality, image_size, max_length)
+        encoder = _cached_encoder(*settings)
     return encoder
 
 
-@cache  # keyed on all four values, however the caller spelled them
-def _cached_encoder(spec: str, modality: str, image_size: int | None, max_length: int) -> Encoder:
-    return load_encoder(spec, modality=modality, image_size=image_size, max_length=max_length)
+@cache  # keyed on all six values, however the caller spelled them
+def _cached_encoder(
+    spec: str,
+    modality: str,
+    image_size: int | None,
+    max_length: int,
+    precision: str,
+    device: str,
+) -> Encoder:
+    return load_encoder(
+        spec,
+        modality=modality,
+        image_size=image_size,
+        max_length=max_length,
+        precision=precision,
+        device=device,
+    )
 
 
 def known_encoder(
@@ -69,11 +87,14 @@ def known_encoder(
     modality: str,
     image_size: int | None = None,
     max_length: int = 128,
+    precision: str = "auto",
+    device: str = "auto",
     cache_dir: str | os.PathLike[str],
 ) -> SupportsEmbed:
     """The encoder ``get_encoder`` gives, known without loading its model when the embedding
-    cache at ``cache_dir`` recorded an earlier load of the same spec, settings and weight files
-    (the model is then loaded on the first input the cache lacks); otherwise loaded and recorded.
+    cache at ``cache_dir`` recorded an earlier load of the same spec, settings, weight files
+    and kind of machine (``runtime_key``: the precision and device resolve alike); the model is
+    then loaded on the first input the cache lacks. Otherwise loaded and recorded.
 
     A site whose data is all cached (every round after its first, a re-run) never loads the
     encoder: no model in memory, no seconds spent loading it.
@@ -86,11 +107,18 @@ def known_encoder(
         "image_size": image_size,
         "max_length": max_length,
         "weights": weights,
+        "runtime": runtime_key(precision, device),
     }
 
     def loaded() -> Encoder:
         return get_encoder(
-            spec, modality=modality, image_size=image_size, max_length=max_length, weights=weights
+            spec,
+            modality=modality,
+            image_size=image_size,
+            max_length=max_length,
+            weights=weights,
+            precision=precision,
+            device=device,
         )
 
     cache = EmbeddingCache(cache_dir)
@@ -122,7 +150,12 @@ class RecordedEncoder:
         return copy.deepcopy(self._identity)
 
     def embed(
-        self, items: Sequence[Any], *, batch_size: int | None = None, progress: bool = False
+        self,
+        items: Sequence[Any],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        on_error: Callable[[int, DataError], None] | None = None,
     ) -> np.ndarray:
         if self._encoder is None:  # loaded and checked once, on the first chunk the cache lacks
             encoder = self._load()
@@ -133,7 +166,9 @@ class RecordedEncoder:
                     f"(dim {encoder.dim} vs {self.dim}); remove the cache's 'loads' records"
                 )
             self._encoder = encoder
-        return self._encoder.embed(items, batch_size=batch_size, progress=progress)
+        return self._encoder.embed(
+            items, batch_size=batch_size, progress=progress, on_error=on_error
+        )
 
 
 def _enabled(spec: str | None) -> bool:
@@ -217,12 +252,19 @@ def embed_site(
             spec.image_encoder,
             modality="image",
             image_size=spec.encoder_image_size,
+            precision=spec.encoder_precision,
+            device=spec.encoder_device,
             cache_dir=cache_dir,
         )
         identities["image"] = image_encoder.identity()
     if dataset.texts is not None and _enabled(spec.text_encoder):
         text_encoder = known_encoder(
-            spec.text_encoder, modality="text", max_length=spec.max_length, cache_dir=cache_dir
+            spec.text_encoder,
+            modality="text",
+            max_length=spec.max_length,
+            precision=spec.encoder_precision,
+            device=spec.encoder_device,
+            cache_dir=cache_dir,
         )
         identities["text"] = text_encoder.identity()
     embedded, report = embed_dataset(

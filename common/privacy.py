@@ -15,6 +15,9 @@ from common.errors import ConfigError, PrivacyError
 from common.registries import AUTO_LOSS, loss_info, sample_dp_losses
 
 LEDGER_SCOPES: tuple[str, ...] = ("site", "run")
+# Accountants of a site's epsilon (client/privacy/ledger.py): the one named governs calibration,
+# budget decisions and the reported ``dp-epsilon``; the other's number is reported beside it.
+ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 
 _KEYS: dict[str, str] = {
     "dp-noise-multiplier": "noise_multiplier",
@@ -24,16 +27,18 @@ _KEYS: dict[str, str] = {
     "dp-max-epsilon": "max_epsilon",
     "dp-poisson": "poisson",
     "dp-ledger-scope": "ledger_scope",
+    "dp-accountant": "accountant",
 }
 _MECHANISM = ("noise_multiplier", "target_epsilon")
 _REQUEST = (*_MECHANISM, "max_epsilon")  # what ``PrivacySettings.requested`` looks at
 _NODE_ONLY = ("dp-ledger-scope",)
 _UNSET = ("", "none", "null")
+_TEXT = ("ledger_scope", "accountant")  # string-valued settings (the others are numbers or flags)
 
 
 @dataclass
 class PrivacySettings:
-    """A site's sample-level DP-SGD settings (Opacus, RDP accounting).
+    """A site's sample-level DP-SGD settings (Opacus DP-SGD, PLD or RDP accounting).
 
     Give either ``noise_multiplier`` (sigma) or ``target_epsilon`` (what this run's planned rounds
     may cost together at ``delta``; sigma is then derived). ``max_epsilon`` is the site's budget at
@@ -41,7 +46,10 @@ class PrivacySettings:
     would is declined. ``ledger_scope``: "site" (default, safe) counts everything this state dir
     ever spent, across federation runs; "run" counts only the current run's entries, i.e. the site
     treats each federation as spending a fresh budget (its own decision: node-config only).
-    ``poisson=False`` trains on shuffled fixed-size batches: RDP accounting assumes Poisson
+    ``accountant``: "pld" (default: dp-accounting's privacy loss distributions, pessimistic
+    estimate, a valid and tighter upper bound; RDP's where PLD is not computed or not tighter) or
+    "rdp" (Opacus' RDP); it calibrates sigma, decides the budget and gives ``dp-epsilon``.
+    ``poisson=False`` trains on shuffled fixed-size batches: both accountants assume Poisson
     sampling, so the reported epsilon is then only Opacus' usual approximation.
     """
 
@@ -52,6 +60,7 @@ class PrivacySettings:
     max_epsilon: float | None = None
     poisson: bool = True
     ledger_scope: str = "site"
+    accountant: str = "pld"
 
     def __post_init__(self) -> None:
         if self.noise_multiplier is not None and self.target_epsilon is not None:
@@ -67,6 +76,11 @@ class PrivacySettings:
             raise ConfigError(
                 f"privacy: dp-ledger-scope must be one of {list(LEDGER_SCOPES)}, "
                 f"got {self.ledger_scope!r}"
+            )
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"privacy: dp-accountant must be one of {list(ACCOUNTANTS)}, "
+                f"got {self.accountant!r}"
             )
 
     @property
@@ -154,7 +168,7 @@ def _convert(name: str, raw: Any, *, key: str, source: str) -> Any:
                     raise ValueError(raw)
                 return raw.lower() in {"true", "1", "yes"}
             return bool(raw)
-        if name == "ledger_scope":
+        if name in _TEXT:
             return str(raw)
         if isinstance(raw, bool):
             raise ValueError(raw)

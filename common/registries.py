@@ -191,3 +191,11 @@ def loss_info(name: str) -> LossInfo:
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
     return LOSSES[name]
+
+
+ENCODER_PRECISIONS = ("auto", "fp32", "bf16")
+"""How a frozen encoder computes (common.encoders.runtime): auto = bf16 where the device has it
+natively and a fidelity probe passes, else fp32."""
+
+ENCODER_DEVICES = ("auto", "cpu", "cuda")
+"""Where a frozen encoder runs: auto = CUDA when torch sees a device, else the CPU."""

@@ -37,8 +37,10 @@ HELD_OUT_METRICS = frozenset({"R@1", "R@5", "zs_acc", "zs_auroc", "centroid_acc"
 PRE_TRAINING_EVAL_PREFIX = "eval-"
 SAMPLE_DP_METRICS = frozenset(
     {
-        "dp-epsilon",
+        "dp-epsilon",  # the total by the site's governing accountant (dp-accountant)
         "dp-epsilon-round",
+        "dp-epsilon-rdp",  # the same total by RDP (Opacus)
+        "dp-epsilon-pld",  # ... and by PLD (dp-accounting; absent where not computed)
         "dp-delta",
         "dp-noise-multiplier",
         "dp-sample-rate",

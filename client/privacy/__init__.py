@@ -1,5 +1,5 @@
 """Sample-level DP-SGD at a site (Opacus): ``ledger`` (the persistent spend; its epsilon by RDP and
-by PLD), ``budget`` (what a round costs and whether the site agrees) and ``dp_sgd`` (the private
+by PLD, ``dp-accountant`` naming the one that governs), ``budget`` (what a round costs and whether the site agrees) and ``dp_sgd`` (the private
 training loop).
 
 The settings (``dp-*`` keys, PrivacySettings) and the loss rule live in common/privacy.py.
@@ -16,6 +16,8 @@ from client.privacy.ledger import (
     LEDGER_FILE,
     LedgerEntry,
     PrivacyLedger,
+    Spend,
+    account,
     ledger_path,
     pld_epsilon,
     rdp_epsilon,
@@ -31,6 +33,8 @@ __all__ = [
     "PrivateObjective",
     "PrivateRoundResult",
     "RoundPlan",
+    "Spend",
+    "account",
     "ledger_path",
     "plan_round",
     "pld_epsilon",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -10,15 +11,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from client.privacy.budget import RoundPlan, plan_round
-from client.privacy.ledger import LedgerEntry, PrivacyLedger, pld_epsilon
-from common.dp_losses import ClassProxyLoss, PublicNegativesLoss
+from client.privacy.ledger import LedgerEntry, PrivacyLedger, Spend
+from common.dp_losses import ClassProxyLoss, ProxyClassifier, PublicNegativesLoss
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError, PrivacyError
 from common.losses import AutoLoss
@@ -32,9 +33,12 @@ from common.training import (
     training_rows,
 )
 
-# Per-sample gradient modes that are valid for our head + proxy loss, fastest first (measured by
-# simulations/bench_dp.py). "ew" (ExpandedWeights) is not valid: it cannot handle F.normalize.
+# Per-sample gradient modes that are valid for our heads and per-example losses, fastest first
+# (measured by simulations/benchmarks/dp.py). "ew" (ExpandedWeights) is not valid: it cannot handle
+# F.normalize. "ghost" runs Opacus' ghost clipping with this module's leaner first backward pass,
+# samplers and optimizer (_GhostClipping, _ghost_module_class, _ghost_optimizer_class).
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("ghost", "functorch", "hooks")
+PROXY_NORMALIZE_EPS = 1e-8  # ProxyClassifier's F.normalize eps (common/dp_losses.py)
 
 
 @dataclass
@@ -59,6 +63,9 @@ class PrivateRoundResult:
     reason: str = ""
     grad_sample_mode: str = "ghost"
     epsilon_total_pld: float | None = None  # ``epsilon_total`` by PLD (None: not computed)
+    epsilon_total_rdp: float | None = None  # ``epsilon_total`` by RDP
+    accountant: str = "rdp"  # whose number ``epsilon_total`` / ``epsilon_round`` are (it governs)
+    accountant_note: str = ""  # why the site's dp-accountant does not govern ("" when it does)
     objective: str = ""  # the loss trained with (what ``auto`` chose: a per-example objective)
     objective_reason: str = ""  # why ``auto`` chose it ("" for a named loss)
 
@@ -77,8 +84,10 @@ class PrivateRoundResult:
         )
 
     def metrics(self) -> dict[str, float | int]:
-        """Privacy metrics to send with the update (data-independent except the spend itself)."""
-        return {
+        """Privacy metrics to send with the update (data-independent except the spend itself):
+        ``dp-epsilon`` is the governing accountant's total, ``dp-epsilon-rdp`` and
+        ``dp-epsilon-pld`` each accountant's (PLD's only where computed)."""
+        metrics: dict[str, float | int] = {
             "dp-epsilon": self.epsilon_total,
             "dp-epsilon-round": self.epsilon_round,
             "dp-delta": self.delta,
@@ -86,13 +95,18 @@ class PrivateRoundResult:
             "dp-sample-rate": self.sample_rate,
             "dp-steps": self.steps,
         }
-
-    def audit_record(self) -> dict[str, float | int]:
-        """What the site records about the round's privacy (its audit log): ``metrics()`` and the
-        total by the tighter PLD accountant, ``dp-epsilon-pld`` (``dp-epsilon`` is RDP's)."""
-        record = self.metrics()
+        if self.epsilon_total_rdp is not None:
+            metrics["dp-epsilon-rdp"] = self.epsilon_total_rdp
         if self.epsilon_total_pld is not None:
-            record["dp-epsilon-pld"] = self.epsilon_total_pld
+            metrics["dp-epsilon-pld"] = self.epsilon_total_pld
+        return metrics
+
+    def audit_record(self) -> dict[str, float | int | str]:
+        """What the site records about the round's privacy (its audit log): ``metrics()``, the
+        governing accountant (``dp-accountant``) and why it is not the site's setting, if not."""
+        record: dict[str, float | int | str] = {**self.metrics(), "dp-accountant": self.accountant}
+        if self.accountant_note:
+            record["dp-accountant-note"] = self.accountant_note
         return record
 
 
@@ -147,13 +161,167 @@ class PrivateObjective(nn.Module):
         )
 
 
-class _PerExampleCriterion:
-    """Opacus ghost clipping's criterion: the model already returns the per-example loss."""
+class _GhostClipping:
+    """Opacus' ghost clipping backward (``DPTensorFastGradientClipping.backward``) with a first
+    pass that computes no parameter gradient it would throw away.
 
-    reduction = "mean"
+    Ghost clipping takes two backward passes: the first only feeds Opacus' hooks, which compute
+    each example's gradient norm from the layer's activations and output gradients; the second
+    backpropagates ``sum_i c_i loss_i`` with ``c_i = min(1, C / (||g_i|| + 1e-6))``, which leaves
+    the clipped sum ``sum_i c_i g_i`` in ``p.grad`` (Opacus' optimizer then adds the noise and
+    divides by the expected batch size). Opacus runs the first pass as a full ``backward()``,
+    whose parameter gradients (the weight matrices' products, most of a backward's cost) are
+    zeroed straight after. Here it asks autograd for the gradient of one small parameter of each
+    hooked layer only (``inputs``): every hook still sees its layer's output gradient, the weight
+    products are skipped. Every trained parameter must get a fresh per-example norm from the first
+    pass, or the step is refused (a stale norm would clip by another batch's gradients).
+    """
 
-    def __call__(self, per_example: Tensor) -> Tensor:
-        return per_example
+    def __init__(self, gsm: Any, params: list[nn.Parameter]) -> None:
+        self.gsm = gsm
+        self.params = params
+        self.first_pass = _first_pass_inputs(gsm)
+
+    def backward(self, per_example: Tensor) -> None:
+        for p in self.params:
+            p._norm_sample = None  # type: ignore[attr-defined]
+        torch.autograd.backward(per_example.mean(), inputs=self.first_pass, retain_graph=True)
+        for p in self.first_pass:
+            p.grad = None
+        missing = [i for i, p in enumerate(self.params) if getattr(p, "_norm_sample", None) is None]
+        if missing:
+            raise PrivacyError(
+                f"ghost clipping: {len(missing)} trained parameter(s) got no per-example gradient "
+                "norm in the first backward pass; refusing to clip with stale norms"
+            )
+        coefficients = self.gsm.get_clipping_coef()
+        self.gsm.disable_hooks()
+        try:
+            (coefficients.to(per_example.device) * per_example).sum().backward()
+        finally:
+            self.gsm.enable_hooks()
+
+
+@functools.cache
+def _ghost_module_class() -> type:
+    """Opacus' ghost-clipping module (what ``prepare_module(..., "ghost")`` builds) with two
+    samplers of its own, registered on this class only (Opacus' registries stay as they are):
+
+    - ``nn.Linear`` on [B, in] inputs: the same per-example norms as Opacus
+      (``||g_i|| ||a_i||`` for the weight, ``||g_i||`` for the bias), from row sums of squares
+      instead of ``einsum`` (which runs them as batched matrix products, ~10x slower on CPU);
+    - ``ProxyClassifier`` (the ``proxy`` loss's class proxies): per-example gradients in closed
+      form (``_proxy_grad_sample``) instead of Opacus' functorch fallback.
+    """
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping as Base
+
+    class GhostClippingModule(Base):
+        GRAD_SAMPLERS: ClassVar[dict[type, Any]] = {
+            **Base.GRAD_SAMPLERS,
+            ProxyClassifier: _proxy_grad_sample,
+        }
+        NORM_SAMPLERS: ClassVar[dict[type, Any]] = {
+            **Base.NORM_SAMPLERS,
+            nn.Linear: _linear_norm_sample,
+        }
+
+    return GhostClippingModule
+
+
+@functools.cache
+def _ghost_optimizer_class() -> type:
+    """Opacus' ghost-clipping optimizer (what ``get_optimizer_class`` returns for "ghost") without
+    two copies of every gradient per step. After the ghost backward ``p.grad`` already holds the
+    step's clipped sum; Opacus deep-copies it into ``summed_grad`` and then adds the noise into a
+    third tensor. Here ``summed_grad`` is that gradient itself and the noise (Opacus'
+    ``_generate_noise``, std ``sigma * C``) is added in place into the freshly drawn noise tensor:
+    the same sum, the same draws from the same generator, no extra copies. The scaling by the
+    expected batch size and AdamW's step are Opacus' and PyTorch's, unchanged."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping as Base
+    from opacus.optimizers.optimizer import (
+        _check_processed_flag,
+        _generate_noise,
+        _mark_as_processed,
+    )
+
+    class GhostClippingOptimizer(Base):
+        def accumulate(self) -> None:
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad)
+                else:
+                    p.summed_grad = p.grad.detach()
+
+        def add_noise(self) -> None:
+            multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = _generate_noise(
+                    std=multiplier * self.max_grad_norm,
+                    reference=p.summed_grad,
+                    generator=self.generator,
+                    secure_mode=self.secure_mode,
+                )
+                p.grad = noise.add_(p.summed_grad).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return GhostClippingOptimizer
+
+
+def _linear_norm_sample(
+    layer: nn.Linear, activations: list[Tensor], backprops: Tensor
+) -> dict[Tensor, Tensor]:
+    """Per-example gradient norms of a Linear layer (Opacus' ``compute_linear_norm_sample``): for
+    [B, in] inputs example i's weight gradient is the outer product ``g_i a_i^T``, whose norm is
+    ``||g_i|| ||a_i||``; its bias gradient is ``g_i``. Other shapes: Opacus' own function."""
+    if backprops.dim() != 2:
+        from opacus.grad_sample.linear import compute_linear_norm_sample
+
+        return compute_linear_norm_sample(layer, activations, backprops)
+    a = activations[0].to(backprops.dtype)
+    g_sq = backprops.square().sum(dim=1)
+    norms: dict[Tensor, Tensor] = {}
+    if layer.weight.requires_grad:
+        norms[layer.weight] = torch.sqrt(g_sq * a.square().sum(dim=1))
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = torch.sqrt(g_sq)
+    return norms
+
+
+def _proxy_grad_sample(
+    layer: ProxyClassifier, activations: list[Tensor], backprops: Tensor
+) -> dict[Tensor, Tensor]:
+    """Per-example gradients [B, C, d] of ``ProxyClassifier``'s proxies P.
+
+    The logits are ``z @ Pn^T / T`` with ``Pn = P / max(||P_c||, eps)`` row by row
+    (``F.normalize``), so example i's gradient with respect to ``Pn`` is ``g_i z_i^T / T``
+    (``g_i`` its logits' gradient [C]) and, through the normalisation, row c's is
+    ``(G_c - Pn_c (Pn_c . G_c)) / ||P_c||`` (``G_c / eps`` for a row of norm below eps).
+    """
+    if not layer.proxies.requires_grad:
+        return {}
+    z = activations[0].to(backprops.dtype)
+    proxies = layer.proxies.detach()
+    norm = proxies.norm(p=2, dim=-1, keepdim=True)  # [C, 1]
+    unit = proxies / norm.clamp_min(PROXY_NORMALIZE_EPS)
+    per_pn = backprops[:, :, None] * z[:, None, :] / layer.temperature  # [B, C, d]
+    projected = per_pn - unit * (per_pn * unit).sum(dim=-1, keepdim=True)
+    scaled = torch.where(
+        norm >= PROXY_NORMALIZE_EPS, projected / norm, per_pn / PROXY_NORMALIZE_EPS
+    )
+    return {layer.proxies: scaled}
+
+
+def _first_pass_inputs(gsm: Any) -> list[nn.Parameter]:
+    """The smallest trainable parameter of each layer Opacus hooks: asking autograd for their
+    gradients runs every hooked layer's backward hook but not the large weights' products."""
+    from opacus.utils.module_utils import trainable_modules
+
+    chosen: list[nn.Parameter] = []
+    for _, module in trainable_modules(gsm._module):
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        chosen.append(min(own, key=lambda p: p.numel()))
+    return chosen
 
 
 def train_head_private(
@@ -201,13 +369,9 @@ def train_head_private(
             run_id=run_id,
         )
         if plan.declined or plan.steps == 0:
-            result = _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_before)
+            result = _result(plan, len(rows), grad_sample_mode, spent=plan.before)
             result.objective, result.objective_reason = chosen, why
-            result.epsilon_total_pld = pld_epsilon(
-                plan.history, privacy.delta, rdp=plan.epsilon_before
-            )
             return result
-        epsilon_total_pld = pld_epsilon(plan.history_after, privacy.delta, rdp=plan.epsilon_after)
         ledger.record(
             LedgerEntry(
                 run_id=int(run_id),
@@ -219,18 +383,19 @@ def train_head_private(
                 poisson=privacy.poisson,
                 num_examples=len(rows),
                 delta=privacy.delta,
-                epsilon_total=plan.epsilon_after,
+                epsilon_total=plan.after.rdp,
                 utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                epsilon_total_pld=epsilon_total_pld,
+                epsilon_total_pld=plan.after.pld,
+                accountant=plan.after.accountant,
+                accountant_note=plan.after.note,
             )
         )
     started = time.perf_counter()
     losses, samples = _dp_sgd(
         model, data, rows, config, privacy, plan, reference=reference, mode=grad_sample_mode
     )
-    result = _result(plan, len(rows), grad_sample_mode, epsilon_total=plan.epsilon_after)
+    result = _result(plan, len(rows), grad_sample_mode, spent=plan.after)
     result.objective, result.objective_reason = chosen, why
-    result.epsilon_total_pld = epsilon_total_pld
     result.seconds = time.perf_counter() - started
     result.steps = plan.steps
     result.samples_seen = samples
@@ -241,9 +406,8 @@ def train_head_private(
     return result
 
 
-def _result(
-    plan: RoundPlan, num_examples: int, mode: str, *, epsilon_total: float
-) -> PrivateRoundResult:
+def _result(plan: RoundPlan, num_examples: int, mode: str, *, spent: Spend) -> PrivateRoundResult:
+    """The round's result before training: the scope's total ``spent`` (before or after it)."""
     trained = not plan.declined and plan.steps > 0
     return PrivateRoundResult(
         loss=math.nan,
@@ -252,13 +416,17 @@ def _result(
         samples_seen=0,
         seconds=0.0,
         epsilon_round=plan.epsilon_round if trained else 0.0,
-        epsilon_total=epsilon_total,
+        epsilon_total=spent.epsilon,
         delta=plan.delta,
         noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate,
         declined=plan.declined,
         reason=plan.reason,
         grad_sample_mode=mode,
+        epsilon_total_pld=spent.pld,
+        epsilon_total_rdp=spent.rdp,
+        accountant=spent.accountant,
+        accountant_note=spent.note,
     )
 
 
@@ -276,7 +444,6 @@ def _dp_sgd(
     """The DP-SGD loop; returns the per-step mean losses and the number of samples used."""
     from opacus.grad_sample import prepare_module
     from opacus.optimizers import get_optimizer_class
-    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     inputs = _training_tensors(data, rows)
     prompts = (
@@ -288,9 +455,9 @@ def _dp_sgd(
     trainable = [
         (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_objective
     ]
-    named = [(n, p) for n, p in trainable if _private(n, model, present)]
+    named = [(n, p) for n, p in trainable if trained_under_dp(n, model, present)]
     params = [p for _, p in named]
-    kept = [p for n, p in trainable if not _private(n, model, present)]
+    kept = [p for n, p in trainable if not trained_under_dp(n, model, present)]
     anchor = _anchor(model, named, reference) if config.proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
@@ -298,10 +465,19 @@ def _dp_sgd(
     for p in kept:  # not trained: Opacus neither clips nor noises them
         p.requires_grad_(False)
     try:
-        gsm = prepare_module(
-            objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra
+        gsm = (
+            _ghost_module_class()(objective, batch_first=True, loss_reduction="mean", **extra)
+            if mode == "ghost"
+            else prepare_module(
+                objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra
+            )
         )
-        optimizer = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
+        optimizer_class = (
+            _ghost_optimizer_class()
+            if mode == "ghost"
+            else get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+        )
+        optimizer = optimizer_class(
             torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
@@ -309,11 +485,7 @@ def _dp_sgd(
             loss_reduction="mean",
             generator=generator,
         )
-        criterion = (
-            DPLossFastGradientClipping(gsm, optimizer, _PerExampleCriterion(), "mean")
-            if mode == "ghost"
-            else None
-        )
+        ghost = _GhostClipping(gsm, params) if mode == "ghost" else None
         gsm.train()
         with warnings.catch_warnings():
             # Opacus' hooks fire on module outputs because the frozen inputs need no gradient.
@@ -321,7 +493,7 @@ def _dp_sgd(
             return _steps(
                 gsm,
                 optimizer,
-                criterion,
+                ghost,
                 inputs,
                 _batches(len(rows), plan, config, poisson=privacy.poisson, rng=generator),
                 params=params,
@@ -341,7 +513,7 @@ def _dp_sgd(
 def _steps(
     gsm: nn.Module,
     optimizer: Any,
-    criterion: Any,
+    ghost: _GhostClipping | None,
     inputs: tuple[Tensor | None, Tensor | None, Tensor],
     batches: Iterator[Tensor],
     *,
@@ -359,8 +531,10 @@ def _steps(
             _empty_batch(params, mode)
         else:
             per_example = gsm(*(None if x is None else x[batch] for x in inputs))
-            loss = criterion(per_example) if criterion is not None else per_example.mean()
-            loss.backward()
+            if ghost is not None:
+                ghost.backward(per_example)
+            else:
+                per_example.mean().backward()
             losses.append(float(per_example.detach().mean()))
             samples += int(batch.numel())
         optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
@@ -374,7 +548,7 @@ def _steps(
     return losses, samples
 
 
-def _private(name: str, model: HeadModel, present: set[str]) -> bool:
+def trained_under_dp(name: str, model: HeadModel, present: set[str]) -> bool:
     """Whether DP-SGD trains parameter ``name``: every trainable one, except the tower of a
     modality the site's data lacks (``present``: it gets no gradient, so Opacus has no
     per-example gradient of it), and except that a head with a linear path (``aligned``) trains

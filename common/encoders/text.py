@@ -17,6 +17,19 @@ TEXT_POOLINGS = ("mean", "cls", "last-token")
 
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
+PROBE_TEXTS = (
+    "probe",
+    "The heart size is normal and the lungs are clear.",
+    "No pneumothorax, pleural effusion or focal airspace consolidation.",
+    "Mild cardiomegaly with small bilateral pleural effusions; compared with the prior study of "
+    "last year, the patchy right lower lobe opacity has resolved. Degenerative changes of the spine.",
+    "Patient presents with chest pain radiating to the left arm; troponin pending, ECG shows sinus rhythm.",
+    "Impression: no acute cardiopulmonary abnormality.",
+    "12 mm nodule in the left upper lobe, follow-up CT in 3 months recommended.",
+    "Sternotomy wires intact.",
+)
+"""Fixed texts for the test forward pass and the auto precision fidelity probe."""
+
 
 class HFTextEncoder(Encoder):
     """A Hugging Face text model (AutoTokenizer + AutoModel) with token pooling.
@@ -32,6 +45,7 @@ class HFTextEncoder(Encoder):
     """
 
     modality = "text"
+    inputs_in_background = True  # the tokenizer uses no torch threads
 
     def __init__(
         self,
@@ -43,8 +57,16 @@ class HFTextEncoder(Encoder):
         pooling: str | None = None,
         max_length: int = 256,
         batch_size: int = 32,
+        precision: str = "auto",
+        device: str = "auto",
     ) -> None:
-        super().__init__(source=source, weight_files=weight_files, batch_size=batch_size)
+        super().__init__(
+            source=source,
+            weight_files=weight_files,
+            batch_size=batch_size,
+            precision=precision,
+            device=device,
+        )
         self.model = _freeze(model)
         self.tokenizer = tokenizer
         config: Any = model.config
@@ -63,13 +85,13 @@ class HFTextEncoder(Encoder):
             raise ConfigError(
                 f"encoder {source!r}: the model takes no attention_mask; cannot pool padded batches"
             )
-        self._inputs = tuple(name for name in _TEXT_INPUTS if name in params)
+        self._input_names = tuple(name for name in _TEXT_INPUTS if name in params)
         self._positions_from_mask = (
             self.decoder_only and tokenizer.padding_side == "left" and "position_ids" in params
         )
         if getattr(config, "use_cache", False):
             config.use_cache = False
-        self.dim = self._probe_dim("probe")
+        self.dim = self._setup(self.model)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The model inputs for one batch (padded to its longest text, truncated to max_length)."""
@@ -80,28 +102,39 @@ class HFTextEncoder(Encoder):
             max_length=self.max_length,
             return_tensors="pt",
         )
-        inputs = {name: encoded[name] for name in self._inputs if name in encoded}
+        inputs = {name: encoded[name] for name in self._input_names if name in encoded}
         if self._positions_from_mask:
             inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return inputs
 
-    def _embed_batch(self, items: list[Any]) -> torch.Tensor:
+    def _inputs(self, items: list[Any]) -> dict[str, torch.Tensor]:
         inputs = self.tokenize(items)
-        mask = inputs["attention_mask"]
-        empty = (mask.sum(dim=1) == 0).nonzero().flatten()
+        empty = (inputs["attention_mask"].sum(dim=1) == 0).nonzero().flatten()
         if len(empty):
             raise DataError(f"text {items[int(empty[0])]!r} has no tokens after tokenisation")
-        hidden = self.model(**inputs).last_hidden_state
-        return pool_tokens(hidden, mask, self.pooling)
+        return inputs
+
+    def _forward(self, inputs: Any) -> torch.Tensor:
+        inputs = {name: tensor.to(self.runtime.device) for name, tensor in inputs.items()}
+        hidden = self.model(**inputs).last_hidden_state.float()  # pooled in float32
+        return pool_tokens(hidden, inputs["attention_mask"], self.pooling)
 
     def _order(self, items: Sequence[Any]) -> np.ndarray:
         # Longest first, so each batch holds texts of similar length (less padding); stable.
-        return np.argsort(-np.array([len(text) for text in items], dtype=np.int64), kind="stable")
+        return np.argsort(
+            -np.array(
+                [len(text) if isinstance(text, str) else 0 for text in items], dtype=np.int64
+            ),
+            kind="stable",
+        )
 
-    def _validate(self, items: list[Any]) -> None:
-        for index, item in enumerate(items):
-            if not isinstance(item, str):
-                raise DataError(f"text item {index}: expected str, got {type(item).__name__}")
+    def _load(self, item: Any, index: int) -> str:
+        if not isinstance(item, str):
+            raise DataError(f"text item {index}: expected str, got {type(item).__name__}")
+        return item
+
+    def _probe_items(self) -> list[str]:
+        return list(PROBE_TEXTS)
 
     def _settings(self) -> dict[str, Any]:
         return {

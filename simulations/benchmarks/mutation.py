@@ -74,11 +74,13 @@ TARGETS: dict[str, tuple[str, ...]] = {
         "tests/client/test_privacy.py",
         "tests/client/test_dp_accounting.py",
         "tests/client/test_privacy_mutants.py",
+        "tests/client/test_privacy_accountant.py",
     ),
     "client/privacy/budget.py": (
         "tests/client/test_privacy.py",
         "tests/client/test_dp_accounting.py",
         "tests/client/test_privacy_mutants.py",
+        "tests/client/test_privacy_accountant.py",
     ),
     "client/audit.py": (
         "tests/client/test_audit.py",

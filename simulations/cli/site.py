@@ -97,6 +97,8 @@ def register_site(sub: Any) -> None:
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    from common.registries import ENCODER_DEVICES, ENCODER_PRECISIONS
+
     defaults = DataSpec()
     group = parser.add_argument_group("data")
     group.add_argument(
@@ -143,6 +145,19 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="resize images to this size for the encoder",
+    )
+    group.add_argument(
+        "--encoder-precision",
+        default=defaults.encoder_precision,
+        choices=list(ENCODER_PRECISIONS),
+        help="how the encoders compute: auto (bf16 where the CPU/GPU has it natively and a "
+        "fidelity probe keeps cosine >= 0.999 to fp32, else fp32), fp32 or bf16 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--encoder-device",
+        default=defaults.encoder_device,
+        choices=list(ENCODER_DEVICES),
+        help="where the encoders run: auto (CUDA when present), cpu or cuda (default: %(default)s)",
     )
     group.add_argument(
         "--test-fraction",
@@ -206,6 +221,8 @@ def _data_spec(args: argparse.Namespace) -> Any:
         image_encoder=args.image_encoder,
         text_encoder=args.text_encoder,
         encoder_image_size=args.encoder_image_size,
+        encoder_precision=args.encoder_precision,
+        encoder_device=args.encoder_device,
         test_fraction=args.test_fraction,
         on_bad_row=args.on_bad_row,
     )
@@ -442,6 +459,8 @@ def _embed_for_head(
         image_encoder=spec.image_encoder if "image" in dims else "none",
         text_encoder=spec.text_encoder if "text" in dims else "none",
         encoder_image_size=spec.encoder_image_size,
+        encoder_precision=spec.encoder_precision,
+        encoder_device=spec.encoder_device,
         max_length=spec.max_length,
         on_bad_row=args.on_bad_row,
     )

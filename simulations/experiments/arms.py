@@ -22,6 +22,7 @@ from common.evaluation import aligned_metrics, evaluate_head, projected_metrics
 from common.head_start import no_worse, validation_scores
 from common.metrics import RIDGES, linear_alignments
 from common.pipeline import SiteData, prepare_site_data
+from common.privacy import PrivacySettings
 from common.registries import sample_dp_losses
 from common.training import HeadModel, build_run_model, train_head
 
@@ -435,13 +436,18 @@ def federate(
     model, _ = load_head(fed.final_head)
     privacy: dict[str, Any] = {}
     if float(run_config.get("dp-target-epsilon", 0) or 0) > 0:
-        privacy = sample_level_spent(home, sites, delta=float(run_config["dp-delta"]))
+        accountant = PrivacySettings.from_config(run_config).accountant
+        privacy = sample_level_spent(
+            home, sites, delta=float(run_config["dp-delta"]), accountant=accountant
+        )
     elif str(run_config.get("client-dp", "off")) != "off":
         privacy = client_level_spent(fed.history)
     return FederatedArm(label, model, fed.history, privacy, fed.run_dir)
 
 
-def sample_level_spent(home: Path, sites: int, *, delta: float) -> dict[str, Any]:
+def sample_level_spent(
+    home: Path, sites: int, *, delta: float, accountant: str = PrivacySettings().accountant
+) -> dict[str, Any]:
     """Each site's cumulative epsilon at ``delta`` as its audit log records it (its ledger's total).
 
     ``epsilon`` is the largest: the guarantee every site's examples have at least.
@@ -463,7 +469,8 @@ def sample_level_spent(home: Path, sites: int, *, delta: float) -> dict[str, Any
         "epsilon": max(per_site.values()),
         "delta": delta,
         "epsilon_per_site": per_site,
-        "accounting": "Opacus RDP, per site, cumulative over all rounds (site audit log)",
+        "accounting": f"dp-accountant {accountant} (the sites' dp-epsilon), per site, cumulative "
+        "over all rounds (site audit log)",
     }
 
 

@@ -19,7 +19,7 @@ from common.config import RunSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, PrivacyError
 from common.metrics import format_table
-from common.privacy import sample_dp_loss_choices
+from common.privacy import PrivacySettings, sample_dp_loss_choices
 from common.registries import AUTO_LOSS, loss_info
 from common.training import objective_for
 from simulations.benchmarks.results import RESULTS_DIR, write_results
@@ -149,6 +149,7 @@ def run_study(
         "metric": METRIC,
         "delta": delta,
         "max_grad_norm": max_grad_norm,
+        "accountant": str((overrides or {}).get("dp-accountant", PrivacySettings().accountant)),
         "seeds": list(seeds),
         "summary": summarize(runs, frozen),
         "runs": runs,
@@ -328,8 +329,9 @@ def render_markdown(document: Mapping[str, Any], figure: str) -> str:
         f"{document['setting']}; seeds {document['seeds']}; δ = {document['delta']:g}, "
         f"per-example clipping norm {document['max_grad_norm']:g}. Metrics on the pooled held-out "
         "splits of all sites (mean ± std when several seeds). Each site calibrates its noise multiplier σ "
-        "so that the whole run costs at most the target ε (Opacus RDP accountant, Poisson "
-        "sampling); 'ε spent' is the largest total any site's accountant reported (its audit log). "
+        "so that the whole run costs at most the target ε (accountant "
+        f"{document.get('accountant', 'rdp').upper()}, Poisson sampling); 'ε spent' is the "
+        "largest total any site's accountant reported (its audit log). "
         "The ∞ rows are the same federation without DP (same splits and seeds, and the same "
         "per-example loss the DP sites trained with: what auto chooses under DP).",
         "",

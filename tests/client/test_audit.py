@@ -338,6 +338,8 @@ def test_every_metric_a_site_sends_is_in_the_wire_contract(
         delta=1e-5,
         noise_multiplier=1.0,
         sample_rate=0.1,
+        epsilon_total_rdp=1.0,
+        epsilon_total_pld=0.9,
     )
     assert set(private.metrics()) == SAMPLE_DP_METRICS
     assert allowed_metrics("train", secagg=True) >= SAMPLE_DP_METRICS

@@ -1,7 +1,7 @@
 """A site's sample-level epsilon, recomputed by a second library from the ledger's raw parameters.
 
-The site accounts with Opacus' RDP accountant (and reports dp-accounting's PLD beside it). Here every
-number it reports is recomputed from the (sigma, q, steps) the ledger file records, read as raw JSON,
+The site accounts with both Opacus' RDP accountant and dp-accounting's PLD, and the one its
+``dp-accountant`` names (PLD by default) governs ``dp-epsilon``. Here every number it reports is recomputed from the (sigma, q, steps) the ledger file records, read as raw JSON,
 with dp-accounting's RdpAccountant and PLDAccountant (tests/dp_reference.py) and, for the PLD
 number, also with Opacus' PRV accountant: three implementations that share no code with the path
 that wrote the ledger. Across rounds of different lengths and mechanisms, and across a restart of
@@ -110,9 +110,10 @@ def _raw(entries: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
 
 
 def _assert_reported_equals_reference(
-    reported_rdp: float, reported_pld: float | None, entries: list[dict[str, Any]]
+    reported_rdp: float | None, reported_pld: float | None, entries: list[dict[str, Any]]
 ) -> None:
     reference = reference_epsilon(entries, DELTA)
+    assert reported_rdp is not None
     assert reported_rdp == pytest.approx(reference.rdp, rel=RDP_REL)
     assert reported_pld is not None
     assert reported_pld == pytest.approx(reference.pld, rel=PLD_REL)
@@ -132,13 +133,16 @@ def test_epsilon_across_rounds_equals_dp_accounting_on_the_raw_ledger(tmp_path: 
         entries = ledger_entries(ledger)
         assert _raw(entries) == expected[:k]  # the ledger records what the round ran
         assert result.steps == entries[-1]["steps"]
-        _assert_reported_equals_reference(result.epsilon_total, result.epsilon_total_pld, entries)
-        this_round = reference_epsilon(entries[-1:], DELTA, pld=False)
-        assert result.epsilon_round == pytest.approx(this_round.rdp, rel=RDP_REL)
-        record = result.audit_record()  # what the site's audit log records: both accountants
-        assert record["dp-epsilon"] == result.epsilon_total
-        assert record["dp-epsilon-pld"] == result.epsilon_total_pld
-        assert "dp-epsilon-pld" not in result.metrics()  # the reply to the server is unchanged
+        _assert_reported_equals_reference(
+            result.epsilon_total_rdp, result.epsilon_total_pld, entries
+        )
+        this_round = reference_epsilon(entries[-1:], DELTA)
+        assert result.epsilon_round == pytest.approx(this_round.pld, rel=PLD_REL)  # PLD governs
+        assert result.epsilon_total == result.epsilon_total_pld
+        metrics = result.metrics()  # the reply to the server: both accountants' totals
+        assert metrics["dp-epsilon"] == metrics["dp-epsilon-pld"] == result.epsilon_total_pld
+        assert metrics["dp-epsilon-rdp"] == result.epsilon_total_rdp
+        assert result.audit_record() == {**metrics, "dp-accountant": "pld"}  # and the audit log
 
     _assert_prv_agrees(result.epsilon_total_pld, ledger_entries(ledger))
     assert PrivacyLedger(ledger).epsilon_pld(DELTA) == result.epsilon_total_pld
@@ -158,7 +162,7 @@ warnings.simplefilter("ignore")
 from pathlib import Path
 from tests.client.test_dp_accounting import site_round
 result = site_round(Path(sys.argv[1]), n=128, sigma=1.2, batch=32, epochs=2, server_round=2)
-print(json.dumps({"rdp": result.epsilon_total, "pld": result.epsilon_total_pld}))
+print(json.dumps({"rdp": result.epsilon_total_rdp, "pld": result.epsilon_total_pld}))
 """
 
 
@@ -185,17 +189,17 @@ def test_epsilon_keeps_accumulating_across_a_process_restart(tmp_path: Path) -> 
     entries = ledger_entries(ledger)
     assert _raw(entries) == [(1.2, 0.25, 4), (1.2, 0.25, 8)]
     _assert_reported_equals_reference(second["rdp"], second["pld"], entries)
-    assert second["rdp"] > first.epsilon_total
+    assert second["pld"] > first.epsilon_total
     assert len(reader.entries()) == 2  # the same reader object sees the other process's spend
 
     third = site_round(ledger, n=128, sigma=1.2, batch=32, epochs=1, server_round=3)
     entries = ledger_entries(ledger)
     assert [e["server_round"] for e in entries] == [1, 2, 3]
-    _assert_reported_equals_reference(third.epsilon_total, third.epsilon_total_pld, entries)
+    _assert_reported_equals_reference(third.epsilon_total_rdp, third.epsilon_total_pld, entries)
     _assert_prv_agrees(third.epsilon_total_pld, entries)
     # one mechanism run 16 steps in three processes costs what 16 steps in one would
     assert third.epsilon_total == pytest.approx(
-        reference_epsilon([{**entries[0], "steps": 16}], DELTA, pld=False).rdp, rel=RDP_REL
+        reference_epsilon([{**entries[0], "steps": 16}], DELTA).pld, rel=PLD_REL
     )
 
 
@@ -225,15 +229,16 @@ def test_pld_is_reported_only_where_meaningful_and_old_ledgers_still_load(
     assert PrivacyLedger(ledger).entries()[0].epsilon_total_pld is None
     result = site_round(ledger, n=128, sigma=1.2, batch=32, epochs=1, server_round=2)
     _assert_reported_equals_reference(
-        result.epsilon_total, result.epsilon_total_pld, ledger_entries(ledger)
+        result.epsilon_total_rdp, result.epsilon_total_pld, ledger_entries(ledger)
     )
 
 
 def test_the_sites_reply_and_audit_log_carry_both_epsilons(
     tmp_path: Path, tiny_model_dirs: dict[str, Path]
 ) -> None:
-    """Through the ClientApp (client/training.py): the reply's dp-epsilon is RDP's, the audit
-    log records RDP and PLD, and both equal dp-accounting's recomputation from the ledger."""
+    """Through the ClientApp (client/training.py): the reply's dp-epsilon is PLD's (the default
+    dp-accountant), it and the audit log carry RDP's and PLD's totals, and both equal
+    dp-accounting's recomputation from the ledger."""
     run_config = tiny_run_config(
         tiny_model_dirs,
         **{"dataset-n": 80, "loss": "proxy", "dp-noise-multiplier": 1.1, "dp-delta": DELTA},
@@ -256,11 +261,13 @@ def test_the_sites_reply_and_audit_log_carry_both_epsilons(
     assert [e["server_round"] for e in entries] == [1, 2]
     reference = reference_epsilon(entries, DELTA)
     metrics = dict(reply.content.metric_records["metrics"])
-    assert metrics["dp-epsilon"] == pytest.approx(reference.rdp, rel=RDP_REL)
+    assert metrics["dp-epsilon"] == metrics["dp-epsilon-pld"] == entries[-1]["epsilon_total_pld"]
+    assert metrics["dp-epsilon-pld"] == pytest.approx(reference.pld, rel=PLD_REL)
+    assert metrics["dp-epsilon-rdp"] == entries[-1]["epsilon_total"]
+    assert metrics["dp-epsilon-rdp"] == pytest.approx(reference.rdp, rel=RDP_REL)
+    assert entries[-1]["epsilon_total_pld"] < entries[-1]["epsilon_total"]  # PLD is tighter
     audit = [json.loads(line) for line in audit_path(state).read_text().splitlines()]
     assert len(audit) == 2
-    recorded = audit[-1]["privacy"]
-    assert recorded["dp-epsilon"] == metrics["dp-epsilon"] == entries[-1]["epsilon_total"]
-    assert recorded["dp-epsilon-pld"] == entries[-1]["epsilon_total_pld"]
-    assert recorded["dp-epsilon-pld"] == pytest.approx(reference.pld, rel=PLD_REL)
-    assert recorded["dp-epsilon-pld"] < recorded["dp-epsilon"]
+    sent = {k: v for k, v in metrics.items() if k.startswith("dp-")}
+    assert audit[-1]["privacy"] == {**sent, "dp-accountant": "pld"}
+    assert entries[-1]["accountant"] == "pld"

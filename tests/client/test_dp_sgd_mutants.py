@@ -156,10 +156,17 @@ def test_the_round_result_names_every_metric_and_summary_field() -> None:
         "dp-sample-rate": 0.25,
         "dp-steps": 3,
     }
-    assert result.metrics() == metrics
-    assert result.audit_record() == {**metrics, "dp-epsilon-pld": 0.2}
-    result.epsilon_total_pld = None
-    assert result.audit_record() == metrics
+    assert result.metrics() == {**metrics, "dp-epsilon-pld": 0.2}  # both totals, where computed
+    assert result.audit_record() == {**metrics, "dp-epsilon-pld": 0.2, "dp-accountant": "rdp"}
+    result.epsilon_total_pld, result.epsilon_total_rdp = None, 0.3
+    result.accountant_note = "PLD not computed"
+    assert result.metrics() == {**metrics, "dp-epsilon-rdp": 0.3}
+    assert result.audit_record() == {
+        **metrics,
+        "dp-epsilon-rdp": 0.3,
+        "dp-accountant": "rdp",
+        "dp-accountant-note": "PLD not computed",
+    }
     assert result.train_result() == TrainResult(
         loss=0.5, num_examples=10, steps=3, samples_seen=12, seconds=4.0
     )
@@ -286,8 +293,11 @@ def test_a_noiseless_fedprox_round_is_replayed_exactly(tmp_path: Path) -> None:
         "num_examples": labelled,
         "delta": DELTA,
         "epsilon_total": result.epsilon_total,
-        "epsilon_total_pld": result.epsilon_total_pld,
+        "epsilon_total_pld": None,  # sigma 1e-9: no guarantee, no PLD; RDP's total governs
+        "accountant": "rdp",
+        "accountant_note": result.accountant_note,
     }
+    assert result.accountant_note.startswith("PLD not computed (RDP epsilon ")
 
 
 # 3. batches and noise come from fresh OS entropy, not from the global torch seed
@@ -342,7 +352,13 @@ def test_empty_batches_are_pure_noise_and_single_rows_train(mode: str, tmp_path:
 
 def test_declined_stepless_and_one_step_rounds_report_and_charge_what_ran(tmp_path: Path) -> None:
     data, ledger = clustered(32), tmp_path / "ledger.json"
-    first, _ = _round(_model(), data, PrivacySettings(noise_multiplier=1.0), ledger, mode="hooks")
+    first, _ = _round(
+        _model(),
+        data,
+        PrivacySettings(noise_multiplier=1.0, accountant="rdp"),
+        ledger,
+        mode="hooks",
+    )
     spent = PrivacyLedger(ledger).epsilon(DELTA)
     mechanism = [(1.0, 16 / 32, 2)]  # (sigma, q, steps) of a 32-row round at batch size 16
     assert first.epsilon_round == pytest.approx(rdp_epsilon(mechanism, DELTA), rel=1e-12)
@@ -350,7 +366,7 @@ def test_declined_stepless_and_one_step_rounds_report_and_charge_what_ran(tmp_pa
     assert first.epsilon_total_pld == PrivacyLedger(ledger).entries()[0].epsilon_total_pld
     pld = pld_epsilon(mechanism, DELTA, rdp=spent)
     assert pld is not None and first.epsilon_total_pld == pld < spent
-    privacy = PrivacySettings(noise_multiplier=1.0, max_epsilon=1.01 * spent)
+    privacy = PrivacySettings(noise_multiplier=1.0, accountant="rdp", max_epsilon=1.01 * spent)
     declined, seen = _round(_model(), data, privacy, ledger, mode="hooks")
     assert declined.declined and not seen.grads
     assert (declined.steps, declined.samples_seen, declined.seconds) == (0, 0, 0.0)
@@ -359,20 +375,26 @@ def test_declined_stepless_and_one_step_rounds_report_and_charge_what_ran(tmp_pa
     assert (declined.epsilon_round, declined.epsilon_total) == (0.0, first.epsilon_total)
     assert declined.epsilon_total_pld == first.epsilon_total_pld
 
-    stepless, seen = _round(_model(), data, PrivacySettings(noise_multiplier=1.0), ledger, epochs=0)
+    stepless, seen = _round(
+        _model(), data, PrivacySettings(noise_multiplier=1.0, accountant="rdp"), ledger, epochs=0
+    )
     assert not stepless.declined and not seen.grads and stepless.steps == 0
     assert (stepless.epsilon_round, stepless.epsilon_total) == (0.0, first.epsilon_total)
     assert len(PrivacyLedger(ledger).entries()) == 1
 
     # a round of a single step trains, and costs that step
     single, seen = _round(
-        _model(), data, PrivacySettings(noise_multiplier=1.0), ledger, batch_size=20
+        _model(),
+        data,
+        PrivacySettings(noise_multiplier=1.0, accountant="rdp"),
+        ledger,
+        batch_size=20,
     )
     assert single.steps == len(seen.grads) == 1
     assert single.epsilon_round == pytest.approx(rdp_epsilon([(1.0, 20 / 32, 1)], DELTA), rel=1e-12)
 
     # the "run" ledger scope counts this run's earlier rounds (run 3: two so far), not others'
-    scoped = PrivacySettings(noise_multiplier=1.0, ledger_scope="run")
+    scoped = PrivacySettings(noise_multiplier=1.0, accountant="rdp", ledger_scope="run")
     again, _ = _round(_model(), data, scoped, ledger, mode="hooks")
     assert again.epsilon_total == pytest.approx(
         rdp_epsilon([*mechanism, (1.0, 20 / 32, 1), *mechanism], DELTA), rel=1e-12

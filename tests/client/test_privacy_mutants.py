@@ -18,6 +18,7 @@ from client.privacy.ledger import (
     PLD_MAX_RDP_EPSILON,
     LedgerEntry,
     PrivacyLedger,
+    Spend,
     pld_epsilon,
     rdp_epsilon,
 )
@@ -184,7 +185,10 @@ def _plan(
 def test_sample_rate_and_steps_follow_the_batch_and_the_rows(tmp_path: Path) -> None:
     plan = _plan(tmp_path, PrivacySettings(noise_multiplier=1.0), n=100, batch=32, epochs=3)
     assert (plan.sample_rate, plan.steps, plan.expected_batch_size) == (0.32, 9, 32)
-    assert plan.epsilon_round == rdp_epsilon([(1.0, 0.32, 9)], DELTA)
+    assert plan.epsilon_round == pld_epsilon([(1.0, 0.32, 9)], DELTA)  # the default accountant
+    assert plan.this_round.rdp == rdp_epsilon([(1.0, 0.32, 9)], DELTA)
+    by_rdp = _plan(tmp_path, PrivacySettings(noise_multiplier=1.0, accountant="rdp"))
+    assert by_rdp.epsilon_round == rdp_epsilon([(1.0, 0.32, 9)], DELTA)
     small = _plan(tmp_path, PrivacySettings(noise_multiplier=1.0), n=20, batch=32, epochs=2)
     assert (small.sample_rate, small.steps, small.expected_batch_size) == (1.0, 2, 20)
 
@@ -208,21 +212,27 @@ def test_a_delta_of_exactly_one_over_n_is_refused(tmp_path: Path) -> None:
     assert not _plan(tmp_path, PrivacySettings(noise_multiplier=1.0, delta=0.0099), n=100).declined
 
 
-def test_a_budget_exactly_spent_by_the_round_is_allowed(tmp_path: Path) -> None:
-    cost = rdp_epsilon([(1.0, 0.32, 9)], DELTA)
-    at = _plan(tmp_path, PrivacySettings(noise_multiplier=1.0, max_epsilon=cost))
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_a_budget_exactly_spent_by_the_round_is_allowed(tmp_path: Path, accountant: str) -> None:
+    mechanism = [(1.0, 0.32, 9)]
+    cost = pld_epsilon(mechanism, DELTA) if accountant == "pld" else rdp_epsilon(mechanism, DELTA)
+    assert cost is not None
+    settings = {"noise_multiplier": 1.0, "accountant": accountant}
+    at = _plan(tmp_path, PrivacySettings(max_epsilon=cost, **settings))  # type: ignore[arg-type]
     assert not at.declined and at.epsilon_after == cost
-    below = _plan(tmp_path, PrivacySettings(noise_multiplier=1.0, max_epsilon=cost * 0.999))
+    below = _plan(tmp_path, PrivacySettings(max_epsilon=cost * 0.999, **settings))  # type: ignore[arg-type]
     assert below.declined and below.reason == (
         f"privacy budget: this round would bring the site's epsilon from 0 to {cost:.4g} > "
-        f"dp-max-epsilon {cost * 0.999:g} (delta {DELTA:g}, ledger scope 'site')"
+        f"dp-max-epsilon {cost * 0.999:g} ({accountant.upper()}, delta {DELTA:g}, "
+        "ledger scope 'site')"
     )
 
 
 def test_the_run_scope_budget_ignores_other_runs_spend(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     ledger.record(_entry(1, noise_multiplier=1.0, sample_rate=0.32, steps=9))
-    cost = rdp_epsilon([(1.0, 0.32, 9)], DELTA)
+    cost = pld_epsilon([(1.0, 0.32, 9)], DELTA)
+    assert cost is not None
     run = PrivacySettings(noise_multiplier=1.0, max_epsilon=cost, ledger_scope="run")
     fresh = _plan(tmp_path, run, run_id=2)
     assert not fresh.declined and fresh.history == [] and fresh.epsilon_before == 0.0
@@ -250,7 +260,9 @@ def test_one_step_calibrates_and_the_round_after_the_planned_ones_is_declined(
     ledger.record(_entry(1, noise_multiplier=first.noise_multiplier, sample_rate=1.0, steps=1))
     second = _plan(tmp_path, privacy, n=32, batch=32, epochs=1, planned=1)
     assert second.declined and second.reason.startswith("privacy target: this run would reach")
-    assert "dp-target-epsilon 2 (planned 1 rounds)" in second.reason
+    assert f"{second.epsilon_after:.4g} (PLD) > dp-target-epsilon 2 (planned 1 rounds)" in (
+        second.reason
+    )
 
 
 def test_the_calibrated_sigma_is_searched_once_per_target_and_plan(
@@ -267,14 +279,40 @@ def test_the_calibrated_sigma_is_searched_once_per_target_and_plan(
         searches.append(int(kw["steps"]))  # type: ignore[call-overload]
         return float(search(**kw))  # type: ignore[arg-type]
 
+    # PLD's search (the default accountant) tries sigmas on the planned steps, one entry of
+    # steps x planned rounds (the plan's own costs are of 1-step rounds)
+    trials: list[int] = []
+    account = budget.account
+
+    def counting_account(
+        history: list[tuple[float, float, int]], delta: float, accountant: str
+    ) -> Spend:
+        if len(history) == 1 and history[0][2] > 1:
+            trials.append(history[0][2])
+        return account(history, delta, accountant)
+
     monkeypatch.setattr(budget, "_SIGMAS", {})
     monkeypatch.setattr(opacus_utils, "get_noise_multiplier", counting)
+    monkeypatch.setattr(budget, "account", counting_account)
     privacy = PrivacySettings(target_epsilon=2.0)
     first = _plan(tmp_path, privacy, n=32, batch=32, epochs=1, planned=3)
+    tried = len(trials)
+    assert tried > 1 and set(trials) == {3}  # RDP's sigma, then the bisection below it
     again = _plan(
         tmp_path, PrivacySettings(target_epsilon=2.0), n=32, batch=32, epochs=1, planned=3
     )
     assert searches == [3] and again.noise_multiplier == first.noise_multiplier
+    assert len(trials) == tried  # nothing searched again
+    by_rdp = _plan(
+        tmp_path,
+        PrivacySettings(target_epsilon=2.0, accountant="rdp"),
+        n=32,
+        batch=32,
+        epochs=1,
+        planned=3,
+    )
+    assert searches == [3] and len(trials) == tried  # RDP's sigma was searched on the way
+    assert first.noise_multiplier < by_rdp.noise_multiplier
     other = _plan(tmp_path, privacy, n=32, batch=32, epochs=1, planned=2)
     assert searches == [3, 2] and other.noise_multiplier < first.noise_multiplier
 

@@ -33,13 +33,18 @@ class Counting:
         return self.encoder.identity()
 
     def embed(
-        self, items: Sequence[Any], *, batch_size: int | None = None, progress: bool = False
+        self,
+        items: Sequence[Any],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        on_error: Any = None,
     ) -> np.ndarray:
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.calls += 1
         self.items += len(items)
-        return self.encoder.embed(items, batch_size=batch_size)
+        return self.encoder.embed(items, batch_size=batch_size, on_error=on_error)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +136,12 @@ def test_non_finite_encoder_output_is_refused_and_not_cached(
 ) -> None:
     class Broken(Counting):
         def embed(
-            self, items: Sequence[Any], *, batch_size: int | None = None, progress: bool = False
+            self,
+            items: Sequence[Any],
+            *,
+            batch_size: int | None = None,
+            progress: bool = False,
+            on_error: Any = None,
         ) -> np.ndarray:
             out = super().embed(items, batch_size=batch_size)
             out[0, 0] = np.nan

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from common.data.manifest import default_prompt, load_manifest, read_manifest, verify_images
+from common.data.manifest import default_prompt, load_manifest, read_manifest
 from common.errors import ConfigError, DataError
 
 
@@ -56,7 +56,6 @@ def test_csv_happy_path_with_png_jpeg_dicom(site: Path) -> None:
     assert shapes == [(24, 24), (24, 24, 3), (128, 128)]
     assert dataset.images[0].path == site / "images" / "a.png"
     assert len({ref.key for ref in dataset.images}) == 3
-    assert verify_images(dataset).skipped == []
 
 
 def test_jsonl_happy_path_absolute_paths_sites_and_unlabelled(site: Path) -> None:
@@ -270,20 +269,14 @@ def test_bad_sidecar_names_the_sidecar_and_field(site: Path) -> None:
         load_manifest(manifest)
 
 
-def test_corrupt_image_found_by_verify_images_and_on_load(site: Path) -> None:
+def test_corrupt_image_found_on_load_not_when_read(site: Path) -> None:
     png = site / "images" / "a.png"
     png.write_bytes(png.read_bytes()[:60])
     dataset = load_manifest(_csv(site, GOOD_ROWS))  # existence is checked, content is not
+    assert dataset.images is not None
     with pytest.raises(
         DataError, match=r"site\.csv line 2 \(id 'p1'\) field 'image': cannot decode image .*a\.png"
     ):
-        verify_images(dataset)
-    report = verify_images(dataset, on_error="skip")
-    assert report.dataset.ids == ["p2", "p3"]
-    assert report.skipped[0].id == "p1" and report.skipped[0].row == 2
-    assert report.dataset.skipped == report.skipped
-    assert dataset.images is not None
-    with pytest.raises(DataError, match=r"site\.csv line 2 \(id 'p1'\)"):
         dataset.images[0].load()
 
 

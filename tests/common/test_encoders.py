@@ -179,7 +179,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def bert(tiny: dict[str, Path]) -> HFTextEncoder:
-    encoder = load_encoder(str(tiny["bert"]))
+    encoder = load_encoder(str(tiny["bert"]), precision="fp32")  # exact: compared with formulas
     assert isinstance(encoder, HFTextEncoder)
     return encoder
 
@@ -204,7 +204,7 @@ def test_text_encoder_shape_dtype_and_bitwise_determinism(
     first = bert.embed(TEXTS)
     assert first.shape == (len(TEXTS), 16) and first.dtype == np.float32
     assert np.array_equal(first, bert.embed(TEXTS, progress=True))
-    reloaded = load_encoder(str(tiny["bert"]))
+    reloaded = load_encoder(str(tiny["bert"]), precision="fp32")
     assert np.array_equal(first, reloaded.embed(TEXTS))
     assert reloaded.identity() == bert.identity()
     assert bert.embed([]).shape == (0, 16)
@@ -224,7 +224,7 @@ def test_mean_pooling_matches_reference_formula_and_respects_the_mask(bert: HFTe
 
 
 def test_cls_pooling_is_the_first_token(tiny: dict[str, Path]) -> None:
-    encoder = load_encoder(str(tiny["bert"]), pooling="cls")
+    encoder = load_encoder(str(tiny["bert"]), pooling="cls", precision="fp32")
     assert isinstance(encoder, HFTextEncoder)
     hidden, _ = _direct_hidden(encoder, TEXTS)
     np.testing.assert_allclose(
@@ -236,7 +236,7 @@ def test_cls_pooling_is_the_first_token(tiny: dict[str, Path]) -> None:
 def test_last_token_pooling_picks_the_last_real_token_under_padding(
     tiny: dict[str, Path], name: str
 ) -> None:
-    encoder = load_encoder(str(tiny[name]))
+    encoder = load_encoder(str(tiny[name]), precision="fp32")
     assert isinstance(encoder, HFTextEncoder)
     assert encoder.pooling == "last-token" and encoder.decoder_only
     assert encoder.tokenizer.pad_token == "<eos>"  # set by the encoder: the tokenizer had none
@@ -256,14 +256,14 @@ def test_text_batch_size_invariance(bert: HFTextEncoder, tiny: dict[str, Path]) 
     np.testing.assert_allclose(
         bert.embed(TEXTS, batch_size=1), bert.embed(TEXTS, batch_size=7), atol=1e-5
     )
-    decoder = load_encoder(str(tiny["gpt2-left"]))
+    decoder = load_encoder(str(tiny["gpt2-left"]), precision="fp32")
     np.testing.assert_allclose(
         decoder.embed(TEXTS, batch_size=1), decoder.embed(TEXTS, batch_size=7), atol=1e-5
     )
 
 
 def test_max_length_truncates(tiny: dict[str, Path], bert: HFTextEncoder) -> None:
-    short = load_encoder(str(tiny["bert"]), max_length=4)
+    short = load_encoder(str(tiny["bert"]), max_length=4, precision="fp32")
     assert isinstance(short, HFTextEncoder) and short.max_length == 4
     assert short.tokenize(TEXTS)["input_ids"].shape[1] == 4
     # "the chest is normal" truncated to [CLS] the chest [SEP] equals embedding "the chest".
@@ -288,7 +288,7 @@ def test_vision_poolings_match_direct_computation(
     tiny: dict[str, Path], name: str, default_pooling: str, other_poolings: list[str]
 ) -> None:
     for pooling in [None, *other_poolings]:
-        encoder = load_encoder(str(tiny[name]), pooling=pooling)
+        encoder = load_encoder(str(tiny[name]), pooling=pooling, precision="fp32")
         assert isinstance(encoder, HFVisionEncoder) and encoder.modality == "image"
         assert encoder.pooling == {None: default_pooling, "gap": "mean"}.get(pooling, pooling)
         embedded = encoder.embed(IMAGES, batch_size=len(IMAGES))
@@ -481,7 +481,9 @@ def test_minilm_similar_sentences_are_closer(minilm: HFTextEncoder) -> None:
     assert minilm.identity()["source"] == "minilm" and minilm.max_length == 256
 
 
-def test_minilm_mean_pooling_equals_sentence_transformers_formula(minilm: HFTextEncoder) -> None:
+def test_minilm_mean_pooling_equals_sentence_transformers_formula() -> None:
+    minilm = load_encoder("minilm", precision="fp32")
+    assert isinstance(minilm, HFTextEncoder)
     texts = [
         "No acute cardiopulmonary abnormality.",
         "Heart size is normal and the lungs are clear.",
