@@ -423,12 +423,14 @@ class EmbeddingCache:
                     dtype=np.float32,
                 )
                 kept = [row for row in range(len(chunk)) if row not in failed]
-                _check_vectors(vectors[kept], len(kept), encoder.dim)
+                if failed:
+                    vectors = vectors[kept]
+                _check_vectors(vectors, len(kept), encoder.dim)
                 for row in failed:
                     index[keys[chunk[row]]] = None  # not cached: its rows come out NaN
                 if kept:
                     chunk_keys = [keys[chunk[row]] for row in kept]
-                    npy_path = self._write_shard(directory, chunk_keys, vectors[kept])
+                    npy_path = self._write_shard(directory, chunk_keys, vectors)
                     for row, key in enumerate(chunk_keys):
                         index[key] = (npy_path, row)
                     stats.shards_written += 1

@@ -57,9 +57,14 @@ def get_encoder(
     settings = (spec, modality, image_size, max_length, precision, device)
     encoder = _cached_encoder(*settings)
     if (weights or fingerprint_files(weight_files(spec))) != encoder.identity()["weights"]:
-        _cached_encoder.cache_clear()
+        forget_loaded_encoders()
         encoder = _cached_encoder(*settings)
     return encoder
+
+
+def forget_loaded_encoders() -> None:
+    """Drop the encoders ``get_encoder`` keeps, so the next call loads its model again."""
+    _cached_encoder.cache_clear()
 
 
 @cache  # keyed on all six values, however the caller spelled them

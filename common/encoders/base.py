@@ -221,14 +221,6 @@ def _forward_params(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
-def _check_choice(value: str, choices: Sequence[str], field: str, source: str) -> str:
-    if value not in choices:
-        raise ConfigError(
-            f"encoder {source!r}: {field} must be one of {', '.join(choices)}, got {value!r}"
-        )
-    return value
-
-
 def _check_batch_size(batch_size: int) -> int:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.encoders.base import MODALITIES, Encoder, _check_choice
+from common.encoders.base import MODALITIES, Encoder
 from common.encoders.huggingface import (
     _LOAD_ERRORS,
     _HFSource,
@@ -21,6 +21,7 @@ from common.encoders.packaged import (
     _mobilenet_file,
     _require_efficientnet,
 )
+from common.encoders.runtime import check_choice
 from common.errors import ConfigError
 
 
@@ -49,7 +50,7 @@ def load_encoder(
             "encoder spec is empty: give a packaged name, a model directory or a Hugging Face id"
         )
     if modality is not None:
-        _check_choice(modality, MODALITIES, "modality", spec)
+        check_choice(modality, MODALITIES, "modality", spec)
     name = spec.strip().lower()
     if name == "minilm":
         _require_modality(spec, modality, "text")

@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +90,7 @@ class Runtime:
 
 def resolve_device(device: str, *, source: str) -> str:
     """``auto`` -> cuda when torch sees a CUDA device, else cpu; ``cuda`` without one is an error."""
-    _check(device, DEVICES, "device", source)
+    check_choice(device, DEVICES, "device", source)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -113,7 +113,7 @@ def runtime_key(precision: str, device: str) -> str:
     """What the resolution of (``precision``, ``device``) depends on besides the model: recorded
     wherever an encoder is known without loading it, so a cache moved to a machine of another
     kind resolves again."""
-    _check(precision, PRECISIONS, "precision", "runtime")
+    check_choice(precision, PRECISIONS, "precision", "runtime")
     resolved = resolve_device(device, source="runtime")
     return f"{precision}:{resolved}:{'bf16' if bf16_native(resolved) else 'no-bf16'}"
 
@@ -129,7 +129,7 @@ def choose_runtime(
 
     ``embed_probe(runtime)`` embeds the encoder's fixed probe items in that form ([k, dim]).
     """
-    _check(precision, PRECISIONS, "precision", source)
+    check_choice(precision, PRECISIONS, "precision", source)
     resolved = resolve_device(device, source=source)
     if precision == "bf16" and not bf16_native(resolved):
         raise ConfigError(
@@ -183,8 +183,10 @@ def tune_allocator() -> bool:
     return _TUNED
 
 
-def _check(value: str, choices: tuple[str, ...], field: str, source: str) -> None:
+def check_choice(value: str, choices: Sequence[str], field: str, source: str) -> str:
+    """``value`` if it is one of ``choices``, else ConfigError naming the encoder and field."""
     if value not in choices:
         raise ConfigError(
             f"encoder {source!r}: {field} must be one of {', '.join(choices)}, got {value!r}"
         )
+    return value

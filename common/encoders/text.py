@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.encoders.base import Encoder, _check_choice, _forward_params, _freeze
+from common.encoders.base import Encoder, _forward_params, _freeze
+from common.encoders.runtime import check_choice
 from common.errors import ConfigError, DataError
 
 TEXT_POOLINGS = ("mean", "cls", "last-token")
@@ -71,7 +72,7 @@ class HFTextEncoder(Encoder):
         self.tokenizer = tokenizer
         config: Any = model.config
         self.decoder_only = is_decoder_only(config)
-        self.pooling = _check_choice(
+        self.pooling = check_choice(
             pooling or ("last-token" if self.decoder_only else "mean"),
             TEXT_POOLINGS,
             "pooling",

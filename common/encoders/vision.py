@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.encoders.base import Encoder, _check_choice, _first_line, _forward_params, _freeze
-from common.encoders.runtime import keep_convolutions_faithful
+from common.encoders.base import Encoder, _first_line, _forward_params, _freeze
+from common.encoders.runtime import check_choice, keep_convolutions_faithful
 from common.errors import ConfigError, DataError
 
 IMAGE_POOLINGS = ("pooled", "cls", "mean", "gap")
@@ -195,7 +195,7 @@ class HFVisionEncoder(ImageEncoder):
         ):
             self._forward_kwargs["interpolate_pos_encoding"] = True
         if pooling is not None:
-            _check_choice(pooling, IMAGE_POOLINGS, "pooling", source)
+            check_choice(pooling, IMAGE_POOLINGS, "pooling", source)
         outputs = self._probe_outputs()
         has_pooler = getattr(outputs, "pooler_output", None) is not None and pooler_loaded
         tokens = outputs.last_hidden_state.ndim == 3

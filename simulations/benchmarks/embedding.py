@@ -224,7 +224,7 @@ def _bare_text_loops(encoder: HFTextEncoder, manifest: Path) -> dict[str, Callab
 
 
 def _fedembed_embed(modality: str, manifest: Path, cache: Path) -> Callable[[], object]:
-    from common.pipeline import _cached_encoder
+    from common.pipeline import forget_loaded_encoders
     from simulations.cli.app import main as fedembed
 
     other = "--text-encoder" if modality == "image" else "--image-encoder"
@@ -233,7 +233,7 @@ def _fedembed_embed(modality: str, manifest: Path, cache: Path) -> Callable[[], 
 
     def run() -> None:
         if cache.exists() and not any(cache.iterdir()):
-            _cached_encoder.cache_clear()  # a fresh cache: the model is loaded again, as in a new process
+            forget_loaded_encoders()  # a fresh cache: the model is loaded again, as in a new process
         if fedembed(argv) != 0:
             raise RuntimeError(f"fedembed {' '.join(argv)} failed")
 
