@@ -161,6 +161,7 @@ class EmbeddingCache:
         progress: bool = False,
         desc: str = "embedding",
         on_error: Callable[[int, DataError], None] | None = None,
+        sort_key: Callable[[int], Any] | None = None,
     ) -> tuple[np.ndarray, CacheStats]:
         """Return float32 embeddings [len(keys), dim] for ``keys``, encoding only the missing ones.
 
@@ -168,12 +169,17 @@ class EmbeddingCache:
         image arrays, or objects the encoder loads lazily, e.g. ``ImageRef``); it is called only
         for inputs that are not cached yet, one shard at a time. With ``on_error``, an input
         whose loading raises DataError is reported as ``on_error(position, error)``, is not
-        cached, and its rows (every position of its key) are NaN.
+        cached, and its rows (every position of its key) are NaN. With ``sort_key``, the missing
+        inputs are encoded (and sharded) in ascending ``sort_key(position)`` order, so that each
+        shard, and each of the encoder's batches within it, holds similar inputs (texts of
+        similar length pad less); the result's row order is ``keys``' either way.
         """
         stats = CacheStats()
         directory = self._encoder_dir(encoder)
         index = self._load_index(directory, stats)
         missing = _unique_missing(keys, index)
+        if sort_key is not None:
+            missing.sort(key=sort_key)
         missing_keys = {keys[i] for i in missing}
         stats.misses = len(missing)
         stats.hits = sum(1 for key in keys if key not in missing_keys)

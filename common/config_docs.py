@@ -128,8 +128,9 @@ SITE_MEANINGS: dict[str, str] = {
     "(leave them out and report them)",
     "test_fraction": "share of the site's rows held out, never trained on (0, 1)",
     "encoder_precision": "how this site's encoders compute: auto (bf16 where the hardware has it "
-    "and a fidelity probe keeps every probe embedding within cosine 0.999 of fp32, else fp32), "
-    "fp32 or bf16; part of the embedding cache key",
+    "and a fidelity probe keeps every probe embedding within cosine 0.999 of fp32, else fp32; "
+    "MobileNetV2 on a CPU: fp32 on ONNX Runtime, faster than torch's bf16), fp32 or bf16; part of "
+    "the embedding cache key",
     "encoder_device": "where this site's encoders run: auto (CUDA when present), cpu or cuda",
 }
 

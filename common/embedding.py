@@ -167,6 +167,7 @@ def embed_dataset(
             batch_size=batch_size,
             progress=progress,
             desc=f"{dataset.name}: texts",
+            sort_key=lambda i: -len(texts[i]),  # shards of similar length: less padding
         )
         out.text_groups = _group_ids(keys)
     if dataset.prompts and text_encoder is not None:

@@ -46,6 +46,7 @@ class Encoder(ABC):
     # (tokenising); image preprocessing resizes with torch and stays on the calling thread.
     inputs_in_background: bool = False
     fidelity: dict[str, float] | None = None  # the auto precision probe's cosines, when run
+    onnx_capable = False  # measured faster on ONNX Runtime (common.encoders.onnx): may run there
 
     def __init__(
         self,
@@ -205,7 +206,11 @@ class Encoder(ABC):
                 ) from exc
 
         runtime, self.fidelity = choose_runtime(
-            precision, device, source=self.source, embed_probe=embed_probe
+            precision,
+            device,
+            source=self.source,
+            embed_probe=embed_probe,
+            onnx_capable=self.onnx_capable,
         )
         return int(embed_probe(runtime).shape[1])
 

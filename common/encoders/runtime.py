@@ -6,6 +6,12 @@ encoder-specific fidelity probe shows each probe item's bf16 embedding within co
 ``FIDELITY_MIN_COSINE`` of its fp32 embedding, fp32 otherwise. ``device`` is ``cpu``, ``cuda`` or
 ``auto`` (CUDA when present). The resolved device and precision are part of the encoder's
 identity, hence of the embedding cache key: embeddings computed in different forms never mix.
+
+An encoder that declares ``onnx_capable`` runs on ONNX Runtime instead of torch where that is
+faster and equal (``common.encoders.onnx``): on a CPU, precision ``auto`` or ``fp32``, ONNX
+Runtime installed and enabled, and its probe embeddings within cosine ``ONNX_MIN_COSINE`` of
+torch's fp32 ones (it is float32 too: only the kernels differ). The backend is then part of the
+identity as well.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.encoders.onnx import onnxruntime_enabled
 from common.errors import ConfigError
 from common.registries import ENCODER_DEVICES, ENCODER_PRECISIONS
 
@@ -31,6 +38,12 @@ DEVICES = ENCODER_DEVICES
 FIDELITY_MIN_COSINE = 0.999
 """``auto`` keeps bf16 only if every fidelity-probe item's bf16 embedding has at least this cosine
 with its fp32 embedding (the benchmark reports the same statistic on real inputs)."""
+
+ONNX_MIN_COSINE = 0.99999
+"""ONNX Runtime replaces torch fp32 only if every probe item's embedding has at least this cosine
+with torch's (both float32: what differs is summation order and fused kernels)."""
+
+BACKENDS = ("torch", "onnxruntime")
 
 ALLOCATOR_ENV = "FEDEMBED_MALLOC_TUNING"
 """Set to 0 to leave glibc's allocator settings alone (see ``tune_allocator``)."""
@@ -73,10 +86,12 @@ def _output_to_float32(module: nn.Module, inputs: Any, output: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class Runtime:
-    """A resolved device and precision: ``device`` in cpu/cuda, ``precision`` in fp32/bf16."""
+    """A resolved device and precision: ``device`` in cpu/cuda, ``precision`` in fp32/bf16, and
+    the ``backend`` that runs the network (torch, or onnxruntime: CPU, fp32)."""
 
     device: str
     precision: str
+    backend: str = "torch"
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The context the network runs in (bfloat16 autocast, or nothing for fp32)."""
@@ -85,7 +100,8 @@ class Runtime:
         return contextlib.nullcontext()
 
     def identity(self) -> dict[str, str]:
-        return {"device": self.device, "precision": self.precision}
+        backend = {} if self.backend == "torch" else {"backend": self.backend}
+        return {"device": self.device, "precision": self.precision, **backend}
 
 
 def resolve_device(device: str, *, source: str) -> str:
@@ -115,7 +131,8 @@ def runtime_key(precision: str, device: str) -> str:
     kind resolves again."""
     check_choice(precision, PRECISIONS, "precision", "runtime")
     resolved = resolve_device(device, source="runtime")
-    return f"{precision}:{resolved}:{'bf16' if bf16_native(resolved) else 'no-bf16'}"
+    onnx = "onnxruntime" if onnxruntime_enabled() else "torch-only"
+    return f"{precision}:{resolved}:{'bf16' if bf16_native(resolved) else 'no-bf16'}:{onnx}"
 
 
 def choose_runtime(
@@ -124,11 +141,40 @@ def choose_runtime(
     *,
     source: str,
     embed_probe: Callable[[Runtime], torch.Tensor],
+    onnx_capable: bool = False,
 ) -> tuple[Runtime, dict[str, float] | None]:
-    """Resolve ``precision`` / ``device``; for ``auto`` also return the probe's cosines.
+    """Resolve ``precision`` / ``device`` (and, for an ``onnx_capable`` encoder, the backend);
+    also return the probe's cosines where a probe ran (None otherwise).
 
-    ``embed_probe(runtime)`` embeds the encoder's fixed probe items in that form ([k, dim]).
+    ``embed_probe(runtime)`` embeds the encoder's fixed probe items in that form ([k, dim]); it
+    raises ConfigError when the form fails (an ONNX export that fails leaves torch in charge).
     """
+    check_choice(precision, PRECISIONS, "precision", source)
+    if not (
+        onnx_capable
+        and precision in ("auto", "fp32")
+        and resolve_device(device, source=source) == "cpu"
+        and onnxruntime_enabled()
+    ):
+        return _torch_runtime(precision, device, source=source, embed_probe=embed_probe)
+    exact = embed_probe(Runtime("cpu", "fp32")).float()
+    try:
+        fast = embed_probe(Runtime("cpu", "fp32", "onnxruntime")).float()
+    except ConfigError:  # the export or the session failed: torch runs it
+        return _torch_runtime(precision, device, source=source, embed_probe=embed_probe)
+    cosines = torch.nn.functional.cosine_similarity(exact, fast, dim=1)
+    if not (bool(torch.isfinite(cosines).all()) and float(cosines.min()) >= ONNX_MIN_COSINE):
+        return _torch_runtime(precision, device, source=source, embed_probe=embed_probe)
+    return Runtime("cpu", "fp32", "onnxruntime"), {"onnxruntime_min_cosine": float(cosines.min())}
+
+
+def _torch_runtime(
+    precision: str,
+    device: str,
+    *,
+    source: str,
+    embed_probe: Callable[[Runtime], torch.Tensor],
+) -> tuple[Runtime, dict[str, float] | None]:
     check_choice(precision, PRECISIONS, "precision", source)
     resolved = resolve_device(device, source=source)
     if precision == "bf16" and not bf16_native(resolved):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.encoders.base import Encoder, _first_line, _forward_params, _freeze
+from common.encoders.onnx import OnnxNetwork
 from common.encoders.runtime import check_choice, keep_convolutions_faithful
 from common.errors import ConfigError, DataError
 
@@ -33,6 +34,7 @@ class ImageEncoder(Encoder):
     """
 
     modality = "image"
+    model: Any  # the network forward_pixels runs (set by each subclass before _setup)
 
     def __init__(
         self,
@@ -64,9 +66,11 @@ class ImageEncoder(Encoder):
         self.value_scale = float(value_scale)
         self._mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std).view(1, 3, 1, 1)
+        self._onnx: OnnxNetwork | None = None
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Model input [B, 3, image_size, image_size] (channels-last memory) for a batch of images.
+        """Model input [B, 3, image_size, image_size] for a batch of images (channels-last memory
+        for torch, contiguous NCHW for ONNX Runtime).
 
         Images of one shape and dtype are resized together (the same values as one by one)."""
         size = self.image_size
@@ -76,7 +80,12 @@ class ImageEncoder(Encoder):
             groups.setdefault((image.shape, image.dtype.str), []).append(i)
         for rows in groups.values():
             pixels[rows] = _resize_to_rgb(np.stack([images[i] for i in rows]), size)
-        pixels = (pixels * self.value_scale - self._mean) / self._std
+        if self.value_scale != 1.0:
+            pixels.mul_(self.value_scale)
+        pixels.sub_(self._mean).div_(self._std)  # in place: no batch-sized temporaries
+        runtime = getattr(self, "runtime", None)  # None while the probe's inputs are made
+        if runtime is not None and runtime.backend == "onnxruntime":  # it takes NCHW
+            return pixels
         return pixels.contiguous(memory_format=torch.channels_last)
 
     @abstractmethod
@@ -87,6 +96,12 @@ class ImageEncoder(Encoder):
         return self.preprocess(items)
 
     def _forward(self, inputs: Any) -> torch.Tensor:
+        if self.runtime.backend == "onnxruntime":
+            if self._onnx is None:  # exported once, at the probe
+                self._onnx = OnnxNetwork(
+                    self.model, self.forward_pixels, inputs, threads=torch.get_num_threads()
+                )
+            return self._onnx(inputs)
         return self.forward_pixels(inputs.to(self.runtime.device))
 
     def _setup(self, model: nn.Module) -> int:
@@ -94,7 +109,11 @@ class ImageEncoder(Encoder):
         # embedding is one convolution, so this is harmless there. Under bf16 the convolutions
         # that lose accuracy stay in float32 (keep_convolutions_faithful).
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # in place
-        return super()._setup(keep_convolutions_faithful(model))
+        dim = super()._setup(keep_convolutions_faithful(model))
+        # ONNX Runtime's threads run the network while the loader thread resizes the next batch
+        # (measured faster end to end); torch keeps resizing between batches on its own threads.
+        self.inputs_in_background = self.runtime.backend == "onnxruntime"
+        return dim
 
     def _load(self, item: Any, index: int) -> np.ndarray:
         image = item.load() if hasattr(item, "load") else item

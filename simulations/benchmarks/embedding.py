@@ -4,13 +4,14 @@ In one process and one sitting, on the same inputs (distinct small PNGs and 20-4
 written to disk, each with its manifest):
 
 - bare loops: the packaged network alone on inputs decoded, resized / tokenised and batched
-  beforehand, in each form this machine offers (fp32 and, where the CPU has native bfloat16,
-  bf16 autocast; channels-last for the CNN), at batch 32 and 64;
+  beforehand, in each form this machine offers (torch fp32 and, where the CPU has native
+  bfloat16, bf16 autocast; channels-last for the CNN; for the CNN also ONNX Runtime fp32 where
+  installed), at batch 32 and 64;
 - end to end: ``fedembed embed`` (the CLI's code path, in this process, a fresh cache each time):
   model loading, manifest reading and hashing, decoding, preprocessing, the network, writing
   the cache; then the same command on the filled cache;
-- fidelity: per-item cosine between the bf16 and the fp32 embedding, on these inputs and on
-  synthetic-radiology's images.
+- fidelity: per-item cosine between each reduced or other-backend form's embedding and torch's
+  fp32 one, on these inputs and on synthetic-radiology's images.
 
 Repeats are interleaved (bare, end to end, ...); rates come from medians; the load average is
 recorded around each measurement. Run: ``python -m simulations.benchmarks.embedding``.
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from common.encoders import HFTextEncoder, MobileNetV2Encoder, load_encoder
+from common.encoders.onnx import OnnxNetwork, onnxruntime_enabled
 from common.encoders.runtime import FIDELITY_MIN_COSINE, Runtime, bf16_native
 from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.machine import load_average, machine_info
@@ -76,7 +78,7 @@ class Timing:
 
     label: str
     items: int
-    precision: str = ""  # of a bare loop
+    precision: str = ""  # a bare loop's form: fp32 / bf16 (torch) or onnxruntime (fp32)
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     load: list[list[float]] = field(default_factory=list)  # 1-min load average before each
@@ -95,7 +97,7 @@ class EncoderResult:
 
     encoder: str
     modality: str
-    precision: str  # what ``auto`` chose
+    precision: str  # the form ``auto`` chose: fp32 / bf16 (torch) or onnxruntime
     probe_fidelity: dict[str, float] | None
     bare: list[Timing] = field(default_factory=list)
     end_to_end: Timing | None = None
@@ -189,11 +191,12 @@ def _bare_image_loops(
 
     refs = read_manifest(manifest).dataset.images or []
     pixels = encoder.preprocess([ref.load() for ref in refs])  # decoded and resized beforehand
+    nhwc = pixels.contiguous(memory_format=torch.channels_last)  # torch's fastest layout
     network = encoder.model.features  # already channels-last (the encoder's setup)
     loops: dict[str, Callable[[], object]] = {}
     for precision in _forms():
         for size in BATCH_SIZES:
-            batches = [pixels[i : i + size] for i in range(0, len(pixels), size)]
+            batches = [nhwc[i : i + size] for i in range(0, len(nhwc), size)]
 
             def loop(batches: list[torch.Tensor] = batches, precision: str = precision) -> None:
                 with torch.inference_mode(), Runtime("cpu", precision).autocast():
@@ -201,6 +204,19 @@ def _bare_image_loops(
                         network(batch).float().mean(dim=(2, 3))
 
             loops[f"bare network, {precision} channels-last, batch {size}"] = loop
+    if onnxruntime_enabled():
+        onnx = OnnxNetwork(
+            encoder.model, encoder.forward_pixels, pixels[:2], threads=torch.get_num_threads()
+        )
+        for size in BATCH_SIZES:
+            batches = [pixels[i : i + size].contiguous() for i in range(0, len(pixels), size)]
+            # NCHW, as the encoder hands ONNX Runtime
+
+            def run_onnx(batches: list[torch.Tensor] = batches) -> None:
+                for batch in batches:
+                    onnx(batch)
+
+            loops[f"bare network, onnxruntime fp32, batch {size}"] = run_onnx
     return loops
 
 
@@ -250,16 +266,26 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
-def _fidelity(encoder: Any, items: list[Any]) -> dict[str, float]:
+def _fidelity(encoder: Any, items: list[Any], form: Runtime) -> dict[str, float]:
+    """Per-item cosines of ``form``'s embeddings to torch fp32's."""
     saved = encoder.runtime
     try:
         encoder.runtime = Runtime("cpu", "fp32")
         exact = encoder.embed(items)
-        encoder.runtime = Runtime("cpu", "bf16")
-        reduced = encoder.embed(items)
+        encoder.runtime = form
+        other = encoder.embed(items)
     finally:
         encoder.runtime = saved
-    return _cosines(exact, reduced)
+    return _cosines(exact, other)
+
+
+def _other_forms(encoder: Any) -> dict[str, Runtime]:
+    """The forms whose fidelity to torch fp32 is measured: bf16 where native, and ONNX Runtime
+    where the encoder runs on it."""
+    forms = {"bf16": Runtime("cpu", "bf16")} if bf16_native("cpu") else {}
+    if encoder.runtime.backend == "onnxruntime":
+        forms["onnxruntime"] = encoder.runtime
+    return forms
 
 
 def bench_encoder(
@@ -270,9 +296,9 @@ def bench_encoder(
     name = "mobilenetv2" if modality == "image" else "minilm"
     image_size = ENCODER_SIZE if modality == "image" else None
     encoder = load_encoder(name, image_size=image_size)
-    result = EncoderResult(
-        name, modality, encoder.runtime.precision, probe_fidelity=encoder.fidelity
-    )
+    runtime = encoder.runtime
+    form = runtime.precision if runtime.backend == "torch" else runtime.backend
+    result = EncoderResult(name, modality, form, probe_fidelity=encoder.fidelity)
     loops = (
         _bare_image_loops(encoder, manifest)  # type: ignore[arg-type]
         if modality == "image"
@@ -281,7 +307,7 @@ def bench_encoder(
     count = len(read_manifest(manifest).dataset)
     result.bare = [
         Timing(label, count, precision=label.split(", ")[1].split()[0]) for label in loops
-    ]
+    ]  # the label's second part names the form
     result.end_to_end = Timing("fedembed embed, end to end (fresh cache)", count)
     result.cached = Timing("fedembed embed, everything cached", count)
     for loop in loops.values():  # warm-up: oneDNN builds its kernels once per shape
@@ -293,14 +319,15 @@ def bench_encoder(
         cache.mkdir()
         _timed(result.end_to_end, _fedembed_embed(modality, manifest, cache))
         _timed(result.cached, _fedembed_embed(modality, manifest, cache))
-    if bf16_native("cpu"):
+    forms = _other_forms(encoder)
+    if forms:
         dataset = read_manifest(manifest).dataset
         items: list[Any] = (
             [ref.load() for ref in (dataset.images or [])[:fidelity_items]]
             if modality == "image"
             else list(dataset.texts or [])[:fidelity_items]
         )
-        result.fidelity["benchmark inputs"] = _fidelity(encoder, items)
+        pictures: list[Any] = []
         if modality == "image":
             from common.config import DataSpec
             from common.pipeline import load_site_dataset
@@ -308,7 +335,12 @@ def bench_encoder(
             n = min(500, fidelity_items)
             radiology = load_site_dataset(DataSpec(dataset="synthetic-radiology", n=n))
             pictures = [ref.load() for ref in radiology.images or []]
-            result.fidelity["synthetic-radiology images"] = _fidelity(encoder, pictures)
+        for label, other in forms.items():
+            result.fidelity[f"{label}, benchmark inputs"] = _fidelity(encoder, items, other)
+            if pictures:
+                result.fidelity[f"{label}, synthetic-radiology images"] = _fidelity(
+                    encoder, pictures, other
+                )
     return result
 
 
@@ -371,9 +403,12 @@ def run(
         "tokenise, the network, cache shards written; python start-up is not included",
         "bare = the same packaged network on the same inputs decoded, preprocessed and batched "
         "before timing; ratio = end-to-end / bare items per second",
-        "same precision: the fastest bare loop computing in the precision `auto` chose for the "
-        "encoder; fastest: the fastest bare loop in any form, even one whose embeddings miss "
-        f"the fidelity bar (cosine >= {FIDELITY_MIN_COSINE} to fp32 for every item)",
+        "same form: the fastest bare loop in the form `auto` chose for the encoder (torch fp32 "
+        "or bf16, or ONNX Runtime fp32); fastest: the fastest bare loop in any form, even one "
+        f"whose embeddings miss the fidelity bar (cosine >= {FIDELITY_MIN_COSINE} to fp32 for "
+        "every item)",
+        "ONNX Runtime loops run the encoder's own export (common.encoders.onnx.OnnxNetwork) on "
+        "contiguous NCHW batches",
         "allocator: every loop runs with the encoders' glibc malloc setting (common.encoders."
         "runtime.tune_allocator), which the bare loops share because they run in this process",
     ]
@@ -384,8 +419,8 @@ def render_markdown(report: BenchReport) -> str:
     lines = [
         "# Embedding speed: `fedembed embed` end to end vs the fastest bare loop",
         "",
-        "| encoder | auto precision | end to end items/s | best bare, same precision | ratio | "
-        "fastest bare (any precision) | ratio | cached re-run | target items/s | meets |",
+        "| encoder | auto's form | end to end items/s | best bare, same form | ratio | "
+        "fastest bare (any form) | ratio | cached re-run | target items/s | meets |",
         "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for e in report.encoders:
@@ -412,15 +447,20 @@ def render_markdown(report: BenchReport) -> str:
                 f"| {e.encoder} | {t.label} | {t.rate:.1f} | {statistics.median(t.wall):.2f} | "
                 f"{statistics.median(t.cpu):.2f} |"
             )
-    lines += ["", "## Fidelity of bf16 (per-item cosine to fp32)", ""]
-    lines += ["| encoder | inputs | items | min | median | share below the bar |"]
+    lines += ["", "## Fidelity (per-item cosine to the torch fp32 embedding)", ""]
+    lines += ["| encoder | form, inputs | items | min | median | share below the bar |"]
     lines.append("| --- | --- | ---: | ---: | ---: | ---: |")
     for e in report.encoders:
-        if e.probe_fidelity is not None:
-            p = e.probe_fidelity
+        probe = e.probe_fidelity or {}
+        if "min_cosine" in probe:
             lines.append(
-                f"| {e.encoder} | auto's probe | - | {p['min_cosine']:.5f} | "
-                f"{p['median_cosine']:.5f} | - |"
+                f"| {e.encoder} | bf16, auto's probe | - | {probe['min_cosine']:.5f} | "
+                f"{probe['median_cosine']:.5f} | - |"
+            )
+        if "onnxruntime_min_cosine" in probe:
+            lines.append(
+                f"| {e.encoder} | onnxruntime, auto's probe | - | "
+                f"{probe['onnxruntime_min_cosine']:.5f} | - | - |"
             )
         for inputs, f in e.fidelity.items():
             lines.append(

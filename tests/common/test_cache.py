@@ -28,6 +28,7 @@ class Counting:
         self.calls = 0
         self.items = 0
         self.fail_after = fail_after
+        self.seen: list[list[Any]] = []  # the items of each call, in the order received
 
     def identity(self) -> dict[str, Any]:
         return self.encoder.identity()
@@ -44,6 +45,7 @@ class Counting:
             raise KeyboardInterrupt("simulated interruption")
         self.calls += 1
         self.items += len(items)
+        self.seen.append(list(items))
         return self.encoder.embed(items, batch_size=batch_size, on_error=on_error)
 
 
@@ -79,6 +81,26 @@ def test_only_new_inputs_are_encoded_and_duplicates_once(
     assert stats.misses == len(TEXTS) - 10 + 1
     assert counting.items == len(TEXTS) + 1
     np.testing.assert_array_equal(vectors[len(TEXTS)], vectors[0])
+
+
+def test_sort_key_sets_the_order_inputs_are_encoded_and_sharded_in_not_the_rows(
+    tmp_path: Path, text_encoder: Encoder
+) -> None:
+    texts = [f"{'word ' * (i * 7 % 11)}report {i}" for i in range(20)]
+    counting = Counting(text_encoder)
+    keys = [text_key(t) for t in texts]
+    vectors, _ = EmbeddingCache(tmp_path, shard_size=6).embed(
+        counting, keys, lambda idx: [texts[i] for i in idx], sort_key=lambda i: -len(texts[i])
+    )
+    received = [text for call in counting.seen for text in call]
+    assert received == sorted(texts, key=len, reverse=True)  # longest first, across shards
+    assert [len(call) for call in counting.seen] == [6, 6, 6, 2]
+    np.testing.assert_allclose(vectors, text_encoder.embed(texts), atol=1e-6)  # rows: keys' order
+    again, stats = EmbeddingCache(tmp_path, shard_size=6).embed(
+        counting, keys[::-1], lambda idx: [texts[::-1][i] for i in idx]
+    )
+    assert stats.misses == 0
+    np.testing.assert_array_equal(again, vectors[::-1])
 
 
 def test_changed_encoder_identity_is_a_different_cache_entry(

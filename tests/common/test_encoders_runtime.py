@@ -18,7 +18,8 @@ from common.data.manifest import read_manifest
 from common.embedding import embed_dataset
 from common.encoders import Encoder, load_encoder
 from common.encoders import runtime as runtime_module
-from common.encoders.runtime import FIDELITY_MIN_COSINE, bf16_native, tune_allocator
+from common.encoders.onnx import OnnxNetwork, onnxruntime_enabled
+from common.encoders.runtime import FIDELITY_MIN_COSINE, Runtime, bf16_native, tune_allocator
 from common.errors import ConfigError
 from common.pipeline import RecordedEncoder, known_encoder
 
@@ -223,17 +224,56 @@ def test_grouped_convolutions_stay_float32_and_others_hand_on_float32_under_bf16
     torch.testing.assert_close(out, exact, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bfloat16")
-def test_mobilenetv2_in_bf16_keeps_every_radiograph_within_the_fidelity_bar() -> None:
+def _radiographs(n: int) -> list[np.ndarray]:
     from common.config import DataSpec
     from common.pipeline import load_site_dataset
 
-    dataset = load_site_dataset(DataSpec(dataset="synthetic-radiology", n=100))
-    images = [ref.load() for ref in (dataset.images or [])[:32]]
+    dataset = load_site_dataset(DataSpec(dataset="synthetic-radiology", n=max(n, 100)))
+    return [ref.load() for ref in (dataset.images or [])[:n]]
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def test_mobilenetv2_on_a_cpu_runs_on_onnxruntime_with_torch_fp32s_embeddings_never_mixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert onnxruntime_enabled()  # a dependency: installed wherever fedembed is
+    images = _radiographs(12)
+    fast = load_encoder("mobilenetv2")  # auto
+    assert fast.runtime == Runtime("cpu", "fp32", "onnxruntime")
+    assert fast.fidelity is not None and fast.fidelity["onnxruntime_min_cosine"] >= 0.99999
+    assert not fast.model.training  # the exporter must not leave the network in training mode
+    assert load_encoder("mobilenetv2", precision="fp32").runtime.backend == "onnxruntime"
+    assert load_encoder("mobilenetv2", precision="bf16").runtime.backend == "torch"
+    monkeypatch.setenv("FEDEMBED_ONNXRUNTIME", "0")
+    exact = load_encoder("mobilenetv2", precision="fp32")
+    assert exact.runtime == Runtime("cpu", "fp32")
+    assert _min_cosine(fast.embed(images), exact.embed(images)) >= 0.99999
+    assert fast.identity() != exact.identity()  # so the cache never serves one for the other
+    keys = [f"image-{i}" for i in range(len(images))]
+    cache = EmbeddingCache(tmp_path)
+    cache.embed(exact, keys, lambda idx: [images[i] for i in idx])
+    assert cache.missing(fast, keys) == list(range(len(images)))
+    monkeypatch.delenv("FEDEMBED_ONNXRUNTIME")
+
+    def failing_export(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("ONNX export failed: simulated")
+
+    monkeypatch.setattr(OnnxNetwork, "__init__", failing_export)
+    fallback = load_encoder("mobilenetv2", precision="fp32")
+    assert fallback.runtime == Runtime("cpu", "fp32")  # torch runs it; the load still succeeds
+    np.testing.assert_allclose(fallback.embed(images), exact.embed(images), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bfloat16")
+def test_mobilenetv2_in_bf16_keeps_every_radiograph_within_the_fidelity_bar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    images = _radiographs(32)
+    monkeypatch.setenv("FEDEMBED_ONNXRUNTIME", "0")  # torch's two forms
     exact = load_encoder("mobilenetv2", precision="fp32").embed(images)
     reduced = load_encoder("mobilenetv2", precision="bf16").embed(images)
-    cosines = (
-        (exact * reduced).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(reduced, axis=1)
-    )
-    assert cosines.min() >= FIDELITY_MIN_COSINE, cosines.min()
+    assert _min_cosine(exact, reduced) >= FIDELITY_MIN_COSINE
     assert load_encoder("mobilenetv2").runtime.precision == "bf16"  # auto's probe agrees

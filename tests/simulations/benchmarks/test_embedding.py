@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.encoders.onnx import onnxruntime_enabled
 from common.encoders.runtime import bf16_native
 from simulations.benchmarks import embedding
 
@@ -14,9 +15,10 @@ def test_tiny_run_times_bare_loops_end_to_end_and_cached_and_writes_reports(
     tmp_path: Path,
 ) -> None:
     report = embedding.run(n_images=6, n_texts=6, repeats=1, fidelity_items=4)
-    forms = 2 if bf16_native("cpu") else 1
+    torch_forms = 2 if bf16_native("cpu") else 1
     assert [e.encoder for e in report.encoders] == ["mobilenetv2", "minilm"]
     for result in report.encoders:
+        forms = torch_forms + (result.modality == "image" and onnxruntime_enabled())
         assert len(result.bare) == forms * len(embedding.BATCH_SIZES)
         assert result.end_to_end is not None and result.cached is not None
         assert result.end_to_end.items == 6 and len(result.end_to_end.wall) == 1
@@ -25,7 +27,9 @@ def test_tiny_run_times_bare_loops_end_to_end_and_cached_and_writes_reports(
         assert summary["ratio_fastest"] <= summary["ratio_same_precision"]
         assert summary["cached_rerun_speedup"] > 1  # nothing is encoded the second time
         if bf16_native("cpu"):
-            assert result.fidelity["benchmark inputs"]["items"] == 4
+            assert result.fidelity["bf16, benchmark inputs"]["items"] == 4
+        if result.precision == "onnxruntime":  # the CNN on a CPU with ONNX Runtime: same as fp32
+            assert result.fidelity["onnxruntime, benchmark inputs"]["min_cosine"] >= 0.99999
     json_path, md_path = embedding.write_report(report, tmp_path)
     document = json.loads(json_path.read_text())
     assert {e["encoder"] for e in document["encoders"]} == {"mobilenetv2", "minilm"}
