@@ -54,7 +54,16 @@ def get_encoder(
     """Load an encoder once per process (loading a model costs seconds; embedding reuses it),
     and again when its weight files change (a long-lived site worker sees new weights).
     ``weights``: the files' ``fingerprint_files`` if the caller has it (else computed here)."""
-    settings = (spec, modality, image_size, max_length, precision, device)
+    # runtime_key: what the resolution depends on besides these (e.g. FEDEMBED_ONNXRUNTIME)
+    settings = (
+        spec,
+        modality,
+        image_size,
+        max_length,
+        precision,
+        device,
+        runtime_key(precision, device),
+    )
     encoder = _cached_encoder(*settings)
     if (weights or fingerprint_files(weight_files(spec))) != encoder.identity()["weights"]:
         forget_loaded_encoders()
@@ -67,7 +76,7 @@ def forget_loaded_encoders() -> None:
     _cached_encoder.cache_clear()
 
 
-@cache  # keyed on all six values, however the caller spelled them
+@cache  # keyed on all seven values, however the caller spelled them
 def _cached_encoder(
     spec: str,
     modality: str,
@@ -75,7 +84,9 @@ def _cached_encoder(
     max_length: int,
     precision: str,
     device: str,
+    runtime: str,  # runtime_key(precision, device): part of the cache key only
 ) -> Encoder:
+    del runtime
     return load_encoder(
         spec,
         modality=modality,

@@ -32,18 +32,19 @@ class Encoder(ABC):
     gradients off; the same items in the same order and batch size give bitwise-identical output
     run to run. Each batch's items are loaded (image files read, checked and decoded; texts
     checked and tokenised) in one background thread while the network runs the previous batch;
-    image resizing stays on the calling thread, with torch's own threads (a second torch thread
-    team would compete with the network's for the cores: measured slower). The network runs on the
-    resolved ``runtime`` (device and precision: see ``common.encoders.runtime``), which is part
-    of ``identity()``. The encoder never changes torch's thread settings; it does tune glibc's
+    image resizing stays on the calling thread for a torch network, with torch's own threads (a
+    second torch thread team would compete with the network's for the cores: measured slower),
+    and moves to the loading thread for an ONNX Runtime network (measured faster). The network
+    runs on the resolved ``runtime`` (device, precision and backend: see
+    ``common.encoders.runtime``), which is part of ``identity()``. The encoder never changes torch's thread settings; it does tune glibc's
     allocator once per process (``tune_allocator``).
     """
 
     modality: str
     dim: int
     runtime: Runtime
-    # Whether ``_inputs`` also runs in the loading thread: only where it uses no torch threads
-    # (tokenising); image preprocessing resizes with torch and stays on the calling thread.
+    # Whether ``_inputs`` also runs in the loading thread: where it uses no torch threads
+    # (tokenising), or where the network does not either (ONNX Runtime; set after setup).
     inputs_in_background: bool = False
     fidelity: dict[str, float] | None = None  # the auto precision probe's cosines, when run
     onnx_capable = False  # measured faster on ONNX Runtime (common.encoders.onnx): may run there
@@ -68,8 +69,8 @@ class Encoder(ABC):
         """JSON-able description that changes whenever ``embed`` could return different values.
 
         Holds the code version, the source, a fingerprint of the weight files (see
-        ``fingerprint_files``), the output size and dtype, the device and precision the network
-        runs in, and the pooling and preprocessing.
+        ``fingerprint_files``), the output size and dtype, the device, precision and (when not
+        torch) backend the network runs on, and the pooling and preprocessing.
         """
         if self._identity is None:
             self._identity = {

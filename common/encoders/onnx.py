@@ -10,11 +10,12 @@ Runtime fp32 is no faster than torch fp32 and slower than torch bf16, so text st
 
 The export is the TorchScript exporter's (``torch.onnx.export(dynamo=False)``: it needs the
 ``onnx`` package, not ``onnxscript``), in memory, each time an encoder is loaded (under a second
-for MobileNetV2); nothing is written to disk.
+for MobileNetV2 on an idle machine; a few seconds under load); nothing is written to disk.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -39,6 +40,18 @@ def onnxruntime_enabled() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
+def onnx_versions() -> str:
+    """The versions an export's outcome depends on (torch's exporter, onnx, ONNX Runtime)."""
+    names = ("torch", "onnx", "onnxruntime")
+    versions = []
+    for name in names:
+        try:
+            versions.append(f"{name}-{importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name}-none")
+    return ",".join(versions)
+
+
 class _Exported(nn.Module):
     """The encoder's network and pooling as one module: what is traced."""
 
@@ -56,7 +69,8 @@ class OnnxNetwork:
 
     ``network`` is the module whose weights ``forward`` uses; ``example`` one preprocessed batch
     (its shape, not its values, matters: the batch size is dynamic, the image size fixed).
-    Raises RuntimeError when the export or the session fails.
+    Raises RuntimeError when ONNX Runtime cannot be imported, or the export, the session or a
+    run fails.
     """
 
     def __init__(
@@ -67,8 +81,10 @@ class OnnxNetwork:
         *,
         threads: int,
     ) -> None:
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except (ImportError, OSError) as exc:  # installed but unusable (a missing library)
+            raise RuntimeError(f"ONNX Runtime cannot be imported: {exc}") from exc
         exported = _Exported(network, forward)
         training = network.training
         graph = io.BytesIO()
@@ -106,4 +122,8 @@ class OnnxNetwork:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         array = pixels.to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {"pixels": array})[0])
+        try:
+            outputs = self.session.run(None, {"pixels": array})
+        except Exception as exc:  # onnxruntime's own exception types
+            raise RuntimeError(f"ONNX Runtime run failed: {exc}") from exc
+        return torch.from_numpy(outputs[0])

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.encoders.onnx import onnxruntime_enabled
+from common.encoders.onnx import onnx_versions, onnxruntime_enabled
 from common.errors import ConfigError
 from common.registries import ENCODER_DEVICES, ENCODER_PRECISIONS
 
@@ -93,6 +94,11 @@ class Runtime:
     precision: str
     backend: str = "torch"
 
+    def __post_init__(self) -> None:
+        check_choice(self.backend, BACKENDS, "backend", "runtime")
+        if self.backend == "onnxruntime" and (self.device, self.precision) != ("cpu", "fp32"):
+            raise ConfigError("runtime: ONNX Runtime runs on the cpu in fp32 only")
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The context the network runs in (bfloat16 autocast, or nothing for fp32)."""
         if self.precision == "bf16":
@@ -131,7 +137,7 @@ def runtime_key(precision: str, device: str) -> str:
     kind resolves again."""
     check_choice(precision, PRECISIONS, "precision", "runtime")
     resolved = resolve_device(device, source="runtime")
-    onnx = "onnxruntime" if onnxruntime_enabled() else "torch-only"
+    onnx = onnx_versions() if onnxruntime_enabled() else "torch-only"
     return f"{precision}:{resolved}:{'bf16' if bf16_native(resolved) else 'no-bf16'}:{onnx}"
 
 
@@ -160,10 +166,18 @@ def choose_runtime(
     exact = embed_probe(Runtime("cpu", "fp32")).float()
     try:
         fast = embed_probe(Runtime("cpu", "fp32", "onnxruntime")).float()
-    except ConfigError:  # the export or the session failed: torch runs it
+    except ConfigError as exc:  # the import, export, session or run failed: torch runs it
+        warnings.warn(
+            f"encoder {source!r}: not on ONNX Runtime ({exc}); torch runs it", stacklevel=2
+        )
         return _torch_runtime(precision, device, source=source, embed_probe=embed_probe)
     cosines = torch.nn.functional.cosine_similarity(exact, fast, dim=1)
     if not (bool(torch.isfinite(cosines).all()) and float(cosines.min()) >= ONNX_MIN_COSINE):
+        warnings.warn(
+            f"encoder {source!r}: not on ONNX Runtime (probe cosine to torch fp32 "
+            f"{float(cosines.min()):.6f} < {ONNX_MIN_COSINE}); torch runs it",
+            stacklevel=2,
+        )
         return _torch_runtime(precision, device, source=source, embed_probe=embed_probe)
     return Runtime("cpu", "fp32", "onnxruntime"), {"onnxruntime_min_cosine": float(cosines.min())}
 

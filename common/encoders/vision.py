@@ -113,6 +113,8 @@ class ImageEncoder(Encoder):
         # ONNX Runtime's threads run the network while the loader thread resizes the next batch
         # (measured faster end to end); torch keeps resizing between batches on its own threads.
         self.inputs_in_background = self.runtime.backend == "onnxruntime"
+        if self.runtime.backend != "onnxruntime":
+            self._onnx = None  # a probe that lost to torch: drop its session and weights
         return dim
 
     def _load(self, item: Any, index: int) -> np.ndarray:

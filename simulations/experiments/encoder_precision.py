@@ -37,6 +37,7 @@ import numpy as np
 
 from common.config import DataSpec, RunSettings, TrainConfig
 from common.embedding import EmbeddedDataset
+from common.encoders.onnx import ONNX_ENV
 from common.errors import ConfigError
 from common.metrics import format_table
 from simulations.benchmarks.results import write_results
@@ -169,7 +170,7 @@ def embed(config: DatasetConfig, precision: str, cache_dir: Path) -> dict[str, A
         "encoded": {m: s.misses for m, s in report.stats.items()},
         "cached": {m: s.hits for m, s in report.stats.items()},
         "runtimes": {
-            m: {k: identity.get(k) for k in ("device", "precision")}
+            m: {k: identity.get(k) for k in ("device", "precision", "backend")}
             for m, identity in identities.items()
         },
     }
@@ -417,10 +418,10 @@ def report_markdown(document: Mapping[str, Any]) -> str:
             "auto resolves to": r["precision"],
             "probe min cosine": "no probe"
             if r["fidelity"] is None
-            else f"{r['fidelity']['min_cosine']:.6f}",
+            else f"{r['fidelity'].get('min_cosine', math.nan):.6f}",
             "probe median cosine": ""
             if r["fidelity"] is None
-            else f"{r['fidelity']['median_cosine']:.6f}",
+            else f"{r['fidelity'].get('median_cosine', math.nan):.6f}",
         }
         for name, result in document["datasets"].items()
         for modality, r in result["auto"].items()
@@ -639,6 +640,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "results from their stored per-seed rows",
     )
     args = parser.parse_args(argv)
+    # torch fp32 vs torch bf16: keep the CNN off ONNX Runtime (its fp32 equals torch's: cosine
+    # 1.00000 in bench_onnx_runtime), so both arms run the same network code
+    os.environ[ONNX_ENV] = "0"
     if args.rebuild:
         rebuild(args.out)
         print((args.out / f"{RESULT_NAME}.md").read_text(encoding="utf-8"))

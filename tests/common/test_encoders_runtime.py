@@ -21,7 +21,7 @@ from common.encoders import runtime as runtime_module
 from common.encoders.onnx import OnnxNetwork, onnxruntime_enabled
 from common.encoders.runtime import FIDELITY_MIN_COSINE, Runtime, bf16_native, tune_allocator
 from common.errors import ConfigError
-from common.pipeline import RecordedEncoder, known_encoder
+from common.pipeline import RecordedEncoder, forget_loaded_encoders, get_encoder, known_encoder
 
 TEXTS = ["the chest is normal", "a small nodule", "no effusion", "the heart is enlarged"] * 3
 NATIVE_BF16 = bf16_native("cpu")
@@ -244,7 +244,8 @@ def test_mobilenetv2_on_a_cpu_runs_on_onnxruntime_with_torch_fp32s_embeddings_ne
     fast = load_encoder("mobilenetv2")  # auto
     assert fast.runtime == Runtime("cpu", "fp32", "onnxruntime")
     assert fast.fidelity is not None and fast.fidelity["onnxruntime_min_cosine"] >= 0.99999
-    assert not fast.model.training  # the exporter must not leave the network in training mode
+    # the exporter must not leave any module in training mode (dropout, batch statistics)
+    assert not any(module.training for module in fast.model.modules())
     assert load_encoder("mobilenetv2", precision="fp32").runtime.backend == "onnxruntime"
     assert load_encoder("mobilenetv2", precision="bf16").runtime.backend == "torch"
     monkeypatch.setenv("FEDEMBED_ONNXRUNTIME", "0")
@@ -261,10 +262,28 @@ def test_mobilenetv2_on_a_cpu_runs_on_onnxruntime_with_torch_fp32s_embeddings_ne
     def failing_export(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("ONNX export failed: simulated")
 
-    monkeypatch.setattr(OnnxNetwork, "__init__", failing_export)
-    fallback = load_encoder("mobilenetv2", precision="fp32")
+    with monkeypatch.context() as patch:
+        patch.setattr(OnnxNetwork, "__init__", failing_export)
+        with pytest.warns(UserWarning, match="not on ONNX Runtime.*simulated"):
+            fallback = load_encoder("mobilenetv2", precision="fp32")
     assert fallback.runtime == Runtime("cpu", "fp32")  # torch runs it; the load still succeeds
     np.testing.assert_allclose(fallback.embed(images), exact.embed(images), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(runtime_module, "ONNX_MIN_COSINE", 1.5)  # no probe can reach it
+    with pytest.warns(UserWarning, match="not on ONNX Runtime.*probe cosine"):
+        unfaithful = load_encoder("mobilenetv2", precision="fp32")
+    assert unfaithful.runtime == Runtime("cpu", "fp32") and unfaithful._onnx is None
+
+
+def test_a_process_asked_for_torch_gets_a_torch_encoder_not_the_one_it_loaded_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    forget_loaded_encoders()
+    first = get_encoder("mobilenetv2", modality="image")
+    assert first.runtime.backend == "onnxruntime"
+    monkeypatch.setenv("FEDEMBED_ONNXRUNTIME", "0")
+    second = get_encoder("mobilenetv2", modality="image")
+    assert second.runtime.backend == "torch" and second.identity() != first.identity()
+    forget_loaded_encoders()
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bfloat16")

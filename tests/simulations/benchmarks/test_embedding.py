@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from common.encoders.onnx import onnxruntime_enabled
 from common.encoders.runtime import bf16_native
 from simulations.benchmarks import embedding
 
 
+@pytest.mark.slow  # ~25 s: two packaged encoders loaded per repeat, synthetic-radiology fidelity
 def test_tiny_run_times_bare_loops_end_to_end_and_cached_and_writes_reports(
     tmp_path: Path,
 ) -> None:
