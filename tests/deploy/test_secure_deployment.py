@@ -231,7 +231,11 @@ def test_supernode_with_unregistered_key_is_refused(
     assert FLOWER_CONNECTION_ERROR in log and reason in log, log[-1500:]
     assert "SuperNode ID:" not in log
     link_log = link.logs()[seen:]
-    assert link_reason in link_log and "Activated node_id=" not in link_log, link_log[-1500:]
+    assert link_reason in link_log, link_log[-1500:]
+    # No node but the registered one was activated (its lines from the test before can reach the
+    # log reader late, under load: seen in a CI run)
+    activated = set(re.findall(r"Activated node_id=(\d+)", link_log))
+    assert activated <= {str(secure_link.registered_id)}, link_log[-1500:]
 
 
 @pytest.mark.parametrize(
