@@ -50,7 +50,7 @@ from common.training import (
     objective_for,
     train_head,
 )
-from simulations.benchmarks.results import RESULTS_DIR, write_results
+from simulations.benchmarks.results import RESULTS_DIR, markdown_appendix, write_results
 from simulations.experiments.machine import load_average, machine_info
 
 DIMS = {"image": 1280, "text": 384}  # MobileNetV2 pooled features + MiniLM sentence embeddings
@@ -493,10 +493,7 @@ def render_markdown(report: BenchReport) -> str:
     if report.invalid_modes:
         lines += ["", "## Modes that do not work for these heads", ""]
         lines += [f"- {mode}: {error}" for mode, error in report.invalid_modes.items()]
-    lines += ["", "## Machine", ""]
-    lines += [f"- {key}: {value}" for key, value in report.machine.items()]
-    lines += ["", "## Notes", ""]
-    lines += [f"- {note}" for note in report.notes]
+    lines += markdown_appendix(setup=None, machine=report.machine, notes=report.notes)
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,12 @@ import torch
 from common.encoders import HFTextEncoder, MobileNetV2Encoder, load_encoder
 from common.encoders.onnx import OnnxNetwork, onnxruntime_enabled
 from common.encoders.runtime import FIDELITY_MIN_COSINE, Runtime, bf16_native
-from simulations.benchmarks.results import RESULTS_DIR, write_results
+from simulations.benchmarks.results import (
+    RESULTS_DIR,
+    EncoderReport,
+    markdown_appendix,
+    write_results,
+)
 from simulations.experiments.machine import load_average, machine_info
 
 N_IMAGES, N_TEXTS, IMAGE_PX, ENCODER_SIZE, REPEATS = 3000, 3000, 96, 224, 3
@@ -344,20 +349,7 @@ def bench_encoder(
     return result
 
 
-@dataclass
-class BenchReport:
-    machine: dict[str, Any]
-    setup: dict[str, Any]
-    encoders: list[EncoderResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "machine": self.machine,
-            "setup": self.setup,
-            "encoders": [e.to_dict() for e in self.encoders],
-            "notes": self.notes,
-        }
+BenchReport = EncoderReport[EncoderResult]
 
 
 def run(
@@ -467,12 +459,7 @@ def render_markdown(report: BenchReport) -> str:
                 f"| {e.encoder} | {inputs} | {f['items']} | {f['min_cosine']:.5f} | "
                 f"{f['median_cosine']:.5f} | {f['share_below_bar']:.2%} |"
             )
-    lines += ["", "## Setup", ""]
-    lines += [f"- {key}: {value}" for key, value in report.setup.items()]
-    lines += ["", "## Machine", ""]
-    lines += [f"- {key}: {value}" for key, value in report.machine.items()]
-    lines += ["", "## Notes", ""]
-    lines += [f"- {note}" for note in report.notes]
+    lines += markdown_appendix(setup=report.setup, machine=report.machine, notes=report.notes)
     return "\n".join(lines) + "\n"
 
 

@@ -55,7 +55,12 @@ from simulations.benchmarks.embedding import (
     sample_images,
     write_inputs,
 )
-from simulations.benchmarks.results import RESULTS_DIR, write_results
+from simulations.benchmarks.results import (
+    RESULTS_DIR,
+    EncoderReport,
+    markdown_appendix,
+    write_results,
+)
 from simulations.experiments.machine import load_average, machine_info
 
 N_IMAGES, N_TEXTS, REPEATS = 600, 1000, 3
@@ -503,20 +508,7 @@ def compare_encoder(
 # ------------------------------------------------------------------ the whole run
 
 
-@dataclass
-class OrtReport:
-    machine: dict[str, Any]
-    setup: dict[str, Any]
-    encoders: list[EncoderComparison] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "machine": self.machine,
-            "setup": self.setup,
-            "encoders": [e.to_dict() for e in self.encoders],
-            "notes": self.notes,
-        }
+OrtReport = EncoderReport[EncoderComparison]
 
 
 def _packaged(modality: str) -> tuple[str, Encoder]:
@@ -650,12 +642,9 @@ def render_markdown(report: OrtReport) -> str:
             ),
             "",
         ]
-    lines += ["## Setup", ""]
-    lines += [f"- {key}: {value}" for key, value in report.setup.items()]
-    lines += ["", "## Machine", ""]
-    lines += [f"- {key}: {value}" for key, value in report.machine.items()]
-    lines += ["", "## Notes", ""]
-    lines += [f"- {note}" for note in report.notes]
+    if lines[-1] == "":
+        lines.pop()  # the appendix brings its own blank line
+    lines += markdown_appendix(setup=report.setup, machine=report.machine, notes=report.notes)
     return "\n".join(lines) + "\n"
 
 
