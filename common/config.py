@@ -27,8 +27,8 @@ class TrainConfig:
     is), "closed-form" (the tuned closed-form map: ridge least squares or CCA, whichever scores
     better on the validation rows; least squares without them), "lstsq" or "cca".
     ``validation_fraction`` > 0 holds that share of the training rows out as validation: the head
-    is scored on it at the start and after every epoch, and the best-scoring state is kept (a
-    trained state only when no validation metric is below the start's); ``patience`` epochs
+    is scored on it at the start and after every epoch, and the best-scoring state is kept, the
+    start included; ``patience`` epochs
     without a new best stop training (0: never stop early).
     """
 

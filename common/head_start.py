@@ -9,7 +9,9 @@ scores; the score covers retrieval, zero-shot and a linear probe, on validation 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,14 +22,46 @@ from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.metrics import (
     LinearAlignment,
-    cross_modal_retrieval,
     linear_alignment,
     select_ridge,
-    zero_shot,
 )
+from common.metrics.bootstrap import (
+    bootstrap_weights,
+    weighted_auroc,
+    weighted_macro_f1,
+    weighted_mean,
+)
+from common.metrics.inputs import _l2_normalize
+from common.metrics.retrieval import cross_modal_hits
 
 if TYPE_CHECKING:
     from common.training import HeadModel
+
+
+SELECTION_REPLICATES = 200
+"""Paired bootstrap replicates of the validation score (the same row resamples for every state
+scored on the same validation rows)."""
+_SELECTION_SEED = 0
+
+
+@dataclass(frozen=True)
+class ValidationScores(Mapping[str, float]):
+    """A state's validation metrics (read like a dict: "R@5", "zs_acc", "zs_auroc", "probe_f1",
+    "score") and ``replicates``, the paired bootstrap replicates of "score" (None when none were
+    drawn), and ``metric_replicates`` those of each metric."""
+
+    metrics: dict[str, float]
+    replicates: np.ndarray | None = field(default=None, compare=False)
+    metric_replicates: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
 
 
 def validation_split(
@@ -106,30 +140,39 @@ def inputs_of(name: str, data: EmbeddedDataset) -> np.ndarray:
 
 def validation_scores(
     model: HeadModel, fit: EmbeddedDataset, validation: EmbeddedDataset
-) -> dict[str, float]:
+) -> ValidationScores:
     """The head's scores on ``validation`` rows and their mean, ``score`` (each in [0, 1]).
 
     Retrieval: mean image<->text recall@5 ("R@5"). Classification: zero-shot accuracy and macro
     AUROC over the class prompts ("zs_acc", "zs_auroc"), and the macro-F1 of a linear probe (a
     ridge classifier on standardised projections of the ``fit`` rows, "probe_f1"). ``score`` is
     the mean of the retrieval, zero-shot (mean of its two) and probe parts the data supports.
+    Each part is also recomputed under ``SELECTION_REPLICATES`` paired row resamples of
+    ``validation`` (``ValidationScores.replicates``: how sure a difference between two states is).
     """
     from sklearn.linear_model import RidgeClassifier
-    from sklearn.metrics import f1_score
     from sklearn.preprocessing import StandardScaler
 
     z = model.project(validation)
-    scores: dict[str, float] = {}
+    weights = bootstrap_weights(max(len(validation), 1), SELECTION_REPLICATES, seed=_SELECTION_SEED)
+    unit = np.vstack([np.ones((1, weights.shape[1])), weights])
+    values: dict[str, np.ndarray] = {}  # [B + 1] each: the point value, then the replicates
     if "image" in z and "text" in z and len(validation) >= 2:
-        retrieval = cross_modal_retrieval(
-            z["image"], z["text"], groups_text=validation.text_groups, ks=(5,)
-        )
-        scores["R@5"] = float(retrieval["mean_R@5"])
+        i2t, t2i = cross_modal_hits(z["image"], z["text"], k=5, groups_text=validation.text_groups)
+        values["R@5"] = (weighted_mean(i2t, unit) + weighted_mean(t2i, unit)) / 2.0
     labels = validation.labels
     known = np.flatnonzero(labels >= 0) if labels is not None else np.arange(0)
     if labels is not None and "image" in z and "prompts" in z and known.size:
-        zs = zero_shot(z["image"][known], z["prompts"], labels[known])
-        scores.update({k: float(v) for k, v in zs.items() if math.isfinite(float(v))})
+        y = labels[known]
+        similarity = _l2_normalize(z["image"][known]) @ _l2_normalize(z["prompts"]).T
+        values["zs_acc"] = weighted_mean(similarity.argmax(axis=1) == y, unit[:, known])
+        if np.unique(y).size >= 2:
+            per_class = np.vstack(
+                [weighted_auroc(y == c, similarity[:, c], unit[:, known]) for c in np.unique(y)]
+            )
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a replicate without a class
+                values["zs_auroc"] = np.nanmean(per_class, axis=0)
     if labels is not None and fit.labels is not None and known.size:
         key = "joint" if "joint" in z else ("image" if "image" in z else "text")
         fit_rows = np.flatnonzero(fit.labels >= 0)
@@ -138,23 +181,28 @@ def validation_scores(
             scaler = StandardScaler().fit(fit_z)
             probe = RidgeClassifier(alpha=1.0).fit(scaler.transform(fit_z), fit.labels[fit_rows])
             predicted = probe.predict(scaler.transform(z[key][known]))
-            scores["probe_f1"] = float(
-                f1_score(labels[known], predicted, average="macro", zero_division=0)
-            )
-    parts = []
-    if "R@5" in scores:
-        parts.append(scores["R@5"])
-    zs_parts = [scores[k] for k in ("zs_acc", "zs_auroc") if k in scores]
-    if zs_parts:
-        parts.append(float(np.mean(zs_parts)))
-    if "probe_f1" in scores:
-        parts.append(scores["probe_f1"])
-    scores["score"] = float(np.mean(parts)) if parts else math.nan
-    return scores
+            values["probe_f1"] = weighted_macro_f1(labels[known], predicted, unit[:, known])
+    scores = {k: float(v[0]) for k, v in values.items()}
+    zs = [values[k] for k in ("zs_acc", "zs_auroc") if k in values]
+    parts = [values[k] for k in ("R@5", "probe_f1") if k in values]
+    parts += [np.mean(zs, axis=0)] if zs else []
+    if not parts:
+        scores["score"] = math.nan
+        return ValidationScores(scores)
+    score = np.mean(np.vstack(parts), axis=0)
+    scores["score"] = float(score[0])
+    return ValidationScores(
+        scores,
+        replicates=score[1:],
+        metric_replicates={k: v[1:] for k, v in values.items()},
+    )
 
 
-def no_worse(candidate: Mapping[str, float], start: Mapping[str, float]) -> bool:
-    """Whether ``candidate`` scores better than ``start`` overall and no lower on any metric."""
-    if not candidate["score"] > start["score"]:
-        return False
-    return all(candidate.get(k, -math.inf) >= v for k, v in start.items() if k != "score")
+def beats_start(candidate: Mapping[str, float], start: Mapping[str, float]) -> float:
+    """The share of paired bootstrap replicates in which ``candidate``'s score exceeds
+    ``start``'s; nan when either has no replicates (or they were drawn on different rows)."""
+    a = getattr(candidate, "replicates", None)
+    b = getattr(start, "replicates", None)
+    if a is None or b is None or a.shape != b.shape:
+        return math.nan
+    return float(np.mean(a > b))

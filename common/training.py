@@ -24,7 +24,6 @@ from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.head_start import (
     init_closed_form,
-    no_worse,
     validation_scores,
     validation_split,
 )
@@ -188,8 +187,8 @@ class TrainResult:
     best_epoch: int = -1
     epochs_run: int = 0
     num_validation: int = 0
-    validation: dict[str, float] = field(default_factory=dict)
-    validation_start: dict[str, float] = field(default_factory=dict)
+    validation: Mapping[str, float] = field(default_factory=dict)
+    validation_start: Mapping[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: the objective, the start and the kept state with their validation scores."""
@@ -278,8 +277,8 @@ def train_head(
     ``config.init`` says (see TrainConfig). With ``config.validation_fraction`` > 0 (and at least
     10 usable rows) that share of ``data`` is validation: the head trains on the rest, is scored
     (``validation_scores``) at the start and after each epoch, and ends at the best state; a
-    trained state wins only with a higher score and no validation metric below the start's, so
-    the kept head is never worse on validation than where it started. When the start wins and it
+    start is a candidate like every trained state, so the kept head's validation score is never
+    below the start's. When the start wins and it
     was a closed-form map, the map is refitted on all of ``data`` (the frozen baseline exactly).
     ``reference`` is the round's global state (FedProx anchor when ``config.proximal_mu`` > 0;
     after a closed-form start the anchor is that start).
@@ -300,8 +299,11 @@ def train_head(
         init = _start(model, fit_data, val_data, config.init)
         reference = None  # the proximal anchor is the start
     anchor = _proximal_anchor(model, reference) if config.proximal_mu > 0 else None
-    start_scores = validation_scores(model, fit_data, val_data) if val_data is not None else {}
-    best_scores, best_epoch = dict(start_scores), 0
+    start_scores: Mapping[str, float] = (
+        validation_scores(model, fit_data, val_data) if val_data is not None else {}
+    )
+    best_scores: Mapping[str, float] = start_scores
+    best_epoch = 0
     best_state = copy.deepcopy(model.state_dict()) if val_data is not None else None
     since_best = 0
 
@@ -310,10 +312,7 @@ def train_head(
         if val_data is None:
             return True
         scores = validation_scores(model, fit_data, val_data)
-        guarded = bool(init)  # a closed-form start: no validation metric may fall below it
-        if (not guarded or no_worse(scores, start_scores)) and scores["score"] > best_scores[
-            "score"
-        ]:
+        if scores["score"] > best_scores["score"]:
             best_scores, best_epoch, since_best = scores, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:

@@ -2,7 +2,8 @@
 
 Modules: ``inputs`` (argument checks, MetricInputError), ``retrieval``, ``zeroshot``,
 ``classifiers`` (linear probe, classifier suite), ``alignment`` (least squares / CCA baselines),
-``tables`` (markdown tables).
+``bootstrap`` (paired bootstrap replicates of the validation metrics), ``tables`` (markdown
+tables).
 """
 
 from common.metrics.alignment import (

@@ -61,14 +61,15 @@ def _correct_mask(rows: np.ndarray, groupings: Sequence[np.ndarray]) -> np.ndarr
     return mask
 
 
-def _recall(
+def _query_hits(
     query: np.ndarray, gallery: np.ndarray, ks: tuple[int, ...], groupings: Sequence[np.ndarray]
-) -> dict[str, float]:
-    """Expected recall@k under uniformly random tie-breaking, computed in query chunks."""
+) -> np.ndarray:
+    """[len(ks), n_queries]: each query's expected hit at each k under uniformly random
+    tie-breaking (its recall@k), computed in query chunks."""
     q = _l2_normalize(query)
     g = _l2_normalize(gallery)
     n = q.shape[0]
-    hits = np.zeros(len(ks))
+    hits = np.zeros((len(ks), n))
     step = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, n, step):
         rows = np.arange(start, min(start + step, n))
@@ -80,8 +81,16 @@ def _recall(
         tied_correct = (tied & correct).sum(axis=1)
         tied_wrong = (tied & ~correct).sum(axis=1)
         for index, k in enumerate(ks):
-            hits[index] += _prob_correct_in_top(k - above, tied_correct, tied_wrong).sum()
-    return {f"R@{k}": float(hits[index] / n) for index, k in enumerate(ks)}
+            hits[index, rows] = _prob_correct_in_top(k - above, tied_correct, tied_wrong)
+    return hits
+
+
+def _recall(
+    query: np.ndarray, gallery: np.ndarray, ks: tuple[int, ...], groupings: Sequence[np.ndarray]
+) -> dict[str, float]:
+    """Expected recall@k under uniformly random tie-breaking: the mean of ``_query_hits``."""
+    hits = _query_hits(query, gallery, ks, groupings)
+    return {f"R@{k}": float(hits[index].mean()) for index, k in enumerate(ks)}
 
 
 def recall_at_k(
@@ -149,12 +158,7 @@ def cross_modal_retrieval(
     """
     img, txt = _paired_matrices(image_z, "image_z", text_z, "text_z")
     ks = _ks(ks)
-    n = img.shape[0]
-    groupings = [np.arange(n)]
-    if groups_image is not None:
-        groupings.append(_int_vector(groups_image, "groups_image", n))
-    if groups_text is not None:
-        groupings.append(_int_vector(groups_text, "groups_text", n))
+    groupings = _groupings(img.shape[0], groups_image, groups_text)
     i2t = _recall(img, txt, ks, groupings)
     t2i = _recall(txt, img, ks, groupings)
     result: dict[str, float] = {}
@@ -163,3 +167,30 @@ def cross_modal_retrieval(
     for k in ks:
         result[f"mean_R@{k}"] = (i2t[f"R@{k}"] + t2i[f"R@{k}"]) / 2.0
     return result
+
+
+def cross_modal_hits(
+    image_z: np.ndarray,
+    text_z: np.ndarray,
+    *,
+    k: int,
+    groups_image: np.ndarray | None = None,
+    groups_text: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: the image query's and the text query's expected hit at ``k`` (their means are
+    ``cross_modal_retrieval``'s ``i2t_R@k`` and ``t2i_R@k``), for resampling the queries."""
+    img, txt = _paired_matrices(image_z, "image_z", text_z, "text_z")
+    ks = _ks((k,))
+    groupings = _groupings(img.shape[0], groups_image, groups_text)
+    return _query_hits(img, txt, ks, groupings)[0], _query_hits(txt, img, ks, groupings)[0]
+
+
+def _groupings(
+    n: int, groups_image: np.ndarray | None, groups_text: np.ndarray | None
+) -> list[np.ndarray]:
+    groupings = [np.arange(n)]
+    if groups_image is not None:
+        groupings.append(_int_vector(groups_image, "groups_image", n))
+    if groups_text is not None:
+        groupings.append(_int_vector(groups_text, "groups_text", n))
+    return groupings

@@ -6,7 +6,7 @@ import copy
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from common.data.partition import split_indices
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
 from common.evaluation import aligned_metrics, evaluate_head, projected_metrics
-from common.head_start import no_worse, validation_scores
+from common.head_start import ValidationScores, beats_start, validation_scores
 from common.metrics import RIDGES, linear_alignments
 from common.pipeline import SiteData, prepare_site_data
 from common.privacy import PrivacySettings
@@ -43,8 +43,8 @@ VALIDATION_SEED = 1
 
 SELECTION = (
     "mean of validation R@5, zero-shot (mean of accuracy and AUROC) and linear-probe macro-F1 "
-    "(a head with a closed-form start: a trained state only when no validation metric is below "
-    "the start's)"
+    "(a head with a closed-form start: the untrained start is a candidate like every trained "
+    "state)"
 )
 """What every trained arm is stopped on (``selection_metrics``; the parts the data supports)."""
 
@@ -162,32 +162,26 @@ class Selection:
 
     ``unit`` is "epoch" (a step = ``per_step`` epochs of local training) or "round" (a federated
     round); ``chosen`` is the 1-based step of the best score (the earliest on ties). ``metrics``
-    holds each step's validation metrics (``common.head_start.validation_scores``); when
-    ``guarded``, step 1 is the untrained closed-form start and a later step is a candidate only
-    if it scores higher and no validation metric falls below step 1's (``no_worse``), so the
-    arm is never worse than its start on validation.
+    holds each step's validation metrics (``common.head_start.validation_scores``); with
+    ``closed_form_start``, step 1 is the untrained closed-form start, a candidate like every
+    trained step, so the arm's validation score is never below its start's. (Guards that keep the
+    start unless a trained step is lower on no metric, or better in most bootstrap resamples,
+    lost more cells against frozen on test: ``selection_rules``, docs/results.md.)
     """
 
     unit: str
     scores: list[float]
     per_step: int = 1
-    metrics: list[dict[str, float]] = field(default_factory=list)
-    guarded: bool = False
+    metrics: list[ValidationScores] = field(default_factory=list)
+    closed_form_start: bool = False
 
     @property
     def chosen(self) -> int:
-        if not (self.guarded and self.metrics):
-            return select_best(self.scores)
-        start = self.metrics[0]
-        eligible = [
-            score if step == 0 or no_worse(self.metrics[step], start) else math.nan
-            for step, score in enumerate(self.scores)
-        ]
-        return select_best(eligible)
+        return select_best(self.scores)
 
     @property
     def trained(self) -> int:
-        """Epochs (or the round) at the chosen step: a guarded arm's step 1 trained 0 epochs."""
+        """Epochs (or the round) at the chosen step: with a closed-form start step 1 trained 0."""
         return self._units(self.chosen)
 
     @property
@@ -195,13 +189,13 @@ class Selection:
         return self._units(len(self.scores))
 
     def _units(self, steps: int) -> int:
-        if self.unit == "epoch" and self.guarded:
+        if self.unit == "epoch" and self.closed_form_start:
             return (steps - 1) * self.per_step
         return steps * self.per_step
 
     @property
     def label(self) -> str:
-        start = " (closed-form start)" if self.guarded and self.chosen == 1 else ""
+        start = " (closed-form start)" if self.closed_form_start and self.chosen == 1 else ""
         return f"{self.unit} {self.trained}/{self.budget}{start}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +204,15 @@ class Selection:
             "chosen": self.trained,
             "budget": self.budget,
             "validation_scores": self.scores,
-            **({"start_guard": True, "validation_metrics": self.metrics} if self.guarded else {}),
+            **(
+                {
+                    "closed_form_start": True,
+                    "validation_metrics": [dict(m) for m in self.metrics],
+                    "beats_start": [beats_start(m, self.metrics[0]) for m in self.metrics],
+                }
+                if self.closed_form_start and self.metrics
+                else {}
+            ),
         }
 
 
@@ -226,7 +228,7 @@ def select_best(scores: Sequence[float]) -> int:
 
 def selection_metrics(
     model: HeadModel, splits: Sequence[tuple[EmbeddedDataset, EmbeddedDataset]]
-) -> dict[str, float]:
+) -> ValidationScores:
     """The validation metrics of ``model`` over ``(fit, validation)`` splits, ``score`` the one
     every arm is stopped on (higher is better).
 
@@ -240,11 +242,33 @@ def selection_metrics(
     keys = set.intersection(*(set(m) for m in per_split)) if per_split else set()
     if "score" not in keys or all(math.isnan(m["score"]) for m in per_split):
         raise ConfigError("model selection: the validation split gives no metric to select on")
-    return {k: float(np.average([m[k] for m in per_split], weights=weights)) for k in sorted(keys)}
+    values = {
+        k: float(np.average([m[k] for m in per_split], weights=weights)) for k in sorted(keys)
+    }
+    replicates = [m.replicates for m in per_split if m.replicates is not None]
+    if len(replicates) < len(per_split):
+        return ValidationScores(values)
+    per_metric = {
+        k: np.average(
+            np.vstack([m.metric_replicates[k] for m in per_split]), axis=0, weights=weights
+        )
+        for k in sorted(keys)
+        if all(k in m.metric_replicates for m in per_split)
+    }
+    return ValidationScores(
+        values,
+        replicates=np.average(np.vstack(replicates), axis=0, weights=weights),
+        metric_replicates=per_metric,
+    )
 
 
 def train_selected(
-    run: RunSettings, train: EmbeddedDataset, val: EmbeddedDataset, *, steps: int
+    run: RunSettings,
+    train: EmbeddedDataset,
+    val: EmbeddedDataset,
+    *,
+    steps: int,
+    on_step: Callable[[int, HeadModel], None] | None = None,
 ) -> tuple[HeadModel, Selection]:
     """Train ``steps`` x ``run.local_epochs`` epochs; return the head at the best validation step.
 
@@ -252,19 +276,22 @@ def train_selected(
     and per-round seed), so a site alone or the pooled data get exactly a round's procedure (a
     head with a linear path: step 1 is the untrained closed-form start, as round 1 is), and the
     stopping point is chosen as the federated arm's is: by ``selection_metrics`` on ``val``.
+    ``on_step(step, model)`` sees the head after each step (1-based) is scored.
     """
     model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
-    guarded = model.head.has_linear_path
-    selection = Selection("epoch", [], per_step=run.local_epochs, guarded=guarded)
+    closed_form = model.head.has_linear_path
+    selection = Selection("epoch", [], per_step=run.local_epochs, closed_form_start=closed_form)
     best: dict[str, Any] | None = None
     for step in range(1, steps + 1):
         config = run.train_config(
-            seed=run.seed * 100_003 + step, first_round=step == 1, start_only=guarded
+            seed=run.seed * 100_003 + step, first_round=step == 1, start_only=closed_form
         )
         train_head(model, train, config)
         metrics = selection_metrics(model, [(train, val)])
         selection.metrics.append(metrics)
         selection.scores.append(metrics["score"])
+        if on_step is not None:
+            on_step(step, model)
         if selection.chosen == step:
             best = copy.deepcopy(model.state_dict())
     assert best is not None
@@ -290,15 +317,15 @@ def select_round(
     model: HeadModel,
     splits: Sequence[tuple[EmbeddedDataset, EmbeddedDataset]],
     *,
-    guarded: bool = False,
+    closed_form_start: bool = False,
 ) -> tuple[HeadModel, Selection]:
     """Load into ``model`` the federated run's checkpoint (round >= 1) with the best validation
-    score on the sites' ``(fit, validation)`` splits; ``guarded``: round 1 is the sites' mean
-    closed-form start and a later round must be no worse than it (see ``Selection``)."""
+    score on the sites' ``(fit, validation)`` splits; ``closed_form_start``: round 1 is the
+    federation's closed-form start, returned untrained (see ``Selection``)."""
     from common.artifacts import load_state_arrays
 
     checkpoints = round_checkpoints(run_dir)
-    selection = Selection("round", [], guarded=guarded)
+    selection = Selection("round", [], closed_form_start=closed_form_start)
     for _, path, arrays in checkpoints:
         load_state_arrays(model, arrays, source=str(path))
         selection.metrics.append(selection_metrics(model, splits))

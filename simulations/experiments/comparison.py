@@ -244,7 +244,7 @@ def compare(
             arm.run_dir,
             arm.model,
             [(s.train, s.val) for s in splits],
-            guarded=arm.model.head.has_linear_path and not arm.privacy,
+            closed_form_start=arm.model.head.has_linear_path and not arm.privacy,
         )
         comparison.round_test[label] = round_rows(
             arm.run_dir, copy.deepcopy(model), pooled_train, pooled_test

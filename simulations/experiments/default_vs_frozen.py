@@ -20,6 +20,7 @@ metric the frozen side is the best of these on the test rows (which can only fav
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -36,8 +37,10 @@ from common.config import RunSettings, SiteSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
 from common.evaluation import evaluate_head
+from common.head_start import validation_scores
 from common.metrics import format_table
 from common.pipeline import SiteData, prepare_site_data
+from common.training import HeadModel
 from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.arms import (
     HEADLINE,
@@ -55,6 +58,7 @@ from simulations.experiments.arms import (
 from simulations.experiments.comparison_runs import LOCAL_EPOCHS, ROUNDS, SITES
 from simulations.experiments.machine import machine_info
 from simulations.experiments.seed_summary import confidence_interval
+from simulations.experiments.selection_rules import rule_steps, rules_summary
 
 RESULT_NAME = "default_vs_frozen"
 CHECKED = ("mean_R@5", "zs_acc", "zs_auroc", "probe_f1_macro")
@@ -234,8 +238,12 @@ def run_seed(
     local_epochs: int,
     cache_dir: Path,
     overrides: Mapping[str, Any] | None = None,
+    rules: bool = False,
 ) -> dict[str, Any]:
-    """One paired seed: the default centralized head and every frozen baseline on the same splits."""
+    """One paired seed: the default centralized head and every frozen baseline on the same splits.
+
+    ``rules``: also the head each rule of ``selection_rules.RULES`` (and the test oracle) keeps
+    from the same trajectory, scored on test (``rules`` in the result)."""
     run = RunSettings.from_run_config(
         {
             **config.run_config(),
@@ -259,7 +267,16 @@ def run_seed(
     seconds["frozen"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    model, selection = train_selected(run, train, val, steps=run.num_server_rounds)
+    states: list[dict[str, Any]] = []
+    test_scores: list[float] = []
+
+    def keep(step: int, model: HeadModel) -> None:
+        states.append(copy.deepcopy(model.state_dict()))
+        test_scores.append(validation_scores(model, train, test)["score"])
+
+    model, selection = train_selected(
+        run, train, val, steps=run.num_server_rounds, on_step=keep if rules else None
+    )
     central = {
         **metric_row("centralized (default head)", model, train, test),
         "stop": selection.label,
@@ -267,6 +284,14 @@ def run_seed(
     seconds["centralized"] = time.perf_counter() - started
 
     best = best_frozen(frozen)
+    by_rule: dict[str, Any] = {}
+    if rules:
+        rows: dict[int, dict[str, Any]] = {}
+        for rule, step in rule_steps(selection.metrics, test_scores).items():
+            if step not in rows:
+                model.load_state_dict(states[step])
+                rows[step] = metric_row(rule, model, train, test)
+            by_rule[rule] = {"step": step, "difference": paired_differences(rows[step], best)}
     return {
         "seed": seed,
         "run": {k: v for k, v in run.to_dict().items() if k not in ("run_dir", "resume")},
@@ -280,6 +305,7 @@ def run_seed(
         "difference": paired_differences(central, best),
         "selections": {"centralized": selection.to_dict(), **ridges},
         "seconds": seconds,
+        **({"rules": by_rule} if rules else {}),
     }
 
 
@@ -340,6 +366,8 @@ def summarize(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             for metric, value in paired_differences(e["centralized"], best).items():
                 diffs.setdefault(metric, []).append(value)
         summary["by_tuning"][tuning] = {m: verdict(v) for m, v in diffs.items()}
+    if any("rules" in e for e in entries):
+        summary["rules"] = rules_summary(entries, CHECKED, verdict)
     return summary
 
 
@@ -402,6 +430,25 @@ def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
         }
         for e in entries
     ]
+    rules = summary.get("rules", {})
+    if rules:
+        rule_rows = [
+            {
+                "rule": rule,
+                "seeds with a trained step": f"{r['trained_steps']}/{len(entries)}",
+                **{
+                    m: f"{d['mean']:+.4f} {_ci(d['ci95'])} {_met(d)}"
+                    for m, d in _in_order(r["metrics"])
+                },
+            }
+            for rule, r in rules.items()
+        ]
+        lines += [
+            "Selection rules on the same trajectories (`--rules`; `selection_rules`): the head "
+            "each rule keeps minus the best frozen value, mean [95% CI] and the bar:\n",
+            format_table(rule_rows, list(rule_rows[0])),
+            "",
+        ]
     lines += [
         "Per seed: centralized - best frozen, and which frozen rows were best (lstsq or CCA, "
         "ridge chosen on validation `val` or by CV on train `cv`; the probe F1 is always the "
@@ -422,13 +469,16 @@ def report_markdown(document: Mapping[str, Any]) -> str:
         "are scored on the same rows (the pooled test halves of the sites' held-out splits). "
         f"Centralized: run-config defaults (head `{settings['head']}`, loss `{settings['loss']}`), "
         f"{settings['rounds']} steps x {settings['local_epochs']} epochs (the comparison runner's "
-        f"budget), stopped on the pooled validation halves: {SELECTION}. Frozen: per metric, the "
+        f"budget), stopped on the pooled validation halves: {settings.get('selection', SELECTION)}. "
+        "Frozen: per metric, the "
         "best on the test rows of the frozen probe and of the lstsq and CCA maps, each ridge tuned "
         "on validation and by 3-fold CV on train (`vs best of all`: the best of the four maps, "
         "picked on the test rows, which can only favour frozen; `vs validation-tuned` and "
         "`vs cv-tuned`: lstsq or CCA, whichever is better, with that tuning only). Bar: mean difference >= 0, or >= "
         f"-{TOLERANCE:g} with the 95% t-interval containing 0, over >= {MIN_SEEDS} paired seeds.\n",
     ]
+    if document.get("note"):
+        lines.append(f"Note: {document['note']}\n")
     table = []
     for name, result in document["datasets"].items():
         for metric, s in _in_order(result["summary"]["metrics"]):
@@ -476,6 +526,7 @@ def run_all(
     command: str = "",
     keep_existing: bool = False,
     echo: bool = True,
+    rules: bool = False,
 ) -> dict[str, Any]:
     """Every dataset of ``names`` over ``seeds``; results written after every seed.
 
@@ -524,6 +575,7 @@ def run_all(
                 local_epochs=local_epochs,
                 cache_dir=cache_dir,
                 overrides=overrides,
+                rules=rules,
             )
             entries.append(entry)
             document["datasets"][name] = {
@@ -543,15 +595,35 @@ def run_all(
 
 
 def merge(dirs: Sequence[Path], *, out_dir: Path) -> dict[str, Any]:
-    """One report from several runs' results (each run's datasets, its command and settings)."""
+    """One report from several runs' results (each run's datasets, its command and settings); a
+    dataset in several runs pools their seeds (a seed run twice keeps the later run's)."""
     documents = [json.loads((d / f"{RESULT_NAME}.json").read_text(encoding="utf-8")) for d in dirs]
     merged = dict(documents[-1])
     merged["datasets"], merged["requested"], merged["runs"] = {}, [], []
     for doc in documents:
-        merged["datasets"].update(doc["datasets"])
+        for name, result in doc["datasets"].items():
+            if name not in merged["datasets"]:
+                merged["datasets"][name] = result
+                continue
+            seeds = {e["seed"]: e for e in merged["datasets"][name]["seeds"]}
+            seeds.update({e["seed"]: e for e in result["seeds"]})
+            merged["datasets"][name]["seeds"] = [seeds[k] for k in sorted(seeds)]
         merged["requested"] += [n for n in doc["requested"] if n not in merged["requested"]]
         merged["runs"].append({k: doc[k] for k in ("command", "settings", "machine")})
     merged["command"] = " ; ".join(doc["command"] for doc in documents)
+    notes = list(dict.fromkeys(doc["note"] for doc in documents if doc.get("note")))
+    rules = list(dict.fromkeys(doc["settings"].get("selection", "") for doc in documents))
+    if len(rules) > 1:
+        notes.append(
+            "The merged runs stopped their centralized rows by different rules ("
+            + "; ".join(
+                f"`{doc['command']}`: {doc['settings'].get('selection', '')}" for doc in documents
+            )
+            + "), so compare rules in the selection-rules tables, which score every rule on every "
+            "seed."
+        )
+    if notes:
+        merged["note"] = " ".join(notes)
     for result in merged["datasets"].values():  # from the stored rows, by this module's rules
         result["summary"] = summarize(result["seeds"])
     write_results(out_dir, RESULT_NAME, merged, report_markdown(merged))
@@ -581,6 +653,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=Path,
         metavar="DIR",
         help="no training: one report in --out from the datasets of earlier runs' --out dirs",
+    )
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="also score the head every selection rule keeps (simulations.experiments."
+        "selection_rules; a diagnostic: each step is scored on test too)",
     )
     parser.add_argument(
         "--keep-existing",
@@ -617,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         command=command.strip(),
         configs=configs,
         keep_existing=args.keep_existing,
+        rules=args.rules,
     )
     print((args.out / f"{RESULT_NAME}.md").read_text(encoding="utf-8"))
 

@@ -106,6 +106,7 @@ def publish(
         "rows": comparison.rows,
         "seconds": comparison.seconds,
         "ratios": ratio,
+        "selections": comparison.selections,
         **(extra or {}),
     }
     figures = plot_comparison(comparison, out, prefix=prefix)

@@ -426,3 +426,59 @@ def test_format_table_markdown() -> None:
     )
     with pytest.raises(MetricInputError, match="columns: expected at least one"):
         format_table(rows, [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bootstrap_metrics_equal_the_plain_metrics_on_the_rows_a_replicate_resamples(
+    seed: int,
+) -> None:
+    """At unit weights the weighted metrics are scikit-learn's macro-F1 and ``auroc``; under a
+    replicate's multinomial counts they equal the same metric on the rows repeated that often."""
+    from sklearn.metrics import f1_score
+
+    from common.metrics.bootstrap import (
+        bootstrap_weights,
+        weighted_auroc,
+        weighted_macro_f1,
+        weighted_mean,
+    )
+
+    rng = np.random.default_rng(seed)
+    n = 40
+    y, predicted = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    scores = np.round(rng.normal(size=n), 1)  # ties
+    weights = np.vstack([np.ones(n), bootstrap_weights(n, 25, seed=seed)])
+    assert weights[1:].sum(axis=1) == pytest.approx(np.full(25, n))
+    f1 = weighted_macro_f1(y, predicted, weights)
+    positive = y == 1
+    auc = weighted_auroc(positive, scores, weights)
+    mean = weighted_mean(scores, weights)
+    assert f1[0] == pytest.approx(f1_score(y, predicted, average="macro", zero_division=0))
+    assert auc[0] == pytest.approx(auroc(positive, scores))
+    for b in range(1, weights.shape[0]):
+        rows = np.repeat(np.arange(n), weights[b].astype(int))
+        expected = f1_score(y[rows], predicted[rows], average="macro", zero_division=0)
+        assert f1[b] == pytest.approx(expected)
+        assert auc[b] == pytest.approx(auroc(positive[rows], scores[rows]))
+        assert mean[b] == pytest.approx(scores[rows].mean())
+
+
+def test_bootstrap_auroc_is_nan_for_a_replicate_without_both_labels() -> None:
+    from common.metrics.bootstrap import weighted_auroc
+
+    weights = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    auc = weighted_auroc(np.array([True, False, False]), np.array([0.9, 0.1, 0.5]), weights)
+    assert auc[0] == 1.0 and math.isnan(auc[1])
+
+
+def test_cross_modal_hits_average_to_the_retrieval_recall() -> None:
+    from common.metrics.retrieval import cross_modal_hits
+
+    rng = np.random.default_rng(3)
+    image, text = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    groups = np.arange(30) // 2  # duplicate reports
+    i2t, t2i = cross_modal_hits(image, text, k=5, groups_text=groups)
+    result = cross_modal_retrieval(image, text, groups_text=groups, ks=(5,))
+    assert i2t.shape == t2i.shape == (30,)
+    assert i2t.mean() == pytest.approx(result["i2t_R@5"])
+    assert t2i.mean() == pytest.approx(result["t2i_R@5"])

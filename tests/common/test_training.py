@@ -349,8 +349,8 @@ def test_aligned_head_starts_exactly_at_the_frozen_closed_form_baseline(method: 
 
 def test_default_training_keeps_a_head_no_worse_than_its_closed_form_start() -> None:
     """The default (aligned head, auto loss, closed-form start, validation hold-out): the kept
-    head's validation score is >= the start's, with no validation metric below the start's; a
-    head that training could not improve is the closed-form map itself."""
+    head's validation score is >= the start's (the start is a candidate); a head that training
+    could not improve is the closed-form map itself."""
     from common.head_start import validation_scores
 
     data = _paired(300, seed=2)
@@ -362,7 +362,6 @@ def test_default_training_keeps_a_head_no_worse_than_its_closed_form_start() -> 
     start, kept = result.validation_start, result.validation
     assert {"R@5", "zs_acc", "zs_auroc", "probe_f1", "score"} <= set(start)
     assert kept["score"] >= start["score"]
-    assert all(kept[k] >= v for k, v in start.items())
     if result.best_epoch > 0:  # the kept state is the one that was scored
         from common.head_start import validation_split
 

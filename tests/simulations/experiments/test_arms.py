@@ -92,21 +92,53 @@ def test_train_selected_keeps_the_head_of_its_best_validation_step() -> None:
     assert selection.to_dict()["chosen"] == selection.chosen  # 1 local epoch per step
 
 
-def test_a_guarded_selection_never_keeps_a_step_that_lowers_a_validation_metric() -> None:
-    start = {"R@5": 0.30, "zs_auroc": 0.70, "score": 0.50}
-    higher_but_worse_r5 = {"R@5": 0.29, "zs_auroc": 0.95, "score": 0.62}
-    better_everywhere = {"R@5": 0.31, "zs_auroc": 0.75, "score": 0.53}
-    metrics = [start, higher_but_worse_r5, better_everywhere]
-    scores = [m["score"] for m in metrics]
-    assert Selection("round", scores).chosen == 2  # unguarded: the highest score
-    assert Selection("round", scores, metrics=metrics, guarded=True).chosen == 3
-    only_worse = Selection("round", scores[:2], metrics=metrics[:2], guarded=True)
-    assert only_worse.chosen == 1 and only_worse.to_dict()["start_guard"]
+def test_a_closed_form_start_is_a_candidate_like_every_trained_step() -> None:
+    """The best validation score wins, the start (step 1) included; the record says how sure each
+    step's difference from the start is (the share of paired bootstrap replicates it beats)."""
+    import numpy as np
+
+    from common.head_start import ValidationScores, beats_start
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.50, 0.03, 200)
+    start = ValidationScores({"R@5": 0.30, "score": 0.50}, replicates=base)
+    worse = ValidationScores({"R@5": 0.29, "score": 0.48}, replicates=base - 0.02)
+    better = ValidationScores(
+        {"R@5": 0.29, "score": 0.53}, replicates=base + rng.normal(0.03, 0.02, 200)
+    )
+    assert beats_start(start, start) == 0.0 and beats_start(worse, start) == 0.0
+    only_worse = Selection("round", [0.50, 0.48], metrics=[start, worse], closed_form_start=True)
+    assert only_worse.chosen == 1 and only_worse.label == "round 1/2 (closed-form start)"
+    metrics = [start, worse, better]
+    selection = Selection(
+        "epoch", [m["score"] for m in metrics], per_step=2, metrics=metrics, closed_form_start=True
+    )
+    assert selection.chosen == 3  # a lower R@5 does not bar the best score
+    assert selection.label == "epoch 4/4"  # step 1 trained nothing
+    record = selection.to_dict()
+    assert record["closed_form_start"] and record["chosen"] == 4
+    assert record["beats_start"] == [0.0, 0.0, beats_start(better, start)]
+    assert 0.5 < record["beats_start"][2] < 1.0
+    assert "closed_form_start" not in Selection("round", [0.1, 0.2]).to_dict()
+
+
+def test_validation_scores_carry_paired_replicates_of_the_score() -> None:
+    import numpy as np
+
+    from common.head_start import SELECTION_REPLICATES, validation_scores
+
+    train, val = _paired(120, 0), _paired(45, 1)
+    model = build_run_model(_small_run(), dims=train.dims, num_classes=train.num_classes)
+    first, again = validation_scores(model, train, val), validation_scores(model, train, val)
+    assert first.replicates is not None and first.replicates.shape == (SELECTION_REPLICATES,)
+    assert np.array_equal(first.replicates, again.replicates)  # the same resamples every time
+    assert abs(float(np.mean(first.replicates)) - first["score"]) < 0.05
+    assert float(np.std(first.replicates)) > 0
 
 
 def test_an_aligned_arm_starts_at_the_closed_form_map_and_ends_no_worse_on_validation() -> None:
     """Step 1 of a head with a linear path is the untrained lstsq start (frozen + the map, to
-    float precision); whatever step is kept scores no lower than it on any validation metric."""
+    float precision); whatever step is kept scores no lower than it on validation."""
     import numpy as np
 
     from common.evaluation import aligned_metrics
@@ -117,14 +149,14 @@ def test_an_aligned_arm_starts_at_the_closed_form_map_and_ends_no_worse_on_valid
         {"head": "aligned", "local-epochs": 2, "batch-size": 32, "lr": 0.05}
     )
     model, selection = train_selected(run, train, val, steps=4)
-    assert selection.guarded and len(selection.metrics) == 4
+    assert selection.closed_form_start and len(selection.metrics) == 4
     start = selection.metrics[0]
     frozen = aligned_metrics(closed_form_alignment(train, "lstsq"), val, ks=(5,))
     assert start["R@5"] == pytest.approx(frozen["mean_R@5"], abs=1e-6)
     assert (selection.budget, selection.to_dict()["budget"]) == (6, 6)  # step 1 trained nothing
     assert selection.label.startswith(f"epoch {2 * (selection.chosen - 1)}/6")
     kept = selection.metrics[selection.chosen - 1]
-    assert all(kept[k] >= v for k, v in start.items())
+    assert kept["score"] >= start["score"]
     assert selection_metrics(model, [(train, val)]) == pytest.approx(kept)
     assert np.isfinite(selection.scores).all()
 

@@ -39,6 +39,7 @@ def result(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         overrides=_overrides(tiny_model_dirs),
         configs={TINY.name: TINY},
         echo=False,
+        rules=True,
     )
     return document, out
 
@@ -60,6 +61,26 @@ def test_difference_is_centralized_minus_the_better_frozen_row(result: Any) -> N
             assert diff == pytest.approx(entry["centralized"][metric] - best, abs=1e-12)
             winners = [r["method"] for r in entry["frozen"] if r.get(metric) == best]
             assert entry["best_frozen"][metric]["from"] == winners
+
+
+def test_each_selection_rule_scores_a_step_of_the_same_trajectory(result: Any) -> None:
+    """The default rule keeps the step the centralized row reports, with the same differences;
+    "start only" keeps step 0; the summary and the report carry every rule."""
+    from simulations.experiments.selection_rules import ONE_SE, ORACLE, RULES
+
+    document, out = result
+    default = next(r for r in RULES if "(default)" in r)
+    for entry in document["datasets"][TINY.name]["seeds"]:
+        rules = entry["rules"]
+        assert set(rules) == {*RULES, ONE_SE, ORACLE}
+        selection = entry["selections"]["centralized"]
+        assert rules[default]["step"] == selection["chosen"]  # epochs trained = 0-based step
+        assert rules[default]["difference"] == pytest.approx(entry["difference"])
+        assert rules["start only"]["step"] == 0
+        assert all(0 <= r["step"] < len(selection["validation_scores"]) for r in rules.values())
+    summary = document["datasets"][TINY.name]["summary"]["rules"]
+    assert set(summary) == {*RULES, ONE_SE, ORACLE}
+    assert "Selection rules on the same trajectories" in (out / "default_vs_frozen.md").read_text()
 
 
 def test_both_sides_are_scored_on_the_same_test_rows(
@@ -128,3 +149,23 @@ def test_verdict_applies_the_issue_bar(values: list[float], holds: bool, bar_met
     v = dvf.verdict(values)
     assert (v["holds"], v["bar_met"]) == (holds, bar_met)
     assert v["mean"] == pytest.approx(np.mean(values))
+
+
+def test_merge_pools_the_seeds_of_a_dataset_run_in_several_sittings(
+    result: Any, tmp_path: Path
+) -> None:
+    document, _ = result
+    entries = document["datasets"][TINY.name]["seeds"]
+    for i, entry in enumerate(entries):
+        part = json.loads(json.dumps(document))
+        part["datasets"][TINY.name]["seeds"] = [entry]
+        (tmp_path / f"part-{i}").mkdir()
+        (tmp_path / f"part-{i}" / "default_vs_frozen.json").write_text(json.dumps(part))
+    merged = dvf.merge(
+        [tmp_path / f"part-{i}" for i in reversed(range(len(entries)))], out_dir=tmp_path / "all"
+    )
+    pooled = merged["datasets"][TINY.name]
+    assert [e["seed"] for e in pooled["seeds"]] == list(SEEDS)
+    assert json.dumps(pooled["summary"], sort_keys=True) == json.dumps(
+        json.loads(json.dumps(document["datasets"][TINY.name]["summary"])), sort_keys=True
+    )
