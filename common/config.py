@@ -29,7 +29,10 @@ class TrainConfig:
     ``validation_fraction`` > 0 holds that share of the training rows out as validation: the head
     is scored on it at the start and after every epoch, and the best-scoring state is kept, the
     start included; ``patience`` epochs
-    without a new best stop training (0: never stop early).
+    without a new best stop training (0: never stop early). With validation rows, an ``auto``
+    loss also trains the objectives ``registries.AUTO_ALTERNATIVES`` lists for its choice, from
+    the same start, and keeps the best state of all. ``objective``: the objective an ``auto``
+    loss trains, instead of choosing it from the data ("": choose).
     """
 
     loss: str = registries.AUTO_LOSS
@@ -42,8 +45,13 @@ class TrainConfig:
     init: str = "closed-form"
     validation_fraction: float = 0.2
     patience: int = 5
+    objective: str = ""
 
     def __post_init__(self) -> None:
+        if self.objective and self.objective not in registries.LOSSES:
+            raise ConfigError(
+                f"training config: objective must be a registered loss, got {self.objective!r}"
+            )
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
             raise ConfigError(f"invalid training config: {self}")
         if self.init not in HEAD_INITS:
@@ -427,6 +435,7 @@ class RunSettings:
         first_round: bool = False,
         start_only: bool = False,
         started: bool = False,
+        objective: str = "",
     ) -> TrainConfig:
         """Local training settings for one round: every local epoch trains (no validation
         hold-out). A head with a linear path starts round 1 (``first_round``) at the site's own
@@ -436,7 +445,8 @@ class RunSettings:
         head, a checkpoint the run can end at when no trained round beats it on validation.
         ``started``: the coordinator already set the head to the federation's closed-form start
         (server/closed_form.py), so round 1 keeps it as it arrives (and, with ``start_only``,
-        returns it untrained). Later rounds keep the global head as it arrives and train it."""
+        returns it untrained). Later rounds keep the global head as it arrives and train it.
+        ``objective``: what an ``auto`` loss trains ("": chosen from the data)."""
         return TrainConfig(
             loss=self.loss,
             epochs=0 if first_round and start_only else self.local_epochs,
@@ -446,6 +456,7 @@ class RunSettings:
             seed=self.seed if seed is None else seed,
             init="lstsq" if first_round and not started else "keep",
             validation_fraction=0.0,
+            objective=objective,
         )
 
 

@@ -39,20 +39,34 @@ if TYPE_CHECKING:
 
 
 SELECTION_REPLICATES = 200
-"""Paired bootstrap replicates of the validation score (the same row resamples for every state
-scored on the same validation rows)."""
+"""Paired bootstrap replicates of the validation metrics the experiments' model selection draws
+(the same row resamples for every state scored on the same validation rows)."""
 _SELECTION_SEED = 0
+
+
+def combined_score(parts: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The selection score from metric values of one shape: the mean of the retrieval ("R@5"),
+    zero-shot (mean of "zs_acc" and "zs_auroc") and probe ("probe_f1") parts present; None when
+    none is."""
+    zero_shot = [parts[k] for k in ("zs_acc", "zs_auroc") if k in parts]
+    terms = [parts[k] for k in ("R@5", "probe_f1") if k in parts]
+    terms += [np.mean(zero_shot, axis=0)] if zero_shot else []
+    return np.mean(np.vstack(terms), axis=0) if terms else None
 
 
 @dataclass(frozen=True)
 class ValidationScores(Mapping[str, float]):
     """A state's validation metrics (read like a dict: "R@5", "zs_acc", "zs_auroc", "probe_f1",
-    "score") and ``replicates``, the paired bootstrap replicates of "score" (None when none were
-    drawn), and ``metric_replicates`` those of each metric."""
+    "score") and ``metric_replicates``, paired bootstrap replicates of each metric (empty when
+    none were drawn)."""
 
     metrics: dict[str, float]
-    replicates: np.ndarray | None = field(default=None, compare=False)
     metric_replicates: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+
+    @property
+    def replicates(self) -> np.ndarray | None:
+        """The replicates of "score" (``combined_score`` of the metrics'); None without any."""
+        return combined_score(self.metric_replicates) if self.metric_replicates else None
 
     def __getitem__(self, key: str) -> float:
         return self.metrics[key]
@@ -139,23 +153,26 @@ def inputs_of(name: str, data: EmbeddedDataset) -> np.ndarray:
 
 
 def validation_scores(
-    model: HeadModel, fit: EmbeddedDataset, validation: EmbeddedDataset
+    model: HeadModel, fit: EmbeddedDataset, validation: EmbeddedDataset, *, replicates: int = 0
 ) -> ValidationScores:
     """The head's scores on ``validation`` rows and their mean, ``score`` (each in [0, 1]).
 
     Retrieval: mean image<->text recall@5 ("R@5"). Classification: zero-shot accuracy and macro
     AUROC over the class prompts ("zs_acc", "zs_auroc"), and the macro-F1 of a linear probe (a
     ridge classifier on standardised projections of the ``fit`` rows, "probe_f1"). ``score`` is
-    the mean of the retrieval, zero-shot (mean of its two) and probe parts the data supports.
-    Each part is also recomputed under ``SELECTION_REPLICATES`` paired row resamples of
-    ``validation`` (``ValidationScores.replicates``: how sure a difference between two states is).
+    the mean of the retrieval, zero-shot (mean of its two) and probe parts the data supports
+    (``combined_score``). With ``replicates`` > 0 each metric is also recomputed under that many
+    paired row resamples of ``validation`` (``ValidationScores.metric_replicates``: how sure a
+    difference between two states is; the experiments' diagnostics draw them, training does not).
     """
     from sklearn.linear_model import RidgeClassifier
     from sklearn.preprocessing import StandardScaler
 
     z = model.project(validation)
-    weights = bootstrap_weights(max(len(validation), 1), SELECTION_REPLICATES, seed=_SELECTION_SEED)
-    unit = np.vstack([np.ones((1, weights.shape[1])), weights])
+    unit = np.ones((1, len(validation)))
+    if replicates and len(validation):
+        weights = bootstrap_weights(len(validation), replicates, seed=_SELECTION_SEED)
+        unit = np.vstack([unit, weights])
     values: dict[str, np.ndarray] = {}  # [B + 1] each: the point value, then the replicates
     if "image" in z and "text" in z and len(validation) >= 2:
         i2t, t2i = cross_modal_hits(z["image"], z["text"], k=5, groups_text=validation.text_groups)
@@ -183,19 +200,11 @@ def validation_scores(
             predicted = probe.predict(scaler.transform(z[key][known]))
             values["probe_f1"] = weighted_macro_f1(labels[known], predicted, unit[:, known])
     scores = {k: float(v[0]) for k, v in values.items()}
-    zs = [values[k] for k in ("zs_acc", "zs_auroc") if k in values]
-    parts = [values[k] for k in ("R@5", "probe_f1") if k in values]
-    parts += [np.mean(zs, axis=0)] if zs else []
-    if not parts:
-        scores["score"] = math.nan
+    score = combined_score(values)
+    scores["score"] = math.nan if score is None else float(score[0])
+    if score is None or unit.shape[0] == 1:
         return ValidationScores(scores)
-    score = np.mean(np.vstack(parts), axis=0)
-    scores["score"] = float(score[0])
-    return ValidationScores(
-        scores,
-        replicates=score[1:],
-        metric_replicates={k: v[1:] for k, v in values.items()},
-    )
+    return ValidationScores(scores, metric_replicates={k: v[1:] for k, v in values.items()})
 
 
 def beats_start(candidate: Mapping[str, float], start: Mapping[str, float]) -> float:

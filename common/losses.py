@@ -241,6 +241,7 @@ AUTO_OBJECTIVES: dict[str, dict[str, float]] = {
     "infonce": {"clip_weight": 1.0, "supcon_weight": 0.0, "prompt_weight": 0.0},
     "infonce+supcon": {"clip_weight": 1.0, "supcon_weight": 2.0, "prompt_weight": 0.0},
     "infonce+supcon+prompts": {"clip_weight": 1.0, "supcon_weight": 2.0, "prompt_weight": 1.0},
+    "infonce+prompts": {"clip_weight": 1.0, "supcon_weight": 0.0, "prompt_weight": 1.0},
     "supcon": {"clip_weight": 0.0, "supcon_weight": 1.0, "prompt_weight": 0.0},
 }
 """The weights ``AutoLoss`` gives each objective ``registries.choose_loss`` can choose: the same
@@ -334,7 +335,7 @@ def loss_is_per_example_decomposable(name: str) -> bool:
 
 
 def _clip_label(name: str, temperature: float | None) -> nn.Module:
-    weights = {"prompt_weight": 1.0 if LOSSES[name].prompts else 0.0}
+    weights = AUTO_OBJECTIVES[name]
     if temperature is None:
         return CLIPLabelLoss(**weights)
     return CLIPLabelLoss(init_temperature=temperature, **weights)
@@ -357,6 +358,7 @@ _BUILDERS: dict[str, Callable[[float | None, int | None, int], nn.Module]] = {
     "infonce": lambda t, n, d: InfoNCELoss() if t is None else InfoNCELoss(init_temperature=t),
     "infonce+supcon": lambda t, n, d: _clip_label("infonce+supcon", t),
     "infonce+supcon+prompts": lambda t, n, d: _clip_label("infonce+supcon+prompts", t),
+    "infonce+prompts": lambda t, n, d: _clip_label("infonce+prompts", t),
     "pairwise": lambda t, n, d: PairwiseLabelLoss(**({} if t is None else {"temperature": t})),
     "supcon": lambda t, n, d: SupConLoss(**({} if t is None else {"temperature": t})),
     "proxy": lambda t, n, d: _proxy(n, d, {} if t is None else {"temperature": t}),

@@ -45,6 +45,13 @@ LOSSES: dict[str, LossInfo] = {
         prompts=True,
         pairs=True,
     ),
+    "infonce+prompts": LossInfo(
+        "InfoNCE + 1 x cross-entropy over the class prompts (T 0.1), no SupCon: classes tied to "
+        "their prompt's text while each image stays nearest its own report",
+        labels=True,
+        prompts=True,
+        pairs=True,
+    ),
     "pairwise": LossInfo(
         "label-aware pairwise BCE on in-batch similarities (arXiv 2502.02048)", labels=True
     ),
@@ -84,13 +91,26 @@ LOSSES: dict[str, LossInfo] = {
     ),
     AUTO_LOSS: LossInfo(
         "chosen from what the data has: infonce for image-text pairs; infonce+supcon with labels; "
-        "infonce+supcon+prompts with labels and class prompts; supcon for labelled single-modality "
+        "infonce+supcon+prompts with labels and class prompts (or infonce+prompts, where it scores "
+        "higher on held-out validation rows); supcon for labelled single-modality "
         "data; under sample-level DP the per-example infonce-public+prompts, prompts or "
         "infonce-public (one module whatever is chosen, so every site's head has the same "
         "parameters)",
         auto=True,
     ),
 }
+
+
+AUTO_ALTERNATIVES: dict[str, tuple[str, ...]] = {
+    "infonce+supcon+prompts": ("infonce+prompts",),
+}
+"""Objectives ``auto`` also trains where validation rows are held out (a single site's or a pooled
+run's own training, never a federated round: every site of a round trains the same objective),
+keeping the one whose kept state scores higher on those rows. SupCon groups a class tightly,
+which helps the probe and zero-shot on some data (digits) and costs retrieval on other data
+(synthetic radiology); which one wins is the data's call, made on validation rows only
+(docs/results.md, "Which objective auto trains"). A federation trains the first (its measured
+default: docs/results.md, "Should we federate?")."""
 
 
 def choose_loss(
@@ -107,6 +127,7 @@ def choose_loss(
     if private:
         return _choose_private(paired=paired, labelled=labelled, prompts=prompts)
     if paired and labelled and prompts:
+        # with validation rows, infonce+prompts is tried too (AUTO_ALTERNATIVES)
         return "infonce+supcon+prompts", "image-text pairs with labels and class prompts"
     if paired and labelled:
         return "infonce+supcon", "image-text pairs with labels (no class prompts)"

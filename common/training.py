@@ -29,7 +29,7 @@ from common.head_start import (
 )
 from common.heads import HEAD_PRESETS, HeadConfig, MultimodalHead
 from common.losses import AutoLoss, build_loss
-from common.registries import choose_loss, loss_info
+from common.registries import AUTO_ALTERNATIVES, choose_loss, loss_info
 
 
 class HeadModel(nn.Module):
@@ -173,7 +173,8 @@ class TrainResult:
     ``objective``: the loss trained with (what ``auto`` chose, and ``objective_reason`` why);
     ``init``: where the linear path started ("" when kept as it was); ``best_epoch``: the epoch
     whose state was kept (0: the start), -1 without validation; ``validation``: the kept state's
-    validation scores and ``validation_start`` the start's.
+    validation scores and ``validation_start`` the start's; ``objectives_tried``: with several
+    objectives trained (an ``auto`` loss with validation rows), each one's best validation score.
     """
 
     loss: float
@@ -189,6 +190,7 @@ class TrainResult:
     num_validation: int = 0
     validation: Mapping[str, float] = field(default_factory=dict)
     validation_start: Mapping[str, float] = field(default_factory=dict)
+    objectives_tried: Mapping[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: the objective, the start and the kept state with their validation scores."""
@@ -226,19 +228,27 @@ def training_rows(model: HeadModel, data: EmbeddedDataset) -> np.ndarray:
 
 
 def choose_objective(
-    model: HeadModel, data: EmbeddedDataset, *, private: bool = False
+    model: HeadModel, data: EmbeddedDataset, *, private: bool = False, objective: str = ""
 ) -> tuple[str, str]:
     """For an ``auto`` loss, choose the objective from what ``data`` has (``choose_loss``; a
-    per-example one when ``private``, i.e. under DP-SGD) and record it in the model's loss spec;
-    other losses are returned as they are."""
+    per-example one when ``private``, i.e. under DP-SGD), or take ``objective`` when given, and
+    record it in the model's loss spec; other losses are returned as they are."""
     if not isinstance(model.loss, AutoLoss):
         return model.objective, ""
-    objective, reason = objective_for(
+    if objective:
+        _set_objective(model, objective)
+        return objective, "named by the training config"
+    chosen, reason = objective_for(
         data, layout=model.head.layout, towers=model.head.describe()["dims"], private=private
     )
+    _set_objective(model, chosen)
+    return chosen, reason
+
+
+def _set_objective(model: HeadModel, objective: str) -> None:
+    assert isinstance(model.loss, AutoLoss)
     model.loss.choose(objective)
     model.loss_spec["objective"] = objective
-    return objective, reason
 
 
 def objective_for(
@@ -273,18 +283,20 @@ def train_head(
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` (AdamW, shuffled batches) for up to ``config.epochs``.
 
-    ``auto`` chooses its objective from ``data`` first. A head with a linear path starts as
-    ``config.init`` says (see TrainConfig). With ``config.validation_fraction`` > 0 (and at least
-    10 usable rows) that share of ``data`` is validation: the head trains on the rest, is scored
-    (``validation_scores``) at the start and after each epoch, and ends at the best state; a
-    start is a candidate like every trained state, so the kept head's validation score is never
-    below the start's. When the start wins and it
-    was a closed-form map, the map is refitted on all of ``data`` (the frozen baseline exactly).
+    ``auto`` chooses its objective from ``data`` first (or trains ``config.objective``). A head
+    with a linear path starts as ``config.init`` says (see TrainConfig). With
+    ``config.validation_fraction`` > 0 (and at least 10 usable rows) that share of ``data`` is
+    validation: the head trains on the rest, is scored (``validation_scores``) at the start and
+    after each epoch, and ends at the best state; a start is a candidate like every trained
+    state, so the kept head's validation score is never below the start's. An ``auto`` loss then
+    also trains the objectives ``AUTO_ALTERNATIVES`` lists for its choice, each from the same
+    start, and keeps the best state of all. When the start wins and it was a closed-form map,
+    the map is refitted on all of ``data`` (the frozen baseline exactly).
     ``reference`` is the round's global state (FedProx anchor when ``config.proximal_mu`` > 0;
     after a closed-form start the anchor is that start).
     """
     data.validate()
-    objective, reason = choose_objective(model, data)
+    objective, reason = choose_objective(model, data, objective=config.objective)
     rows = training_rows(model, data)
     fit_pos, val_pos = validation_split(
         len(rows),
@@ -299,9 +311,90 @@ def train_head(
         init = _start(model, fit_data, val_data, config.init)
         reference = None  # the proximal anchor is the start
     anchor = _proximal_anchor(model, reference) if config.proximal_mu > 0 else None
+    candidates = [objective]
+    if isinstance(model.loss, AutoLoss) and val_data is not None and not config.objective:
+        candidates += AUTO_ALTERNATIVES.get(objective, ())
+    start_state = copy.deepcopy(model.state_dict())
     start_scores: Mapping[str, float] = (
         validation_scores(model, fit_data, val_data) if val_data is not None else {}
     )
+    started = time.perf_counter()
+    kept: _Trajectory | None = None
+    tried: dict[str, float] = {}
+    steps = samples = 0
+    for candidate in candidates:
+        if candidate != objective:
+            model.load_state_dict(start_state)
+            _set_objective(model, candidate)
+        trajectory = _train_kept(model, fit_data, val_data, config, anchor, start_scores, progress)
+        steps += len(trajectory.losses)
+        samples += len(trajectory.losses) * trajectory.batch_size
+        tried[candidate] = trajectory.scores.get("score", math.nan)
+        if kept is None or trajectory.scores["score"] > kept.scores["score"]:
+            kept = trajectory
+            kept.objective = candidate
+    assert kept is not None
+    if kept.state is not None:
+        model.load_state_dict(kept.state)
+        if kept.epoch == 0 and init in ("lstsq", "cca"):
+            init_closed_form(model, data.subset(rows), init)  # the frozen baseline, all rows
+    if kept.objective != model.objective:
+        _set_objective(model, kept.objective)
+    if len(tried) > 1:
+        shown = ", ".join(f"{name} {score:.4f}" for name, score in tried.items())
+        reason += f"; kept {kept.objective} by the validation score ({shown})"
+    seconds = time.perf_counter() - started
+    model.eval()
+    steps_per_epoch = max(1, len(fit_data) // kept.batch_size)
+    final = float(np.mean(kept.losses[-steps_per_epoch:])) if kept.losses else math.nan
+    if not math.isfinite(final) and kept.losses:
+        raise DataError("training diverged: the loss became NaN/inf (lower the learning rate?)")
+    result = TrainResult(
+        loss=final,
+        num_examples=len(rows),
+        steps=steps,
+        samples_seen=samples,
+        seconds=seconds,
+        objective=kept.objective,
+        objective_reason=reason,
+        init=init,
+        best_epoch=kept.epoch if val_data is not None else -1,
+        epochs_run=kept.epochs_run,
+        num_validation=0 if val_data is None else len(val_data),
+        validation=kept.scores,
+        validation_start=start_scores,
+        objectives_tried=tried if len(tried) > 1 else {},
+    )
+    if progress:
+        print(result.summary())
+    return result
+
+
+@dataclass
+class _Trajectory:
+    """One objective's training from the start: its best validation state (``state`` None
+    without validation rows: the last state is the model's), that state's epoch and scores."""
+
+    losses: list[float]
+    batch_size: int
+    epochs_run: int
+    epoch: int
+    scores: Mapping[str, float]
+    state: dict[str, torch.Tensor] | None
+    objective: str = ""
+
+
+def _train_kept(
+    model: HeadModel,
+    fit_data: EmbeddedDataset,
+    val_data: EmbeddedDataset | None,
+    config: TrainConfig,
+    anchor: Mapping[str, torch.Tensor] | None,
+    start_scores: Mapping[str, float],
+    progress: bool,
+) -> _Trajectory:
+    """Train from the model's current state (scored ``start_scores``), keeping the best state on
+    ``val_data`` (the start a candidate); ``config.patience`` epochs without a new best stop."""
     best_scores: Mapping[str, float] = start_scores
     best_epoch = 0
     best_state = copy.deepcopy(model.state_dict()) if val_data is not None else None
@@ -319,38 +412,10 @@ def train_head(
             since_best += 1
         return not (config.patience and since_best >= config.patience)
 
-    started = time.perf_counter()
     losses, batch_size, epochs_run = _train_epochs(
         model, fit_data, config, anchor=anchor, after_epoch=after_epoch, progress=progress
     )
-    steps_per_epoch = max(1, len(fit_data) // batch_size)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        if best_epoch == 0 and init in ("lstsq", "cca"):
-            init_closed_form(model, data.subset(rows), init)  # the frozen baseline, all rows
-    seconds = time.perf_counter() - started
-    model.eval()
-    final = float(np.mean(losses[-steps_per_epoch:])) if losses else math.nan
-    if not math.isfinite(final) and losses:
-        raise DataError("training diverged: the loss became NaN/inf (lower the learning rate?)")
-    result = TrainResult(
-        loss=final,
-        num_examples=len(rows),
-        steps=len(losses),
-        samples_seen=len(losses) * batch_size,
-        seconds=seconds,
-        objective=objective,
-        objective_reason=reason,
-        init=init,
-        best_epoch=best_epoch if val_data is not None else -1,
-        epochs_run=epochs_run,
-        num_validation=0 if val_data is None else len(val_data),
-        validation=best_scores,
-        validation_start=start_scores,
-    )
-    if progress:
-        print(result.summary())
-    return result
+    return _Trajectory(losses, batch_size, epochs_run, best_epoch, best_scores, best_state)
 
 
 def _start(

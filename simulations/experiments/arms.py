@@ -19,12 +19,18 @@ from common.data.partition import split_indices
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
 from common.evaluation import aligned_metrics, evaluate_head, projected_metrics
-from common.head_start import ValidationScores, beats_start, validation_scores
+from common.head_start import (
+    SELECTION_REPLICATES,
+    ValidationScores,
+    beats_start,
+    validation_scores,
+)
+from common.losses import AutoLoss
 from common.metrics import RIDGES, linear_alignments
 from common.pipeline import SiteData, prepare_site_data
 from common.privacy import PrivacySettings
-from common.registries import sample_dp_losses
-from common.training import HeadModel, build_run_model, train_head
+from common.registries import AUTO_ALTERNATIVES, sample_dp_losses
+from common.training import HeadModel, build_run_model, choose_objective, train_head
 
 HEADLINE = ("mean_R@1", "mean_R@5", "mean_R@10", "zs_acc", "zs_auroc", "probe_f1_macro")
 PRIVACY_COLUMNS = ("epsilon",)  # delta is in the note under the table
@@ -167,6 +173,8 @@ class Selection:
     trained step, so the arm's validation score is never below its start's. (Guards that keep the
     start unless a trained step is lower on no metric, or better in most bootstrap resamples,
     lost more cells against frozen on test: ``selection_rules``, docs/results.md.)
+    ``objective``: what the arm trained (an ``auto`` loss's choice); ``tried``: with several
+    objectives tried (``train_selected``), each one's best validation score.
     """
 
     unit: str
@@ -174,6 +182,8 @@ class Selection:
     per_step: int = 1
     metrics: list[ValidationScores] = field(default_factory=list)
     closed_form_start: bool = False
+    objective: str = ""
+    tried: dict[str, float] = field(default_factory=dict)
 
     @property
     def chosen(self) -> int:
@@ -204,6 +214,8 @@ class Selection:
             "chosen": self.trained,
             "budget": self.budget,
             "validation_scores": self.scores,
+            **({"objective": self.objective} if self.objective else {}),
+            **({"objectives_tried": self.tried} if self.tried else {}),
             **(
                 {
                     "closed_form_start": True,
@@ -237,7 +249,9 @@ def selection_metrics(
     keeps its best state by. Several splits (the sites' own halves) are averaged weighted by
     their validation sizes, as the sites' reports would be.
     """
-    per_split = [validation_scores(model, fit, val) for fit, val in splits]
+    per_split = [
+        validation_scores(model, fit, val, replicates=SELECTION_REPLICATES) for fit, val in splits
+    ]
     weights = [len(val) for _, val in splits]
     keys = set.intersection(*(set(m) for m in per_split)) if per_split else set()
     if "score" not in keys or all(math.isnan(m["score"]) for m in per_split):
@@ -245,9 +259,6 @@ def selection_metrics(
     values = {
         k: float(np.average([m[k] for m in per_split], weights=weights)) for k in sorted(keys)
     }
-    replicates = [m.replicates for m in per_split if m.replicates is not None]
-    if len(replicates) < len(per_split):
-        return ValidationScores(values)
     per_metric = {
         k: np.average(
             np.vstack([m.metric_replicates[k] for m in per_split]), axis=0, weights=weights
@@ -255,11 +266,7 @@ def selection_metrics(
         for k in sorted(keys)
         if all(k in m.metric_replicates for m in per_split)
     }
-    return ValidationScores(
-        values,
-        replicates=np.average(np.vstack(replicates), axis=0, weights=weights),
-        metric_replicates=per_metric,
-    )
+    return ValidationScores(values, metric_replicates=per_metric)
 
 
 def train_selected(
@@ -276,15 +283,49 @@ def train_selected(
     and per-round seed), so a site alone or the pooled data get exactly a round's procedure (a
     head with a linear path: step 1 is the untrained closed-form start, as round 1 is), and the
     stopping point is chosen as the federated arm's is: by ``selection_metrics`` on ``val``.
-    ``on_step(step, model)`` sees the head after each step (1-based) is scored.
+    An ``auto`` loss trains one such run per objective (its choice for ``train`` and the
+    ``AUTO_ALTERNATIVES`` of it) and keeps the one whose best step scores higher, as
+    ``train_head`` does with validation rows (``Selection.objective``, ``Selection.tried``).
+    ``on_step(step, model)`` sees the head after each step (1-based) is scored (``model.objective``
+    says which run).
     """
+    template = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
+    objective, _ = choose_objective(template, train)
+    candidates = [objective]
+    if isinstance(template.loss, AutoLoss):
+        candidates += AUTO_ALTERNATIVES.get(objective, ())
+    kept: tuple[HeadModel, Selection] | None = None
+    tried: dict[str, float] = {}
+    for candidate in candidates:
+        model, selection = _train_steps(run, train, val, steps, candidate, on_step)
+        tried[candidate] = selection.scores[selection.chosen - 1]
+        if kept is None or tried[candidate] > tried[kept[1].objective]:
+            kept = model, selection
+    assert kept is not None
+    kept[1].tried = tried if len(tried) > 1 else {}
+    return kept
+
+
+def _train_steps(
+    run: RunSettings,
+    train: EmbeddedDataset,
+    val: EmbeddedDataset,
+    steps: int,
+    objective: str,
+    on_step: Callable[[int, HeadModel], None] | None,
+) -> tuple[HeadModel, Selection]:
     model = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
     closed_form = model.head.has_linear_path
-    selection = Selection("epoch", [], per_step=run.local_epochs, closed_form_start=closed_form)
+    selection = Selection(
+        "epoch", [], per_step=run.local_epochs, closed_form_start=closed_form, objective=objective
+    )
     best: dict[str, Any] | None = None
     for step in range(1, steps + 1):
         config = run.train_config(
-            seed=run.seed * 100_003 + step, first_round=step == 1, start_only=closed_form
+            seed=run.seed * 100_003 + step,
+            first_round=step == 1,
+            start_only=closed_form,
+            objective=objective if isinstance(model.loss, AutoLoss) else "",
         )
         train_head(model, train, config)
         metrics = selection_metrics(model, [(train, val)])

@@ -59,6 +59,7 @@ from simulations.experiments.comparison_runs import LOCAL_EPOCHS, ROUNDS, SITES
 from simulations.experiments.machine import machine_info
 from simulations.experiments.seed_summary import confidence_interval
 from simulations.experiments.selection_rules import rule_steps, rules_summary
+from simulations.flower.run_config import parse_run_config
 
 RESULT_NAME = "default_vs_frozen"
 CHECKED = ("mean_R@5", "zs_acc", "zs_auroc", "probe_f1_macro")
@@ -267,12 +268,14 @@ def run_seed(
     seconds["frozen"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    states: list[dict[str, Any]] = []
-    test_scores: list[float] = []
+    states: dict[str, list[dict[str, Any]]] = {}  # per objective tried, each step's state
+    test_scores: dict[str, list[float]] = {}
 
     def keep(step: int, model: HeadModel) -> None:
-        states.append(copy.deepcopy(model.state_dict()))
-        test_scores.append(validation_scores(model, train, test)["score"])
+        states.setdefault(model.objective, []).append(copy.deepcopy(model.state_dict()))
+        test_scores.setdefault(model.objective, []).append(
+            validation_scores(model, train, test)["score"]
+        )
 
     model, selection = train_selected(
         run, train, val, steps=run.num_server_rounds, on_step=keep if rules else None
@@ -287,9 +290,10 @@ def run_seed(
     by_rule: dict[str, Any] = {}
     if rules:
         rows: dict[int, dict[str, Any]] = {}
-        for rule, step in rule_steps(selection.metrics, test_scores).items():
+        kept = model.objective  # the rules pick steps of the kept objective's trajectory
+        for rule, step in rule_steps(selection.metrics, test_scores[kept]).items():
             if step not in rows:
-                model.load_state_dict(states[step])
+                model.load_state_dict(states[kept][step])
                 rows[step] = metric_row(rule, model, train, test)
             by_rule[rule] = {"step": step, "difference": paired_differences(rows[step], best)}
     return {
@@ -661,6 +665,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "selection_rules; a diagnostic: each step is scored on test too)",
     )
     parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help='run-config overrides of the head\'s training, TOML values (e.g. loss="infonce")',
+    )
+    parser.add_argument(
         "--keep-existing",
         action="store_true",
         help="keep the datasets of --out's earlier results that this run does not redo",
@@ -696,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         configs=configs,
         keep_existing=args.keep_existing,
         rules=args.rules,
+        overrides=parse_run_config(" ".join(args.set), option="--set"),
     )
     print((args.out / f"{RESULT_NAME}.md").read_text(encoding="utf-8"))
 

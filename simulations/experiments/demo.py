@@ -20,9 +20,10 @@ OUT_DIR = "runs/demo"
 TRAINING: dict[str, Any] = {
     "local-epochs": 8,
     "batch-size": 64,
-    # labelled pairs with class prompts: InfoNCE + SupCon + the prompts as anchors (README
-    # "Should we federate?"); the default "auto" chooses the same for such data
-    "loss": "infonce+supcon+prompts",
+    # "auto" (the default): on labelled pairs with class prompts its federation trains
+    # choose_loss's objective, and the pooled and single-site arms, which hold out validation
+    # rows, also try its alternatives and keep the better
+    "loss": "auto",
     "encoder-image-size": 128,
 }
 """The demo's run-config besides data and rounds (`fedembed compare` starts from it too)."""

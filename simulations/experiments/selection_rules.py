@@ -39,11 +39,9 @@ def _bootstrap(level: float, *, every_metric: bool) -> Eligible:
     lower on no validation metric: the point guard)."""
 
     def eligible(candidate: ValidationScores, start: ValidationScores) -> bool:
-        if not candidate["score"] > start["score"]:
-            return False
         if every_metric and not _point(candidate, start):
             return False
-        return beats_start(candidate, start) >= level
+        return candidate["score"] > start["score"] and beats_start(candidate, start) >= level
 
     return eligible
 

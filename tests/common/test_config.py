@@ -63,6 +63,7 @@ def test_loss_names_and_needs_come_from_the_registry() -> None:
     assert set(NEEDS_LABELS) == {n for n, i in registries.LOSSES.items() if i.labels}
     assert NEEDS_PROMPTS == (
         "infonce+supcon+prompts",
+        "infonce+prompts",
         "prompts",
         "infonce-public",
         "infonce-public+prompts",

@@ -325,6 +325,7 @@ def test_build_loss_builds_each_and_passes_temperature() -> None:
         "infonce": InfoNCELoss,
         "infonce+supcon": CLIPLabelLoss,
         "infonce+supcon+prompts": CLIPLabelLoss,
+        "infonce+prompts": CLIPLabelLoss,
         "pairwise": PairwiseLabelLoss,
         "supcon": SupConLoss,
         "proxy": ClassProxyLoss,
@@ -407,10 +408,11 @@ def test_choose_loss_under_dp_takes_a_per_example_objective() -> None:
 def test_build_loss_errors() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"unknown loss 'clip'.*infonce, infonce\+supcon, infonce\+supcon\+prompts, pairwise",
+        match=r"unknown loss 'clip'.*infonce, infonce\+supcon, infonce\+supcon\+prompts, infonce\+prompts, pairwise",
     ):
         build_loss("clip", num_classes=3, dim=8)
-    for name in ("pairwise", "supcon", "proxy", "infonce+supcon", "infonce+supcon+prompts"):
+    labelled = ("pairwise", "supcon", "proxy", "infonce+supcon", "infonce+supcon+prompts")
+    for name in (*labelled, "infonce+prompts"):
         with pytest.raises(ConfigError, match=f"loss '{re.escape(name)}' needs labelled data"):
             build_loss(name, num_classes=None, dim=8)
     with pytest.raises(ConfigError, match="num_classes must be >= 2"):
@@ -424,6 +426,7 @@ def test_the_per_example_losses_are_the_registered_ones() -> None:
         "infonce": False,
         "infonce+supcon": False,
         "infonce+supcon+prompts": False,
+        "infonce+prompts": False,
         "pairwise": False,
         "supcon": False,
         "proxy": True,
@@ -457,6 +460,11 @@ def test_clip_label_loss_is_infonce_plus_weighted_label_terms() -> None:
     )
     with pytest.raises(ValueError, match="needs labels and the projected class prompts"):
         all_three(image, text, labels)
+    registered = build_loss("infonce+prompts", num_classes=3, dim=8)  # no SupCon term
+    torch.testing.assert_close(
+        registered(image, text, labels, prompts=prompts),
+        InfoNCELoss()(image, text) + PromptLoss()(image, text, labels, prompts=prompts),
+    )
 
 
 def test_prompt_loss_is_cross_entropy_over_the_class_prompts_per_row() -> None:

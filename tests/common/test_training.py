@@ -356,8 +356,14 @@ def test_default_training_keeps_a_head_no_worse_than_its_closed_form_start() -> 
     data = _paired(300, seed=2)
     model = _aligned_model(data)
     result = train_head(model, data, TrainConfig(epochs=6, batch_size=64, patience=3))
-    assert result.objective == "infonce+supcon+prompts"  # pairs, labels and class prompts
-    assert model.loss_spec["objective"] == "infonce+supcon+prompts"
+    # pairs, labels and class prompts: infonce+supcon+prompts, and with validation rows the
+    # alternative without SupCon too; the objective whose best state scores higher is kept
+    tried = result.objectives_tried
+    assert list(tried) == ["infonce+supcon+prompts", "infonce+prompts"]
+    assert result.objective == max(tried, key=lambda name: tried[name])
+    assert result.validation["score"] == max(tried.values())
+    assert model.loss_spec["objective"] == result.objective == model.loss.objective
+    assert "kept " + result.objective in result.objective_reason
     assert result.init in ("lstsq", "cca") and result.best_epoch >= 0
     start, kept = result.validation_start, result.validation
     assert {"R@5", "zs_acc", "zs_auroc", "probe_f1", "score"} <= set(start)
@@ -370,6 +376,26 @@ def test_default_training_keeps_a_head_no_worse_than_its_closed_form_start() -> 
         fit, val = validation_split(len(rows), data.labels, fraction=0.2, seed=0)
         rescored = validation_scores(model, data.subset(fit), data.subset(val))
         assert rescored["score"] == pytest.approx(kept["score"], abs=1e-6)
+
+
+def test_auto_tries_its_alternatives_only_with_validation_rows_and_no_named_objective() -> None:
+    """A federated round (no validation rows) trains the data's objective at every site; a named
+    ``objective`` trains that one alone; an unknown name is refused."""
+    data = _paired(200, seed=5)
+    without_validation = train_head(
+        _aligned_model(data), data, TrainConfig(epochs=1, batch_size=64, validation_fraction=0.0)
+    )
+    assert without_validation.objective == "infonce+supcon+prompts"
+    assert not without_validation.objectives_tried
+    named = train_head(
+        _aligned_model(data),
+        data,
+        TrainConfig(epochs=1, batch_size=64, objective="infonce+prompts"),
+    )
+    assert named.objective == "infonce+prompts" and not named.objectives_tried
+    assert named.objective_reason == "named by the training config"
+    with pytest.raises(ConfigError, match="objective must be a registered loss"):
+        TrainConfig(objective="clip")
 
 
 def test_training_that_only_hurts_returns_the_frozen_baseline_fitted_on_all_rows() -> None:

@@ -329,9 +329,7 @@ def test_check_prints_the_plan_and_trains_nothing(
     )
     out = capsys.readouterr().out
     assert "c.csv (40 rows; 3 classes) over 2 sites: rows split at random (iid)" in out
-    assert (
-        "loss infonce+supcon+prompts (the demo's: labelled image-text pairs), 20 rounds x 8" in out
-    )
+    assert "loss auto (the demo's: labelled image-text pairs), 20 rounds x 8" in out
     assert "test set: no row of c.csv is marked split=test" in out
     assert out.rstrip().endswith("check passed: nothing trained (run again without --check)")
     assert not Path("runs").exists()

@@ -90,6 +90,12 @@ def test_train_selected_keeps_the_head_of_its_best_validation_step() -> None:
         selection.scores[selection.chosen - 1]
     )
     assert selection.to_dict()["chosen"] == selection.chosen  # 1 local epoch per step
+    # auto on labelled pairs with prompts: one run per objective, the better best step kept
+    tried = selection.tried
+    assert list(tried) == ["infonce+supcon+prompts", "infonce+prompts"]
+    assert selection.objective == model.objective == max(tried, key=lambda name: tried[name])
+    assert selection.scores[selection.chosen - 1] == max(tried.values())
+    assert selection.to_dict()["objectives_tried"] == tried
 
 
 def test_a_closed_form_start_is_a_candidate_like_every_trained_step() -> None:
@@ -101,11 +107,14 @@ def test_a_closed_form_start_is_a_candidate_like_every_trained_step() -> None:
 
     rng = np.random.default_rng(0)
     base = rng.normal(0.50, 0.03, 200)
-    start = ValidationScores({"R@5": 0.30, "score": 0.50}, replicates=base)
-    worse = ValidationScores({"R@5": 0.29, "score": 0.48}, replicates=base - 0.02)
-    better = ValidationScores(
-        {"R@5": 0.29, "score": 0.53}, replicates=base + rng.normal(0.03, 0.02, 200)
-    )
+
+    def scores(r5: float, score: float, replicates: np.ndarray) -> ValidationScores:
+        # one part's replicates are the score's (combined_score of a single part)
+        return ValidationScores({"R@5": r5, "score": score}, metric_replicates={"R@5": replicates})
+
+    start = scores(0.30, 0.50, base)
+    worse = scores(0.29, 0.48, base - 0.02)
+    better = scores(0.29, 0.53, base + rng.normal(0.03, 0.02, 200))
     assert beats_start(start, start) == 0.0 and beats_start(worse, start) == 0.0
     only_worse = Selection("round", [0.50, 0.48], metrics=[start, worse], closed_form_start=True)
     assert only_worse.chosen == 1 and only_worse.label == "round 1/2 (closed-form start)"
@@ -129,7 +138,11 @@ def test_validation_scores_carry_paired_replicates_of_the_score() -> None:
 
     train, val = _paired(120, 0), _paired(45, 1)
     model = build_run_model(_small_run(), dims=train.dims, num_classes=train.num_classes)
-    first, again = validation_scores(model, train, val), validation_scores(model, train, val)
+    assert validation_scores(model, train, val).replicates is None  # training draws none
+    first, again = (
+        validation_scores(model, train, val, replicates=SELECTION_REPLICATES) for _ in range(2)
+    )
+    assert set(first.metric_replicates) == set(first) - {"score"}
     assert first.replicates is not None and first.replicates.shape == (SELECTION_REPLICATES,)
     assert np.array_equal(first.replicates, again.replicates)  # the same resamples every time
     assert abs(float(np.mean(first.replicates)) - first["score"]) < 0.05

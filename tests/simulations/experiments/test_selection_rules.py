@@ -16,7 +16,7 @@ from simulations.experiments.selection_rules import (
 
 
 def _scores(score: float, r5: float, shift: np.ndarray, base: np.ndarray) -> ValidationScores:
-    return ValidationScores({"R@5": r5, "score": score}, replicates=base + shift)
+    return ValidationScores({"R@5": r5, "score": score}, metric_replicates={"R@5": base + shift})
 
 
 def test_rules_differ_only_in_how_much_evidence_a_trained_step_needs() -> None:
