@@ -245,6 +245,14 @@ def choose_objective(
     return chosen, reason
 
 
+def objectives_to_try(model: HeadModel, objective: str) -> list[str]:
+    """``objective`` and, for an ``auto`` loss, the ``AUTO_ALTERNATIVES`` it also trains where
+    validation rows choose between them (``train_head``, ``arms.train_selected``)."""
+    if not isinstance(model.loss, AutoLoss):
+        return [objective]
+    return [objective, *AUTO_ALTERNATIVES.get(objective, ())]
+
+
 def _set_objective(model: HeadModel, objective: str) -> None:
     assert isinstance(model.loss, AutoLoss)
     model.loss.choose(objective)
@@ -312,18 +320,19 @@ def train_head(
         reference = None  # the proximal anchor is the start
     anchor = _proximal_anchor(model, reference) if config.proximal_mu > 0 else None
     candidates = [objective]
-    if isinstance(model.loss, AutoLoss) and val_data is not None and not config.objective:
-        candidates += AUTO_ALTERNATIVES.get(objective, ())
-    start_state = copy.deepcopy(model.state_dict())
+    if val_data is not None and not config.objective:
+        candidates = objectives_to_try(model, objective)
+    start_state = copy.deepcopy(model.state_dict()) if len(candidates) > 1 else None
     start_scores: Mapping[str, float] = (
         validation_scores(model, fit_data, val_data) if val_data is not None else {}
     )
     started = time.perf_counter()
     kept: _Trajectory | None = None
+    kept_objective = objective
     tried: dict[str, float] = {}
     steps = samples = 0
     for candidate in candidates:
-        if candidate != objective:
+        if start_state is not None and candidate != objective:
             model.load_state_dict(start_state)
             _set_objective(model, candidate)
         trajectory = _train_kept(model, fit_data, val_data, config, anchor, start_scores, progress)
@@ -331,18 +340,17 @@ def train_head(
         samples += len(trajectory.losses) * trajectory.batch_size
         tried[candidate] = trajectory.scores.get("score", math.nan)
         if kept is None or trajectory.scores["score"] > kept.scores["score"]:
-            kept = trajectory
-            kept.objective = candidate
+            kept, kept_objective = trajectory, candidate
     assert kept is not None
     if kept.state is not None:
         model.load_state_dict(kept.state)
         if kept.epoch == 0 and init in ("lstsq", "cca"):
             init_closed_form(model, data.subset(rows), init)  # the frozen baseline, all rows
-    if kept.objective != model.objective:
-        _set_objective(model, kept.objective)
+    if kept_objective != model.objective:
+        _set_objective(model, kept_objective)
     if len(tried) > 1:
         shown = ", ".join(f"{name} {score:.4f}" for name, score in tried.items())
-        reason += f"; kept {kept.objective} by the validation score ({shown})"
+        reason += f"; kept {kept_objective} by the validation score ({shown})"
     seconds = time.perf_counter() - started
     model.eval()
     steps_per_epoch = max(1, len(fit_data) // kept.batch_size)
@@ -355,7 +363,7 @@ def train_head(
         steps=steps,
         samples_seen=samples,
         seconds=seconds,
-        objective=kept.objective,
+        objective=kept_objective,
         objective_reason=reason,
         init=init,
         best_epoch=kept.epoch if val_data is not None else -1,
@@ -381,7 +389,6 @@ class _Trajectory:
     epoch: int
     scores: Mapping[str, float]
     state: dict[str, torch.Tensor] | None
-    objective: str = ""
 
 
 def _train_kept(

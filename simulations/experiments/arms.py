@@ -25,12 +25,17 @@ from common.head_start import (
     beats_start,
     validation_scores,
 )
-from common.losses import AutoLoss
 from common.metrics import RIDGES, linear_alignments
 from common.pipeline import SiteData, prepare_site_data
 from common.privacy import PrivacySettings
-from common.registries import AUTO_ALTERNATIVES, sample_dp_losses
-from common.training import HeadModel, build_run_model, choose_objective, train_head
+from common.registries import sample_dp_losses
+from common.training import (
+    HeadModel,
+    build_run_model,
+    choose_objective,
+    objectives_to_try,
+    train_head,
+)
 
 HEADLINE = ("mean_R@1", "mean_R@5", "mean_R@10", "zs_acc", "zs_auroc", "probe_f1_macro")
 PRIVACY_COLUMNS = ("epsilon",)  # delta is in the note under the table
@@ -291,9 +296,7 @@ def train_selected(
     """
     template = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
     objective, _ = choose_objective(template, train)
-    candidates = [objective]
-    if isinstance(template.loss, AutoLoss):
-        candidates += AUTO_ALTERNATIVES.get(objective, ())
+    candidates = objectives_to_try(template, objective)
     kept: tuple[HeadModel, Selection] | None = None
     tried: dict[str, float] = {}
     for candidate in candidates:
@@ -325,7 +328,7 @@ def _train_steps(
             seed=run.seed * 100_003 + step,
             first_round=step == 1,
             start_only=closed_form,
-            objective=objective if isinstance(model.loss, AutoLoss) else "",
+            objective=objective,
         )
         train_head(model, train, config)
         metrics = selection_metrics(model, [(train, val)])
