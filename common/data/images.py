@@ -90,7 +90,7 @@ def file_key(path: str | os.PathLike[str], *, context: str | None = None) -> str
     """SHA-256 of a file's bytes: the ImageRef key of an image on disk."""
     digest = hashlib.sha256()
     try:
-        with Path(path).open("rb") as handle:
+        with open(path, "rb") as handle:
             while chunk := handle.read(_HASH_CHUNK):
                 digest.update(chunk)
     except OSError as exc:

@@ -20,7 +20,7 @@ from common.encoders.runtime import Runtime, choose_runtime, tune_allocator
 from common.errors import ConfigError, DataError
 
 # Bump whenever a change in this package can change embedding values.
-ENCODER_CODE_VERSION = 3
+ENCODER_CODE_VERSION = 4
 
 MODALITIES = ("text", "image")
 
@@ -195,12 +195,17 @@ class Encoder(ABC):
         except DataError as exc:
             raise ConfigError(f"encoder {self.source!r}: probe inputs failed: {exc}") from exc
 
+        outputs: dict[Runtime, torch.Tensor] = {}  # each form's probe embeddings, run once
+
         def embed_probe(runtime: Runtime) -> torch.Tensor:
             self.runtime = runtime
             model.to(runtime.device)
+            if runtime in outputs:
+                return outputs[runtime]
             try:
                 with torch.inference_mode(), runtime.autocast():
-                    return self._forward(probe).to("cpu", torch.float32)
+                    outputs[runtime] = self._forward(probe).to("cpu", torch.float32)
+                    return outputs[runtime]
             except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
                 raise ConfigError(
                     f"encoder {self.source!r}: test forward pass as a {self.modality} model failed: {_first_line(exc)}"

@@ -232,7 +232,7 @@ def _bare_text_loops(encoder: HFTextEncoder, manifest: Path) -> dict[str, Callab
     loops: dict[str, Callable[[], object]] = {}
     for precision in _forms():
         for size in BATCH_SIZES:
-            plan = encoder.plan_batches(texts, size)  # longest first, as embed() batches them
+            plan = encoder.plan_batches(texts, size)  # most tokens first, as embed() batches them
             batches = [encoder.tokenize([texts[i] for i in index]) for index in plan]
 
             def loop(batches: list[Any] = batches, precision: str = precision) -> None:

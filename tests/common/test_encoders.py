@@ -271,6 +271,21 @@ def test_max_length_truncates(tiny: dict[str, Path], bert: HFTextEncoder) -> Non
     assert bert.max_length == 64  # the requested 256 capped at the model's position limit
 
 
+def test_texts_are_batched_by_token_count_not_characters(bert: HFTextEncoder) -> None:
+    # Two words of many characters (4 tokens with [CLS] and [SEP]) against six short words (8):
+    # ordered by characters, each batch of two would pair a long and a short text.
+    few, many = "effusion opacity", "a a a a a a"
+    assert len(few) > len(many)
+    texts = [few, many, few, many]
+    plan = bert.plan_batches(texts, 2)
+    assert [sorted(int(i) for i in batch) for batch in plan] == [[1, 3], [0, 2]]  # most first
+    for batch in plan:  # one token count per batch: nothing padded
+        assert bool(bert.tokenize([texts[int(i)] for i in batch])["attention_mask"].all())
+    np.testing.assert_allclose(
+        bert.embed(texts, batch_size=2), bert.embed(texts, batch_size=1), atol=1e-5
+    )
+
+
 # -------------------------------------------------------------------------------------- vision
 
 
@@ -320,6 +335,29 @@ def test_vision_batch_size_invariance_and_grayscale(tiny: dict[str, Path]) -> No
     np.testing.assert_array_equal(vectors[0], vectors[1])
     np.testing.assert_array_equal(vectors[0], vectors[2])
     np.testing.assert_allclose(vectors[0], vectors[3], atol=1e-2)
+
+
+def test_resizing_antialiases_only_an_axis_that_shrinks() -> None:
+    from torch.nn import functional
+
+    from common.encoders.vision import _resize_to_rgb
+
+    for shape in [(5, 17, 17), (5, 40, 40), (5, 17, 40)]:  # enlarged, shrunk, one of each
+        images = RNG.random(shape, dtype=np.float32)
+        pixels = torch.from_numpy(images)[:, None]
+        shrinks = max(shape[1:]) > 24
+
+        def bilinear(antialias: bool, pixels: torch.Tensor = pixels) -> torch.Tensor:
+            return functional.interpolate(
+                pixels, size=(24, 24), mode="bilinear", antialias=antialias, align_corners=False
+            )
+
+        resized = _resize_to_rgb(images, 24)
+        assert resized.shape == (5, 3, 24, 24)
+        assert torch.equal(resized[:, :1], bilinear(shrinks))
+        assert not torch.equal(bilinear(True), bilinear(False))  # the two can be told apart
+        if not shrinks:  # enlarging: the antialiased filter gives the same values
+            torch.testing.assert_close(resized[:, :1], bilinear(True), atol=1e-5, rtol=0)
 
 
 def test_vision_preprocessing_follows_preprocessor_config(tiny: dict[str, Path]) -> None:

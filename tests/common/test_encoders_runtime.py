@@ -173,6 +173,35 @@ def test_images_are_loaded_one_batch_ahead_never_all_at_once(
     assert (loads, forwards) == (20, 5)
 
 
+@pytest.mark.parametrize("model", ["tiny text", "mobilenetv2"])
+def test_loading_runs_the_probe_once_per_form_it_compares(
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    # auto compares forms on the probe (torch fp32 with bf16 where native, or with ONNX Runtime
+    # for MobileNetV2); the output size comes from the chosen form's probe, not a third run.
+    from common.encoders.base import Encoder as Base
+    from common.encoders.text import HFTextEncoder
+    from common.encoders.vision import ImageEncoder
+
+    owner: type[Base] = HFTextEncoder if model == "tiny text" else ImageEncoder
+    calls: list[Runtime] = []
+    forward = owner._forward
+
+    def counted(self: Any, inputs: Any) -> Any:
+        calls.append(self.runtime)
+        return forward(self, inputs)
+
+    monkeypatch.setattr(owner, "_forward", counted)
+    if model == "tiny text":
+        encoder = load_encoder(str(tiny_model_dirs["text"]), modality="text", precision="auto")
+        compared = 2 if NATIVE_BF16 else 1
+    else:
+        encoder = load_encoder("mobilenetv2", image_size=32, precision="auto")
+        compared = 2 if onnxruntime_enabled() or NATIVE_BF16 else 1
+    assert len(calls) == len(set(calls)) == compared
+    assert encoder.runtime in calls and encoder.dim > 0
+
+
 def test_skip_mode_leaves_an_undecodable_image_out_and_caches_the_rest(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -382,7 +382,7 @@ def test_auto_loss_equals_the_registered_loss_it_chose(objective: str) -> None:
 def test_choose_loss_follows_what_the_data_has() -> None:
     assert choose_loss(paired=True, labelled=False, prompts=True)[0] == "infonce"
     assert choose_loss(paired=True, labelled=True, prompts=False)[0] == "infonce+supcon"
-    assert choose_loss(paired=True, labelled=True, prompts=True)[0] == "infonce+supcon+prompts"
+    assert choose_loss(paired=True, labelled=True, prompts=True)[0] == "infonce+prompts"
     assert choose_loss(paired=False, labelled=True, prompts=False)[0] == "supcon"
     with pytest.raises(DataError, match="neither image-text pairs nor labels"):
         choose_loss(paired=False, labelled=False, prompts=False)

@@ -356,10 +356,10 @@ def test_default_training_keeps_a_head_no_worse_than_its_closed_form_start() -> 
     data = _paired(300, seed=2)
     model = _aligned_model(data)
     result = train_head(model, data, TrainConfig(epochs=6, batch_size=64, patience=3))
-    # pairs, labels and class prompts: infonce+supcon+prompts, and with validation rows the
-    # alternative without SupCon too; the objective whose best state scores higher is kept
+    # pairs, labels and class prompts: infonce+prompts, and with validation rows the
+    # alternative with SupCon too; the objective whose best state scores higher is kept
     tried = result.objectives_tried
-    assert list(tried) == ["infonce+supcon+prompts", "infonce+prompts"]
+    assert list(tried) == ["infonce+prompts", "infonce+supcon+prompts"]
     assert result.objective == max(tried, key=lambda name: tried[name])
     assert result.validation["score"] == max(tried.values())
     assert model.loss_spec["objective"] == result.objective == model.loss.objective
@@ -385,14 +385,14 @@ def test_auto_tries_its_alternatives_only_with_validation_rows_and_no_named_obje
     without_validation = train_head(
         _aligned_model(data), data, TrainConfig(epochs=1, batch_size=64, validation_fraction=0.0)
     )
-    assert without_validation.objective == "infonce+supcon+prompts"
+    assert without_validation.objective == "infonce+prompts"
     assert not without_validation.objectives_tried
     named = train_head(
         _aligned_model(data),
         data,
-        TrainConfig(epochs=1, batch_size=64, objective="infonce+prompts"),
+        TrainConfig(epochs=1, batch_size=64, objective="infonce+supcon+prompts"),
     )
-    assert named.objective == "infonce+prompts" and not named.objectives_tried
+    assert named.objective == "infonce+supcon+prompts" and not named.objectives_tried
     assert named.objective_reason == "named by the training config"
     with pytest.raises(ConfigError, match="objective must be a registered loss"):
         TrainConfig(objective="clip")

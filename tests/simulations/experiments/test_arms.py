@@ -92,7 +92,7 @@ def test_train_selected_keeps_the_head_of_its_best_validation_step() -> None:
     assert selection.to_dict()["chosen"] == selection.chosen  # 1 local epoch per step
     # auto on labelled pairs with prompts: one run per objective, the better best step kept
     tried = selection.tried
-    assert list(tried) == ["infonce+supcon+prompts", "infonce+prompts"]
+    assert list(tried) == ["infonce+prompts", "infonce+supcon+prompts"]
     assert selection.objective == model.objective == max(tried, key=lambda name: tried[name])
     assert selection.scores[selection.chosen - 1] == max(tried.values())
     assert selection.to_dict()["objectives_tried"] == tried
