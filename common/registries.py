@@ -110,8 +110,8 @@ keeping the one whose kept state scores higher on those rows. SupCon groups a cl
 which helps the probe and zero-shot on some data (digits) and costs retrieval on other data
 (synthetic radiology); which one wins is the data's call, made on validation rows only
 (docs/results.md, "Which objective auto trains"). A federation trains the first: without SupCon,
-a federation of 4 synthetic-radiology sites kept 1.0x of pooling's R@5 on IID sites and 0.95x
-under Dirichlet(0.3) label skew, against 0.83x and 0.88x with it (3 seeds each; docs/results.md,
+a federation of 4 synthetic-radiology sites reached 1.13x of pooling's R@5 on IID sites and 0.95x
+under Dirichlet(0.3) label skew, against 0.84x and 0.88x with it (3 seeds each; docs/results.md,
 "The federation's objective")."""
 
 
