@@ -14,6 +14,7 @@ from client.privacy import PrivacySettings
 from client.site import Site, load_site
 from common.artifacts import load_state_arrays, state_arrays
 from common.config import RunSettings, SiteSettings
+from common.errors import ConfigError
 from common.evaluation import quick_metrics
 from common.training import HeadModel, build_run_model, train_head
 from common.wire import (
@@ -77,8 +78,14 @@ def run_local_round(
         metrics.update(quick_metrics(model, site.test))
     server_round = absolute_round(config.get(SERVER_ROUND, 0), config.get(ROUND_OFFSET, 0))
     mu = float(config.get(PROXIMAL_MU, 0.0))
-    reference = {k: v.clone() for k, v in model.state_dict().items()} if mu > 0 else None
     dp = privacy is not None and privacy.requested
+    if dp and run.ntd_beta > 0:
+        raise ConfigError(
+            "run-config: ntd-beta > 0 (FedNTD) is not available with sample-level DP (dp-sgd) yet; "
+            "set ntd-beta = 0 or turn DP-SGD off at this site"
+        )
+    teacher = mu > 0 or run.ntd_beta > 0  # FedProx's anchor, FedNTD's teacher: the global head
+    reference = {k: v.clone() for k, v in model.state_dict().items()} if teacher else None
     train_config = run.train_config(
         proximal_mu=mu,
         seed=run.seed * 100_003 + server_round,

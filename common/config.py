@@ -18,11 +18,21 @@ HEAD_INITS = ("keep", "closed-form", "lstsq", "cca")
 """Where training starts a head's linear path (``TrainConfig.init``)."""
 
 
+def check_ntd(beta: float, tau: float, *, source: str) -> None:
+    """FedNTD's weight ``ntd-beta`` (finite, >= 0; 0 is off) and temperature ``ntd-tau`` (> 0)."""
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ConfigError(f"{source}: ntd-beta must be a finite number >= 0, got {beta}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ConfigError(f"{source}: ntd-tau must be a finite number > 0, got {tau}")
+
+
 @dataclass
 class TrainConfig:
     """How a head is trained locally (one round of federated training uses the same settings).
 
     ``proximal_mu`` > 0 adds FedProx's term mu/2 * ||w - w_global||^2 against the round's global head.
+    ``ntd_beta`` > 0 adds FedNTD's not-true distillation from the round's global head over the
+    class-prompt logits, at temperature ``ntd_tau`` (``common.distillation``).
     ``init``: what a head with a linear path (the ``aligned`` preset) starts from: "keep" (as it
     is), "closed-form" (the tuned closed-form map: ridge least squares or CCA, whichever scores
     better on the validation rows; least squares without them), "lstsq" or "cca".
@@ -41,6 +51,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     proximal_mu: float = 0.0
+    ntd_beta: float = 0.0
+    ntd_tau: float = 1.0
     seed: int = 0
     init: str = "closed-form"
     validation_fraction: float = 0.2
@@ -54,6 +66,7 @@ class TrainConfig:
             )
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.proximal_mu < 0:
             raise ConfigError(f"invalid training config: {self}")
+        check_ntd(self.ntd_beta, self.ntd_tau, source="training config")
         if self.init not in HEAD_INITS:
             raise ConfigError(
                 f"training config: init must be one of {', '.join(HEAD_INITS)}, got {self.init!r}"
@@ -242,6 +255,9 @@ class RunSettings:
     num_server_rounds: int = 3
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    # FedNTD (common/distillation.py): not-true distillation from the round's global head.
+    ntd_beta: float = 0.0
+    ntd_tau: float = 1.0
     trim_beta: float = 0.2
     server_lr: float = 0.05
     server_momentum: float = 0.5  # FedAvgM only (its server learning rate stays 1)
@@ -298,6 +314,16 @@ class RunSettings:
             raise ConfigError(f"run-config: loss '{self.loss}' is not one of {', '.join(LOSSES)}")
         if self.start_steps < 0:
             raise ConfigError("run-config: start-steps must be >= 0")
+        check_ntd(self.ntd_beta, self.ntd_tau, source="run-config")
+        if self.ntd_beta > 0 and (
+            self.layout != "two-tower"
+            or not (registries.LOSSES[self.loss].auto or registries.LOSSES[self.loss].prompts)
+        ):
+            raise ConfigError(
+                f"run-config: ntd-beta > 0 distils class-prompt logits: it needs the two-tower "
+                f"layout and loss auto or one with class prompts, got layout {self.layout!r}, "
+                f"loss {self.loss!r}"
+            )
         if not self.start_ridge > 0:
             raise ConfigError("run-config: start-ridge must be > 0")
         if self.head not in HEAD_PRESET_NAMES:
@@ -453,6 +479,8 @@ class RunSettings:
             batch_size=self.batch_size,
             lr=self.lr,
             proximal_mu=proximal_mu,
+            ntd_beta=self.ntd_beta,
+            ntd_tau=self.ntd_tau,
             seed=self.seed if seed is None else seed,
             init="lstsq" if first_round and not started else "keep",
             validation_fraction=0.0,

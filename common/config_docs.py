@@ -41,6 +41,10 @@ RUN_MEANINGS: dict[str, str] = {
     "strategy": f"aggregation, one of Flower's own strategies: {_names(STRATEGIES)}",
     "proximal_mu": "FedProx's mu: sites add mu/2 times the squared distance to the global head "
     "(strategy fedprox only)",
+    "ntd_beta": "FedNTD's weight: sites add beta times the not-true distillation from the round's "
+    "global head over the class-prompt logits (any strategy; needs a class-prompt objective, "
+    ">= 3 classes, no DP-SGD; common/distillation.py); 0: off",
+    "ntd_tau": "FedNTD's softmax temperature of that distillation",
     "trim_beta": "share of the values cut at each end before averaging (strategy fedtrimmedavg only)",
     "server_lr": "the server's learning rate eta (strategies fedadam and fedyogi only)",
     "server_momentum": "server momentum in [0, 1) (strategy fedavgm only)",

@@ -20,6 +20,12 @@ import torch
 from torch import nn
 
 from common.config import RunSettings, TrainConfig
+from common.distillation import (
+    NotTrueDistillation,
+    check_classes,
+    class_logits,
+    prompt_temperature,
+)
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.head_start import (
@@ -28,8 +34,28 @@ from common.head_start import (
     validation_split,
 )
 from common.heads import HEAD_PRESETS, HeadConfig, MultimodalHead
+from common.loss_rows import stack_rows
 from common.losses import AutoLoss, build_loss
 from common.registries import AUTO_ALTERNATIVES, choose_loss, loss_info
+
+
+@dataclass
+class Distillation:
+    """FedNTD's term with its teacher's class logits of every training row, ``logits``
+    [modality, example, class] (modalities in ``stack_rows``' order), at the prompt term's
+    ``temperature``."""
+
+    term: NotTrueDistillation
+    logits: torch.Tensor
+    temperature: float
+
+    def loss(
+        self, rows: torch.Tensor, prompts: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """The term for the student's stacked ``rows`` (and their ``labels``) of the examples
+        ``index``, against ``prompts`` projected by the student."""
+        teacher = self.logits[:, index].reshape(-1, self.logits.shape[-1])
+        return self.term(class_logits(rows, prompts, self.temperature), teacher, labels)
 
 
 class HeadModel(nn.Module):
@@ -76,11 +102,14 @@ class HeadModel(nn.Module):
         labels: torch.Tensor | None,
         *,
         prompts: torch.Tensor | None = None,
+        distill: Distillation | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Project the frozen inputs and apply the loss (the concat layout's output is one view).
 
         ``prompts``: the class prompts' frozen text embeddings, projected here by the text tower
-        for a loss that ``uses_prompts``.
+        for a loss that ``uses_prompts``. ``distill``: FedNTD's term, added for the batch's
+        examples, which are rows ``index`` of the data its teacher's logits cover.
         """
         out = self.head(image=image, text=text)
         if "joint" in out:
@@ -92,7 +121,13 @@ class HeadModel(nn.Module):
                     f"loss '{self.loss_spec['name']}' needs the task's class prompts; the data has none"
                 )
             extra["prompts"] = self.head(text=prompts)["text"]
-        return self.loss(image=out.get("image"), text=out.get("text"), labels=labels, **extra)
+        loss = self.loss(image=out.get("image"), text=out.get("text"), labels=labels, **extra)
+        if distill is None:
+            return loss
+        assert labels is not None and index is not None
+        rows = stack_rows("not-true distillation", out.get("image"), out.get("text"), labels)
+        assert rows.labels is not None
+        return loss + distill.loss(rows.z, extra["prompts"], rows.labels, index)
 
     @torch.inference_mode()
     def project(self, data: EmbeddedDataset, *, batch_size: int = 4096) -> dict[str, np.ndarray]:
@@ -228,18 +263,30 @@ def training_rows(model: HeadModel, data: EmbeddedDataset) -> np.ndarray:
 
 
 def choose_objective(
-    model: HeadModel, data: EmbeddedDataset, *, private: bool = False, objective: str = ""
+    model: HeadModel,
+    data: EmbeddedDataset,
+    *,
+    private: bool = False,
+    objective: str = "",
+    distilling: bool = False,
 ) -> tuple[str, str]:
     """For an ``auto`` loss, choose the objective from what ``data`` has (``choose_loss``; a
     per-example one when ``private``, i.e. under DP-SGD), or take ``objective`` when given, and
-    record it in the model's loss spec; other losses are returned as they are."""
+    record it in the model's loss spec; other losses are returned as they are. ``distilling``
+    (FedNTD on): labels of one class count as labels when the data has class prompts (the other
+    classes' prompts are the prompt term's negatives), so a site that holds one class trains the
+    class-prompt objective NTD distils through."""
     if not isinstance(model.loss, AutoLoss):
         return model.objective, ""
     if objective:
         _set_objective(model, objective)
         return objective, "named by the training config"
     chosen, reason = objective_for(
-        data, layout=model.head.layout, towers=model.head.describe()["dims"], private=private
+        data,
+        layout=model.head.layout,
+        towers=model.head.describe()["dims"],
+        private=private,
+        distilling=distilling,
     )
     _set_objective(model, chosen)
     return chosen, reason
@@ -260,10 +307,16 @@ def _set_objective(model: HeadModel, objective: str) -> None:
 
 
 def objective_for(
-    data: EmbeddedDataset, *, layout: str, towers: Iterable[str], private: bool = False
+    data: EmbeddedDataset,
+    *,
+    layout: str,
+    towers: Iterable[str],
+    private: bool = False,
+    distilling: bool = False,
 ) -> tuple[str, str]:
     """What ``auto`` trains a head of ``layout`` with ``towers`` on ``data`` with, and why
-    (``registries.choose_loss`` from the pairs, labels and class prompts the head can use)."""
+    (``registries.choose_loss`` from the pairs, labels and class prompts the head can use;
+    ``distilling``: see ``choose_objective``)."""
     towers = set(towers)
     two_tower = layout == "two-tower"
     paired = (
@@ -272,12 +325,13 @@ def objective_for(
         and data.image is not None
         and data.text is not None
     )
+    prompts = data.prompts is not None and "text" in towers and two_tower
+    present = 1 if distilling and prompts else 2
     labelled = (
         data.labels is not None
         and data.num_classes >= 2
-        and np.unique(data.labels[data.labels >= 0]).size >= 2
+        and np.unique(data.labels[data.labels >= 0]).size >= present
     )
-    prompts = data.prompts is not None and "text" in towers and two_tower
     return choose_loss(paired=paired, labelled=labelled, prompts=prompts, private=private)
 
 
@@ -301,10 +355,14 @@ def train_head(
     start, and keeps the best state of all. When the start wins and it was a closed-form map,
     the map is refitted on all of ``data`` (the frozen baseline exactly).
     ``reference`` is the round's global state (FedProx anchor when ``config.proximal_mu`` > 0;
-    after a closed-form start the anchor is that start).
+    after a closed-form start the anchor is that start), and FedNTD's teacher when
+    ``config.ntd_beta`` > 0 (none after a closed-form start: the start is the site's own); with
+    a teacher only the chosen objective trains.
     """
     data.validate()
-    objective, reason = choose_objective(model, data, objective=config.objective)
+    objective, reason = choose_objective(
+        model, data, objective=config.objective, distilling=config.ntd_beta > 0
+    )
     rows = training_rows(model, data)
     fit_pos, val_pos = validation_split(
         len(rows),
@@ -319,8 +377,9 @@ def train_head(
         init = _start(model, fit_data, val_data, config.init)
         reference = None  # the proximal anchor is the start
     anchor = _proximal_anchor(model, reference) if config.proximal_mu > 0 else None
+    distill = _distillation(model, reference, fit_data, config)
     candidates = [objective]
-    if val_data is not None and not config.objective:
+    if val_data is not None and not config.objective and distill is None:
         candidates = objectives_to_try(model, objective)
     start_state = copy.deepcopy(model.state_dict()) if len(candidates) > 1 else None
     start_scores: Mapping[str, float] = (
@@ -335,7 +394,9 @@ def train_head(
         if start_state is not None and candidate != objective:
             model.load_state_dict(start_state)
             _set_objective(model, candidate)
-        trajectory = _train_kept(model, fit_data, val_data, config, anchor, start_scores, progress)
+        trajectory = _train_kept(
+            model, fit_data, val_data, config, anchor, distill, start_scores, progress
+        )
         steps += len(trajectory.losses)
         samples += len(trajectory.losses) * trajectory.batch_size
         tried[candidate] = trajectory.scores.get("score", math.nan)
@@ -397,6 +458,7 @@ def _train_kept(
     val_data: EmbeddedDataset | None,
     config: TrainConfig,
     anchor: Mapping[str, torch.Tensor] | None,
+    distill: Distillation | None,
     start_scores: Mapping[str, float],
     progress: bool,
 ) -> _Trajectory:
@@ -420,7 +482,13 @@ def _train_kept(
         return not (config.patience and since_best >= config.patience)
 
     losses, batch_size, epochs_run = _train_epochs(
-        model, fit_data, config, anchor=anchor, after_epoch=after_epoch, progress=progress
+        model,
+        fit_data,
+        config,
+        anchor=anchor,
+        distill=distill,
+        after_epoch=after_epoch,
+        progress=progress,
     )
     return _Trajectory(losses, batch_size, epochs_run, best_epoch, best_scores, best_state)
 
@@ -455,6 +523,7 @@ def _train_epochs(
     config: TrainConfig,
     *,
     anchor: Mapping[str, torch.Tensor] | None,
+    distill: Distillation | None,
     after_epoch: Callable[[int], bool],
     progress: bool,
 ) -> tuple[list[float], int, int]:
@@ -488,6 +557,8 @@ def _train_epochs(
                 None if text is None else text[batch],
                 None if labels is None else labels[batch],
                 prompts=prompts,
+                distill=distill,
+                index=batch,
             )
             if anchor is not None:
                 loss = loss + 0.5 * config.proximal_mu * _proximal_term(model, anchor)
@@ -514,6 +585,39 @@ LINEAR_PATH_LR_SCALE = 0.1
 """The linear paths' learning rate relative to the residual's: a closed-form map's weights are
 small (mean |w| about 6e-4 for MobileNetV2 -> MiniLM), and Adam moves every weight by about its
 learning rate per step whatever the weight's scale."""
+
+
+def _distillation(
+    model: HeadModel,
+    reference: Mapping[str, torch.Tensor] | None,
+    data: EmbeddedDataset,
+    config: TrainConfig,
+) -> Distillation | None:
+    """FedNTD's term with its teacher, the round's global head ``reference``; None when
+    ``config.ntd_beta`` is 0, or nothing trains, or there is no teacher (a pooled or single-site
+    run; a round that starts at the site's own closed-form map). What NTD cannot use is refused
+    first, whether or not this round has a teacher. The teacher is frozen, so its class logits of
+    every row of ``data`` are computed once."""
+    if config.ntd_beta == 0:
+        return None
+    temperature = prompt_temperature(model.loss, name=model.objective)
+    classes = 0 if data.labels is None or data.prompts is None else len(data.prompts)
+    check_classes(classes)
+    if reference is None or config.epochs == 0:
+        return None
+    teacher = copy.deepcopy(model)
+    teacher.load_state_dict(reference)
+    projected = teacher.project(data)
+    rows = stack_rows(
+        "not-true distillation", _array(projected, "image"), _array(projected, "text"), None
+    )
+    logits = class_logits(rows.z, torch.from_numpy(projected["prompts"]), temperature)
+    term = NotTrueDistillation(beta=config.ntd_beta, tau=config.ntd_tau)
+    return Distillation(term, logits.reshape(-1, len(data), classes), temperature)
+
+
+def _array(arrays: Mapping[str, np.ndarray], key: str) -> torch.Tensor | None:
+    return torch.from_numpy(arrays[key]) if key in arrays else None
 
 
 def _param_groups(model: HeadModel, lr: float) -> list[dict[str, Any]]:

@@ -295,7 +295,7 @@ def train_selected(
     says which run).
     """
     template = build_run_model(run, dims=train.dims, num_classes=train.num_classes)
-    objective, _ = choose_objective(template, train)
+    objective, _ = choose_objective(template, train, distilling=run.ntd_beta > 0)
     candidates = objectives_to_try(template, objective)
     kept: tuple[HeadModel, Selection] | None = None
     tried: dict[str, float] = {}

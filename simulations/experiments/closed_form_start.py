@@ -206,4 +206,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from simulations.experiments.entry import run_main
+
+    run_main("closed_form_start", main)

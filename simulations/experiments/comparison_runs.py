@@ -322,12 +322,6 @@ def _partitions(text: str) -> list[tuple[str, float]]:
 
 
 if __name__ == "__main__":
-    import sys
+    from simulations.experiments.entry import run_main
 
-    from common.errors import FedEmbedError
-
-    try:
-        main()
-    except FedEmbedError as exc:  # a bad setting or a failed federated arm: one line, exit 2
-        print(f"experiment: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main("comparison_runs", main)

@@ -713,12 +713,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    from simulations.experiments.entry import run_main
 
-    from common.errors import FedEmbedError
-
-    try:
-        main()
-    except FedEmbedError as exc:
-        print(f"default_vs_frozen: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main("default_vs_frozen", main)

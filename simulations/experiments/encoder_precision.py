@@ -678,12 +678,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    from simulations.experiments.entry import run_main
 
-    from common.errors import FedEmbedError
-
-    try:
-        main()
-    except FedEmbedError as exc:
-        print(f"encoder_precision: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main("encoder_precision", main)

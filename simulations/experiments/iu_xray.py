@@ -258,4 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from simulations.experiments.entry import run_main
+
+    run_main("iu_xray", main)

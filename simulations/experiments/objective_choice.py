@@ -17,9 +17,7 @@ dataset:
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,7 @@ from common.errors import ConfigError
 from common.metrics import format_table
 from simulations.benchmarks.results import write_results
 from simulations.experiments.default_vs_frozen import CHECKED, RESULT_NAME, verdict
+from simulations.experiments.entry import add_runs_argument, load_runs
 from simulations.experiments.seed_summary import confidence_interval
 from simulations.experiments.selection_rules import DEFAULT
 
@@ -203,25 +202,9 @@ def report_markdown(document: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--runs",
-        nargs="+",
-        required=True,
-        metavar="LOSS=DIR",
-        help="candidate name and its default_vs_frozen --rules result directory; the first is "
-        "the reference the others are paired against",
-    )
-    parser.add_argument("--out", type=Path, required=True)
+    add_runs_argument(parser, name="LOSS", what="its default_vs_frozen --rules result directory")
     args = parser.parse_args(argv)
-    runs: dict[str, dict[str, Any]] = {}
-    for spec in args.runs:
-        name, sep, directory = spec.partition("=")
-        if not sep or not name or not directory:
-            raise ConfigError(f"--runs: expected LOSS=DIR, got {spec!r}")
-        path = Path(directory) / f"{RESULT_NAME}.json"
-        if not path.exists():
-            raise ConfigError(f"--runs: {path} does not exist")
-        runs[name] = json.loads(path.read_text(encoding="utf-8"))
+    runs = load_runs(args.runs, RESULT_NAME)
     command = "python -m simulations.experiments.objective_choice " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:]
     )
@@ -238,12 +221,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    from simulations.experiments.entry import run_main
 
-    from common.errors import FedEmbedError
-
-    try:
-        main()
-    except FedEmbedError as exc:
-        print(f"objective_choice: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main("objective_choice", main)

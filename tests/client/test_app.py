@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client import site as site_module
 from client.app import app
 from client.audit import audit_path, payload_digest, verify_audit_log
+from client.privacy import ledger_path
 from common.config import RunSettings, SiteSettings
 from common.flower import arrays_from_record, record_from_arrays
 from tests.client_site import in_process_node_config, load_client
@@ -134,3 +135,32 @@ def test_the_prompt_loss_trains_from_the_bundle_and_sends_only_the_head(
     assert list(sent) == list(initial)  # the prompt term adds no state: still the head alone
     assert any(not np.array_equal(sent[k], initial[k]) for k in sent)
     assert np.isfinite(reply.content.metric_records["metrics"]["train-loss"])
+
+
+def test_fedntd_distils_from_the_received_head_and_sends_nothing_more(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """With ntd-beta the round trains differently, yet the reply has the same keys, shapes and
+    metric names as without it; with sample-level DP the site refuses it in one line."""
+    replies = {}
+    for beta in (0.0, 1.0):
+        run_config = _run_config(tiny_model_dirs, loss="infonce+prompts", **{"ntd-beta": beta})
+        context, _, initial = load_client(
+            run_config, in_process_node_config(tmp_path / str(beta), partition=1)
+        )
+        reply = app(_train_message(initial, server_round=2), context)
+        assert not reply.has_error(), reply.error if reply.has_error() else None
+        replies[beta] = reply.content
+    plain, ntd = (arrays_from_record(replies[b].array_records["arrays"]) for b in (0.0, 1.0))
+    assert list(ntd) == list(plain) == list(initial)
+    assert all(ntd[k].shape == plain[k].shape for k in plain)
+    assert any(not np.array_equal(ntd[k], plain[k]) for k in plain)  # the term changed training
+    assert set(replies[1.0].metric_records["metrics"]) == set(
+        replies[0.0].metric_records["metrics"]
+    )
+    assert set(replies[1.0].keys()) == set(replies[0.0].keys())
+    private = _run_config(tiny_model_dirs, **{"ntd-beta": 1.0, "dp-noise-multiplier": 1.1})
+    context, _, initial = load_client(private, in_process_node_config(tmp_path / "dp", partition=1))
+    reply = app(_train_message(initial, server_round=2), context)
+    assert reply.has_error() and "ntd-beta > 0 (FedNTD) is not available with" in reply.error.reason
+    assert not ledger_path(tmp_path / "dp" / "state").exists()  # nothing was charged

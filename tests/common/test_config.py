@@ -78,3 +78,36 @@ def test_loss_names_and_needs_come_from_the_registry() -> None:
     with pytest.raises(ConfigError, match="unknown loss 'clip'"):
         require_sample_level_dp("clip")
     assert tuple(registries.HEADS) == HEAD_PRESET_NAMES
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"ntd-beta": -1.0}, "ntd-beta"),
+        ({"ntd-beta": float("inf")}, "ntd-beta"),
+        ({"ntd-tau": 0.0}, "ntd-tau"),
+    ],
+)
+def test_run_config_refuses_a_bad_fedntd_setting(values: dict[str, float], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"run-config: {key} must be"):
+        RunSettings.from_run_config(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"loss": "infonce"}, {"loss": "infonce+supcon"}, {"layout": "concat", "loss": "auto"}],
+)
+def test_run_config_refuses_fedntd_where_there_are_no_class_prompt_logits(
+    values: dict[str, str],
+) -> None:
+    with pytest.raises(ConfigError, match="ntd-beta > 0 distils class-prompt logits"):
+        RunSettings.from_run_config({"ntd-beta": 1.0, **values})
+    RunSettings.from_run_config(values)  # fine without it
+
+
+def test_fedntd_settings_reach_every_rounds_local_training() -> None:
+    run = RunSettings.from_run_config({"ntd-beta": 0.5, "ntd-tau": 2.0})
+    for first in (True, False):
+        config = run.train_config(first_round=first)
+        assert (config.ntd_beta, config.ntd_tau) == (0.5, 2.0)
+    assert RunSettings().train_config().ntd_beta == 0.0  # off unless named

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -462,3 +463,139 @@ def test_federated_round_one_starts_each_site_at_its_own_least_squares_map() -> 
     np.testing.assert_allclose(
         model.project(data)["image"][:, : expected.shape[1]], _l2_normalize(expected), atol=1e-5
     )
+
+
+def _ntd_model(data: EmbeddedDataset, seed: int = 0):  # type: ignore[no-untyped-def]
+    return build_head_model(
+        dims=data.dims,
+        head_config=HeadConfig(out_dim=16, hidden_dim=32),
+        loss="infonce+prompts",
+        num_classes=len(data.class_names),
+        seed=seed,
+    )
+
+
+def _ntd_config(**overrides: Any) -> TrainConfig:
+    settings: dict[str, Any] = {
+        "loss": "infonce+prompts",
+        "epochs": 4,
+        "batch_size": 32,
+        "seed": 3,
+        "validation_fraction": 0.0,
+        "init": "keep",
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _site_ntd(model: Any, teacher: Any, data: EmbeddedDataset) -> float:
+    """Mean not-true distillation of ``model`` from ``teacher`` over ``data``'s rows."""
+    from common.distillation import NotTrueDistillation, class_logits
+
+    def logits(m: Any) -> torch.Tensor:
+        out = m.project(data)
+        prompts = torch.from_numpy(out["prompts"])
+        rows = torch.cat([torch.from_numpy(out["image"]), torch.from_numpy(out["text"])])
+        return class_logits(rows, prompts, 0.1)
+
+    labels = torch.from_numpy(data.labels).repeat(2)
+    return float(NotTrueDistillation()(logits(model), logits(teacher), labels))
+
+
+def test_ntd_off_or_without_a_global_head_is_todays_training() -> None:
+    data = _paired(160, classes=5)
+    states = []
+    for beta, with_reference in [(0.0, False), (0.0, True), (1.0, False)]:
+        model = _ntd_model(data)
+        reference = (
+            {k: v.clone() for k, v in model.state_dict().items()} if with_reference else None
+        )
+        train_head(model, data, _ntd_config(ntd_beta=beta), reference=reference)
+        states.append(state_arrays(model))
+    for state in states[1:]:
+        for key in states[0]:
+            np.testing.assert_array_equal(states[0][key], state[key])
+
+
+def test_ntd_keeps_a_skewed_site_near_the_global_heads_not_true_ranking() -> None:
+    import copy
+
+    data = _paired(600, seed=4, classes=5)
+    global_model = _ntd_model(data, seed=1)
+    train_head(global_model, data, _ntd_config(epochs=10))
+    reference = {k: v.clone() for k, v in global_model.state_dict().items()}
+    frozen = {k: v.clone() for k, v in reference.items()}
+    site = data.subset(np.flatnonzero(data.labels <= 1))  # a site that holds 2 of the 5 classes
+    drift: dict[float, float] = {}
+    for beta in (0.0, 5.0):
+        model = copy.deepcopy(global_model)
+        train_head(model, site, _ntd_config(epochs=8, ntd_beta=beta), reference=reference)
+        assert any(not torch.equal(model.state_dict()[k], reference[k]) for k in reference)
+        drift[beta] = _site_ntd(model, global_model, site)
+    for key, value in frozen.items():  # the teacher is a copy: the received head is untouched
+        assert torch.equal(reference[key], value)
+    assert drift[0.0] > 0.05
+    assert drift[5.0] < 0.5 * drift[0.0], drift
+
+
+def test_ntd_adds_exactly_the_term_over_the_teachers_logits_of_the_same_rows() -> None:
+    from common.distillation import NotTrueDistillation
+    from common.training import _distillation
+
+    data = _paired(120, classes=5)
+    model, teacher = _ntd_model(data, seed=0), _ntd_model(data, seed=7)
+    train_head(teacher, data, _ntd_config(epochs=2))  # a global head unlike the student
+    distill = _distillation(
+        model, teacher.state_dict(), data, _ntd_config(ntd_beta=2.0, ntd_tau=1.5)
+    )
+    assert distill is not None
+    index = torch.tensor([5, 17, 3, 99, 42, 0, 64, 8])
+    image, text = torch.from_numpy(data.image), torch.from_numpy(data.text)
+    labels, prompts = torch.from_numpy(data.labels), torch.from_numpy(data.prompts)
+    model.eval()
+    args = (image[index], text[index], labels[index])
+    added = model.compute_loss(*args, prompts=prompts, distill=distill, index=index)
+    added = added - model.compute_loss(*args, prompts=prompts)
+
+    def logits(head: Any) -> torch.Tensor:  # [image rows; text rows] of the batch, by hand
+        out = head.project(data.subset(index.numpy()))
+        rows = torch.cat([torch.from_numpy(out["image"]), torch.from_numpy(out["text"])])
+        return rows @ torch.from_numpy(out["prompts"]).T / 0.1
+
+    expected = NotTrueDistillation(beta=2.0, tau=1.5)(
+        logits(model), logits(teacher), labels[index].repeat(2)
+    )
+    assert float(expected) > 0.01
+    torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_site_that_holds_one_class_distils_through_the_prompt_objective() -> None:
+    data = _paired(200, classes=5)
+    site = data.subset(np.flatnonzero(data.labels == 2))
+    objectives = {}
+    for beta in (0.0, 1.0):
+        model = build_head_model(
+            dims=site.dims,
+            head_config=HeadConfig(out_dim=16, hidden_dim=32),
+            loss="auto",
+            num_classes=5,
+        )
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+        config = _ntd_config(loss="auto", ntd_beta=beta, batch_size=16)
+        objectives[beta] = train_head(model, site, config, reference=reference).objective
+    assert objectives == {0.0: "infonce", 1.0: "infonce+prompts"}
+
+
+def test_ntd_refuses_objectives_and_data_it_cannot_distil() -> None:
+    data = _paired(120, classes=5)
+    model = build_head_model(
+        dims=data.dims, head_config=HeadConfig(out_dim=16, hidden_dim=32), loss="infonce"
+    )
+    # refused before training, with or without this round's teacher
+    for reference in (None, {k: v.clone() for k, v in model.state_dict().items()}):
+        with pytest.raises(ConfigError, match=r"ntd-beta.*class-prompt term"):
+            train_head(model, data, _ntd_config(loss="infonce", ntd_beta=1.0), reference=reference)
+    two = _paired(120, classes=2)
+    model = _ntd_model(two)
+    with pytest.raises(ConfigError, match=r"ntd-beta.*>= 3 classes"):
+        train_head(model, two, _ntd_config(ntd_beta=1.0))

@@ -259,3 +259,15 @@ def test_common_test_set_refuses_sites_that_keep_the_marked_rows_or_other_classe
     text_only.image = None
     with pytest.raises(ConfigError, match="inputs"):
         CommonTest(text_only).site_tests(run, sites)
+
+
+def test_a_site_alone_that_holds_one_class_trains_under_a_fedntd_run_config() -> None:
+    """ntd-beta is inert without a global head, but it must not stop the baselines: a site
+    holding one class trains the class-prompt objective there, as it would in the federation."""
+    import numpy as np
+
+    train, val = _paired(90, 0), _paired(45, 1)
+    one_class = train.subset(np.flatnonzero(train.labels == 1))
+    _, plain = train_selected(_small_run(), one_class, val, steps=2)
+    _, distilling = train_selected(_small_run(**{"ntd-beta": 1.0}), one_class, val, steps=2)
+    assert (plain.objective, distilling.objective) == ("infonce", "infonce+prompts")

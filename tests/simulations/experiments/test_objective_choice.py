@@ -50,7 +50,7 @@ def test_the_choice_is_the_higher_kept_validation_score_paired_by_seed() -> None
 def test_a_run_without_rules_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="run default_vs_frozen with --rules"):
         kept_state({"seed": 3, "selections": {}})
-    with pytest.raises(ConfigError, match="LOSS=DIR"):
+    with pytest.raises(ConfigError, match="NAME=DIR"):
         main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")])
 
 
