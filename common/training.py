@@ -608,16 +608,12 @@ def _distillation(
     teacher = copy.deepcopy(model)
     teacher.load_state_dict(reference)
     projected = teacher.project(data)
-    rows = stack_rows(
-        "not-true distillation", _array(projected, "image"), _array(projected, "text"), None
-    )
+    every = slice(None)
+    image, text = (_tensor(projected.get(k), every) for k in ("image", "text"))
+    rows = stack_rows("not-true distillation", image, text, None)
     logits = class_logits(rows.z, torch.from_numpy(projected["prompts"]), temperature)
     term = NotTrueDistillation(beta=config.ntd_beta, tau=config.ntd_tau)
     return Distillation(term, logits.reshape(-1, len(data), classes), temperature)
-
-
-def _array(arrays: Mapping[str, np.ndarray], key: str) -> torch.Tensor | None:
-    return torch.from_numpy(arrays[key]) if key in arrays else None
 
 
 def _param_groups(model: HeadModel, lr: float) -> list[dict[str, Any]]:
