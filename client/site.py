@@ -64,22 +64,25 @@ class BundleKey:
 _LOADED: dict[str, Site] = {}  # bundle path -> its data, for a long-lived process (site worker)
 
 
-def bundle_key(spec: DataSpec) -> BundleKey:
+def bundle_key(spec: DataSpec, *, cache_dir: Path | None = None) -> BundleKey:
     """The key of the site's data as it is now, without loading a model or embedding anything.
 
     Reads the dataset (a manifest is parsed and each image file hashed) and fingerprints the
-    weight files of the encoders it uses (``common.encoders.weight_files``).
+    weight files of the encoders it uses (``common.encoders.weight_files``; with the embedding
+    cache ``cache_dir``, through its memo of the files' digests).
     """
+    from common.cache import EmbeddingCache
     from common.encoders import ENCODER_CODE_VERSION, fingerprint_files, weight_files
     from common.encoders.runtime import runtime_key
     from common.pipeline import encoder_specs, load_site_dataset
 
     dataset = load_site_dataset(spec)
     runtime = runtime_key(spec.encoder_precision, spec.encoder_device)
+    memo = None if cache_dir is None else EmbeddingCache(cache_dir).weight_digests
     encoders = {
         modality: {
             "code_version": ENCODER_CODE_VERSION,
-            "weights": fingerprint_files(weight_files(encoder)),
+            "weights": fingerprint_files(weight_files(encoder), memo=memo),
             "runtime": runtime,
         }
         for modality, encoder in encoder_specs(spec, dataset).items()
@@ -124,7 +127,7 @@ def load_site(settings: SiteSettings, run: RunSettings) -> Site:
     a new key embeds through the cache, writes its bundle and deletes the superseded one.
     """
     spec = settings.data_spec(run)
-    key = bundle_key(spec)
+    key = bundle_key(spec, cache_dir=settings.cache_path)
     path = bundle_path(settings, key)
     memo = path.resolve()
     if str(memo) in _LOADED:
@@ -151,7 +154,7 @@ def _embed(settings: SiteSettings, spec: DataSpec, key: BundleKey, path: Path) -
     stamped = ("code_version", "weights")  # the key's other part, the runtime, is the spec's
     stamps = {m: {k: i[k] for k in stamped} for m, i in data.encoders.items()}
     wanted = {m: {k: e[k] for k in stamped} for m, e in key.encoders.items()}
-    if stamps != wanted or bundle_key(spec) != key:
+    if stamps != wanted or bundle_key(spec, cache_dir=settings.cache_path) != key:
         log.warning(
             "site %s: its data or encoders changed while they were being embedded; no bundle "
             "saved (the next load embeds the data as it is then, from the cache)",

@@ -6,6 +6,7 @@ Layout under the cache root::
     <root>/<encoder-fingerprint>/shards/<id>.npy     float32 [m, dim] embeddings of m inputs
     <root>/<encoder-fingerprint>/shards/<id>.json    {"keys": [...], "sha256": ..., "dim": ..., "count": ...}
     <root>/<encoder-fingerprint>/loads/<id>.json     {"load": {...}}: a load that gave this encoder
+    <root>/weight-digests.json                        weight files' SHA-256 by path and stat (a memo)
 
 An entry is keyed by the encoder's identity (model, weights fingerprint, pooling, preprocessing) and
 the content hash of the input, so a changed file or a changed encoder is never served a stale vector.
@@ -128,6 +129,12 @@ class EmbeddingCache:
         self.root = Path(root)
         self.shard_size = shard_size
         self._verified: set[Path] = set()
+
+    @property
+    def weight_digests(self) -> Path:
+        """Where the encoders' weight-file digests are remembered (``fingerprint_files``'s
+        memo): a cached re-run in a new process does not hash the weights again."""
+        return self.root / "weight-digests.json"
 
     # ------------------------------------------------------------------ public API
     def record_encoder(self, load: dict[str, Any], encoder: SupportsEmbed) -> None:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from common import registries
 from common.data.manifest import ON_ERROR_CHOICES
 from common.data.partition import PARTITION_SCHEMES
+from common.data.registry import IMAGE_SIZE_DATASETS
 from common.errors import ConfigError
 
 HEAD_INITS = ("keep", "closed-form", "lstsq", "cca")
@@ -275,6 +276,8 @@ class RunSettings:
     layout: str = "two-tower"
     dataset: str = "synthetic-radiology"
     dataset_n: int = 2000
+    # A generated built-in dataset's image side (synthetic-radiology 64, digits 8); 0: its own.
+    dataset_image_size: int = 0
     task: str = ""
     partition: str = "iid"
     alpha: float = 0.5
@@ -314,6 +317,7 @@ class RunSettings:
             raise ConfigError(f"run-config: loss '{self.loss}' is not one of {', '.join(LOSSES)}")
         if self.start_steps < 0:
             raise ConfigError("run-config: start-steps must be >= 0")
+        self._check_dataset_image_size()
         check_ntd(self.ntd_beta, self.ntd_tau, source="run-config")
         if self.ntd_beta > 0 and (
             self.layout != "two-tower"
@@ -351,6 +355,21 @@ class RunSettings:
         _check_test_rows(self.test_rows, source="run-config")
         self._check_client_dp()
         self._check_secure_aggregation()
+
+    def _check_dataset_image_size(self) -> None:
+        if not self.dataset_image_size:
+            return
+        if self.dataset not in IMAGE_SIZE_DATASETS:
+            raise ConfigError(
+                f"run-config: dataset-image-size applies to {', '.join(IMAGE_SIZE_DATASETS)} "
+                f"only, got {self.dataset_image_size} for dataset {self.dataset!r}"
+            )
+        smallest = IMAGE_SIZE_DATASETS[self.dataset][1]
+        if self.dataset_image_size < smallest:
+            raise ConfigError(
+                f"run-config: dataset-image-size must be 0 (the dataset's own) or >= {smallest} "
+                f"for {self.dataset}, got {self.dataset_image_size}"
+            )
 
     def _check_client_dp(self) -> None:
         if self.client_dp not in CLIENT_DP_MODES:
@@ -558,6 +577,7 @@ class SiteSettings:
         return DataSpec(
             dataset=dataset,
             n=(self.n or (run.dataset_n if not _is_manifest(dataset) else 0)) or None,
+            image_size=(run.dataset_image_size or None) if dataset == run.dataset else None,
             seed=self.seed if self.seed >= 0 else run.seed,
             site=site if builtin_synthetic else 0,
             task=(self.task or run.task) or None,

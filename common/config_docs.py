@@ -20,6 +20,7 @@ from common.config import (
     SiteSettings,
 )
 from common.data.partition import PARTITION_SCHEMES
+from common.data.registry import IMAGE_SIZE_DATASETS
 from common.privacy import _KEYS as PRIVACY_KEYS
 from common.privacy import ACCOUNTANTS, LEDGER_SCOPES, PrivacySettings
 from common.registries import sample_dp_losses
@@ -65,6 +66,10 @@ RUN_MEANINGS: dict[str, str] = {
     "dataset": "data of simulated sites (built-in name or manifest); the coordinator reads a "
     "sample of it for the task's classes. A real site's node-config data wins",
     "dataset_n": "examples of a built-in dataset (0: its default size; synthetic-radiology 2,000)",
+    "dataset_image_size": "image side in pixels a generated built-in dataset is drawn at (0: its "
+    "own; "
+    + "; ".join(f"{k}: {d}, at least {m}" for k, (d, m) in IMAGE_SIZE_DATASETS.items())
+    + ")",
     "task": "the built-in dataset's task, e.g. cardiomegaly or abnormal for iu-xray-reports",
     "partition": f"how simulated sites split the dataset: {_described(PARTITION_SCHEMES)}",
     "alpha": "Dirichlet concentration of partition dirichlet (smaller: more label skew)",

@@ -66,14 +66,18 @@ def get_encoder(
     )
     encoder = _cached_encoder(*settings)
     if (weights or fingerprint_files(weight_files(spec))) != encoder.identity()["weights"]:
-        forget_loaded_encoders()
+        _cached_encoder.cache_clear()
         encoder = _cached_encoder(*settings)
     return encoder
 
 
 def forget_loaded_encoders() -> None:
-    """Drop the encoders ``get_encoder`` keeps, so the next call loads its model again."""
+    """Drop the encoders ``get_encoder`` keeps and the weight digests this process remembers, so
+    the next call loads its model again, as a new process would."""
+    from common.encoders.fingerprint import forget_digests
+
     _cached_encoder.cache_clear()
+    forget_digests()
 
 
 @cache  # keyed on all seven values, however the caller spelled them
@@ -115,7 +119,8 @@ def known_encoder(
     A site whose data is all cached (every round after its first, a re-run) never loads the
     encoder: no model in memory, no seconds spent loading it.
     """
-    weights = fingerprint_files(weight_files(spec))
+    cache = EmbeddingCache(cache_dir)
+    weights = fingerprint_files(weight_files(spec), memo=cache.weight_digests)
     load = {
         "code_version": ENCODER_CODE_VERSION,
         "spec": _spec_location(spec),
@@ -137,7 +142,6 @@ def known_encoder(
             device=device,
         )
 
-    cache = EmbeddingCache(cache_dir)
     known = cache.recorded_encoder(load)
     if known is None:
         encoder = loaded()

@@ -183,6 +183,7 @@ def _evaluation_spec(run: RunSettings) -> dict[str, Any]:
     return DataSpec(
         dataset=run.dataset,
         n=(run.dataset_n or None) if run.dataset in BUILTIN_DATASETS else None,
+        image_size=run.dataset_image_size or None,
         seed=run.seed,
         task=run.task or None,
         image_encoder=run.image_encoder,

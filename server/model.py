@@ -64,23 +64,31 @@ def initial_model(run: RunSettings) -> tuple[HeadModel, dict[str, Any]]:
     return build_run_model(run, dims=dims, num_classes=len(task["class_names"])), task
 
 
+def server_eval_spec(run: RunSettings) -> DataSpec:
+    """The coordinator's own validation set (run-config ``server-eval``), drawn apart from the
+    sites' data: a built-in dataset from another seed, a manifest whole."""
+    from common.data.registry import BUILTIN_DATASETS
+
+    builtin = run.server_eval in BUILTIN_DATASETS  # a manifest is used whole, as it is
+    return DataSpec(
+        dataset=run.server_eval,
+        n=(run.server_eval_n or None) if builtin else None,
+        # the sites' generator setting, when the coordinator draws from the same generator
+        image_size=(run.dataset_image_size or None) if run.server_eval == run.dataset else None,
+        seed=run.seed + 7919,  # disjoint from the sites' generated data
+        task=(run.task or None) if builtin else None,
+        image_encoder=run.image_encoder,
+        text_encoder=run.text_encoder,
+        encoder_image_size=run.encoder_image_size or None,
+        max_length=run.max_length,
+    )
+
+
 class ServerEvaluator:
     """Scores the global head each round on a coordinator-held validation set (never site data)."""
 
     def __init__(self, run: RunSettings) -> None:
-        from common.data.registry import BUILTIN_DATASETS
-
-        builtin = run.server_eval in BUILTIN_DATASETS  # a manifest is used whole, as it is
-        spec = DataSpec(
-            dataset=run.server_eval,
-            n=(run.server_eval_n or None) if builtin else None,
-            seed=run.seed + 7919,  # disjoint from the sites' generated data
-            task=(run.task or None) if builtin else None,
-            image_encoder=run.image_encoder,
-            text_encoder=run.text_encoder,
-            encoder_image_size=run.encoder_image_size or None,
-            max_length=run.max_length,
-        )
+        spec = server_eval_spec(run)
         self.data: EmbeddedDataset
         self.data, _, _ = embed_site(spec, cache_dir=coordinator_cache())
         self.model, _ = initial_model(run)

@@ -57,6 +57,13 @@ def _decode_utf8(file: Path) -> str:
 
 def _encoding_problem(value: str) -> str | None:
     """Why ``value`` is not valid text (a non-UTF-8 byte or a lone surrogate), else None."""
+    if value.isascii():  # the common case, checked in C (as is the next one)
+        return None
+    try:
+        value.encode("utf-8")  # strict: any surrogate, escaped byte or lone, fails here
+        return None
+    except UnicodeEncodeError:
+        pass
     for position, char in enumerate(value, start=1):
         code = ord(char)
         if 0xDC80 <= code <= 0xDCFF:

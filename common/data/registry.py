@@ -19,6 +19,11 @@ BUILTIN_DATASETS: dict[str, str] = {
     "(fastest smoke tests)",
 }
 DEFAULT_SYNTHETIC_SIZE = 2000
+IMAGE_SIZE_DATASETS: dict[str, tuple[int, int]] = {
+    "synthetic-radiology": (64, 16),
+    "digits": (8, 8),
+}
+"""The built-ins whose images are drawn at a chosen side (``image_size``): (default, minimum)."""
 
 
 def load_dataset(
@@ -62,7 +67,7 @@ def _load_builtin(
             DEFAULT_SYNTHETIC_SIZE if n is None else n,
             seed=seed,
             site=site,
-            image_size=64 if image_size is None else image_size,
+            image_size=IMAGE_SIZE_DATASETS[spec][0] if image_size is None else image_size,
         )
     if spec == "iu-xray-reports":
         from common.data.iu_xray import load_iu_xray

@@ -67,7 +67,7 @@ def _load_hf(
     pooling: str | None,
     max_length: int,
     image_size: int | None,
-    batch_size: int,
+    batch_size: int | None,
     precision: str = "auto",
     device: str = "auto",
 ) -> Encoder:

@@ -32,7 +32,7 @@ def load_encoder(
     pooling: str | None = None,
     max_length: int = 256,
     image_size: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     precision: str = "auto",
     device: str = "auto",
 ) -> Encoder:

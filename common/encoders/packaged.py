@@ -35,7 +35,7 @@ class MobileNetV2Encoder(ImageEncoder):
         weights: Path,
         *,
         image_size: int = 224,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         precision: str = "auto",
         device: str = "auto",
     ) -> None:
@@ -73,7 +73,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
         self,
         *,
         image_size: int = 224,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         precision: str = "auto",
         device: str = "auto",
     ) -> None:

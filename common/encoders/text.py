@@ -59,7 +59,7 @@ class HFTextEncoder(Encoder):
         weight_files: Sequence[Path],
         pooling: str | None = None,
         max_length: int = 256,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         precision: str = "auto",
         device: str = "auto",
     ) -> None:

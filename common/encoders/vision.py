@@ -45,7 +45,7 @@ class ImageEncoder(Encoder):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         value_scale: float = 1.0,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         precision: str = "auto",
         device: str = "auto",
     ) -> None:
@@ -198,7 +198,7 @@ class HFVisionEncoder(ImageEncoder):
         value_scale: float = 1.0,
         pooling: str | None = None,
         pooler_loaded: bool = True,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         precision: str = "auto",
         device: str = "auto",
     ) -> None:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from common.encoders import Encoder, HFTextEncoder, ImageEncoder, load_encoder, pool_tokens
+from common.encoders.base import default_batch_size
 from common.encoders.runtime import FIDELITY_MIN_COSINE, Runtime, bf16_native
 from simulations.benchmarks.embedding import (
     BATCH_SIZES,
@@ -414,9 +415,10 @@ def compare_encoder(
         )
         torch_loops.append((form, loop))
 
-    # fidelity references: the encoder's own embed, fp32 at its default batch size
+    # fidelity references: the encoder's own embed, fp32 at fp32's default batch size
     loaded = [ref.load() for ref in items] if image else items
-    reference = _embed_as(encoder, "fp32", loaded, encoder.batch_size)
+    fp32_batch = default_batch_size(encoder.modality, Runtime("cpu", "fp32"))
+    reference = _embed_as(encoder, "fp32", loaded, fp32_batch)
     radiology: list[np.ndarray] = []
     if image and radiology_images > 0:
         from common.config import DataSpec
@@ -424,9 +426,7 @@ def compare_encoder(
 
         site = load_site_dataset(DataSpec(dataset="synthetic-radiology", n=radiology_images))
         radiology = [ref.load() for ref in site.images or []]
-    radiology_reference = (
-        _embed_as(encoder, "fp32", radiology, encoder.batch_size) if radiology else None
-    )
+    radiology_reference = _embed_as(encoder, "fp32", radiology, fp32_batch) if radiology else None
     for form, _ in torch_loops:
         precision = form.timing.precision
         form.fidelity["benchmark inputs"] = _cosines(

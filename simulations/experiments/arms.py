@@ -62,7 +62,8 @@ SELECTION = (
 
 @dataclass
 class FederatedArm:
-    """One federated run of the comparison: its final head and what its history says."""
+    """One federated run of the comparison: its head (the final round's, or the round
+    ``federated_selected`` kept) and what its history says."""
 
     label: str
     model: HeadModel
@@ -96,6 +97,11 @@ def concat_embedded(parts: Sequence[EmbeddedDataset]) -> EmbeddedDataset:
         prompts=parts[0].prompts,
         text_groups=groups,
     )
+
+
+def partition_label(run: RunSettings) -> str:
+    """How the run splits its dataset over the sites, for a report: "iid", "dirichlet(alpha=0.3)"."""
+    return run.partition + (f"(alpha={run.alpha})" if run.partition == "dirichlet" else "")
 
 
 def prepare_sites(run: RunSettings, sites: int, *, cache_dir: Path) -> list[SiteData]:
@@ -514,6 +520,37 @@ def federate(
     elif str(run_config.get("client-dp", "off")) != "off":
         privacy = client_level_spent(fed.history)
     return FederatedArm(label, model, fed.history, privacy, fed.run_dir)
+
+
+def federated_selected(
+    label: str,
+    run_config: Mapping[str, Any],
+    splits: Sequence[SiteSplits],
+    *,
+    home: Path,
+    cache_dir: Path,
+    echo: bool = False,
+) -> tuple[FederatedArm, Selection]:
+    """One federated arm (``federate``, one simulated site per split) with its head stopped at
+    the round whose checkpoint scores best on the sites' validation halves (``select_round``;
+    round 1 is the closed-form start for a head with a linear path trained without DP). The arm's
+    ``model`` holds that round's head."""
+    arm = federate(
+        label=label,
+        run_config=run_config,
+        sites=len(splits),
+        home=home,
+        cache_dir=cache_dir,
+        echo=echo,
+    )
+    assert arm.run_dir is not None
+    _, selection = select_round(
+        arm.run_dir,
+        arm.model,
+        [(s.train, s.val) for s in splits],
+        closed_form_start=arm.model.head.has_linear_path and not arm.privacy,
+    )
+    return arm, selection
 
 
 def sample_level_spent(

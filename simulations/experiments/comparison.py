@@ -23,14 +23,14 @@ from simulations.experiments.arms import (
     SAMPLE_DP_LOSS,
     CommonTest,
     concat_embedded,
-    federate,
+    federated_selected,
     frozen_row,
     metric_row,
+    partition_label,
     prepare_sites,
     ridge_selection,
     round_rows,
     run_config_of,
-    select_round,
     split_holdout,
     train_selected,
 )
@@ -91,7 +91,8 @@ class Comparison:
     ``histories``: each federated arm's per-round history (history.jsonl); ``round_test``: each
     federated arm's headline metrics on the scored test set after every round (``round_rows``,
     for the figure: the table's set); ``per_site``: for each
-    site, each method's metrics on that site's own test half; ``selections``: each trained arm's
+    site, each method's metrics on that site's own test rows (its test half, or its rows of a
+    common test set); ``selections``: each trained arm's
     validation score per epoch step / round and the chosen stopping point (``Selection``);
     ``sizes``: each site's train / validation / test rows and the scored test set's
     (``test_ids``).
@@ -163,8 +164,7 @@ def compare(
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(
-        partition=f"{run.partition}"
-        + (f"(alpha={run.alpha})" if run.partition == "dirichlet" else ""),
+        partition=partition_label(run),
         sites=sites,
     )
     started = time.perf_counter()
@@ -231,21 +231,11 @@ def compare(
         comparison.privacy = asdict(privacy)
     for key, (label, config) in arms.items():
         started = time.perf_counter()
-        arm = federate(
-            label=label,
-            run_config=config,
-            sites=sites,
-            home=out_dir / "arms" / key,
-            cache_dir=cache_dir,
-            echo=echo,
+        arm, selection = federated_selected(
+            label, config, splits, home=out_dir / "arms" / key, cache_dir=cache_dir, echo=echo
         )
-        assert arm.run_dir is not None
-        model, selection = select_round(
-            arm.run_dir,
-            arm.model,
-            [(s.train, s.val) for s in splits],
-            closed_form_start=arm.model.head.has_linear_path and not arm.privacy,
-        )
+        assert arm.run_dir is not None  # a federated arm always has its run's checkpoints
+        model = arm.model
         comparison.round_test[label] = round_rows(
             arm.run_dir, copy.deepcopy(model), pooled_train, pooled_test
         )

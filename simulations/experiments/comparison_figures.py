@@ -64,7 +64,7 @@ def plot_comparison(comparison: Comparison, out_dir: Path, *, prefix: str) -> li
                 },
                 out_dir / f"{prefix}_per_site.png",
                 metric=metric,
-                title=f"{metric} on each site's own test half",
+                title=f"{metric} on each site's own test rows",
             ).path
         )
     series = _epsilon_series(comparison, metric)

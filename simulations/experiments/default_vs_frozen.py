@@ -1,20 +1,23 @@
-"""The default centralized head vs the best tuned frozen baseline, paired over seeds: `python -m simulations.experiments.default_vs_frozen`.
+"""The default head vs the best tuned frozen baseline, paired over seeds: `python -m simulations.experiments.default_vs_frozen`.
 
 Issue 15's first bar: on every built-in dataset (and a harder synthetic variant), the default
-centralized head (run-config defaults: the ``aligned`` head, loss ``auto``) minus the best tuned
-frozen baseline (least squares or CCA, whichever is better per metric) on each headline metric
-the data supports: mean over >= 5 paired seeds >= 0, or >= -0.005 with its 95% interval
-containing 0.
+head (run-config defaults: the ``aligned`` head, loss ``auto``) minus the best tuned frozen
+baseline (least squares or CCA, whichever is better per metric) on each headline metric the data
+supports: mean over >= 5 paired seeds >= 0, or >= -0.005 with its 95% interval containing 0;
+the same table for the centralized head and for the federated one (``--arm``).
 
-One seed of one dataset is the comparison's centralized arm (``comparison.compare``): the run's
-dataset over ``SITES`` simulated sites (partition ``iid``), each site's held-out split halved into
-validation and test (``split_holdout``), the head trained on the pooled training splits and
-stopped on the pooled validation halves (``train_selected``), scored once on the pooled test
-halves. The frozen baselines are fitted on the same training rows and scored on the same test
-rows: the frozen embeddings' linear probe, and the closed-form maps (lstsq and CCA), each with its
-ridge tuned two ways (on the validation halves by the selection score, as ``arms.frozen_row``
-does for lstsq; by 3-fold cross-validation on the training rows, as ``evaluate_head`` does). Per
-metric the frozen side is the best of these on the test rows (which can only favour frozen).
+One seed of one dataset is one arm of the comparison (``comparison.compare``): the run's dataset
+over ``SITES`` simulated sites (partition ``iid`` unless ``--set`` says otherwise), each site's
+held-out split halved into validation and test (``split_holdout``). The centralized head is
+trained on the pooled training splits and stopped on the pooled validation halves
+(``train_selected``); the federated head is a Flower simulation of the sites, stopped at the
+round whose checkpoint scores best on the sites' validation halves (``federated_selected``).
+Either is scored once on the pooled test halves. The frozen baselines are fitted on the same
+training rows and scored on the same test rows: the frozen embeddings' linear probe, and the
+closed-form maps (lstsq and CCA), each with its ridge tuned two ways (on the validation halves by
+the selection score, as ``arms.frozen_row`` does for lstsq; by 3-fold cross-validation on the
+training rows, as ``evaluate_head`` does). Per metric the frozen side is the best of these on
+the test rows (which can only favour frozen).
 """
 
 from __future__ import annotations
@@ -33,13 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from common.config import RunSettings, SiteSettings
+from common.config import RunSettings
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
 from common.evaluation import evaluate_head
 from common.head_start import validation_scores
 from common.metrics import format_table
-from common.pipeline import SiteData, prepare_site_data
 from common.training import HeadModel
 from simulations.benchmarks.results import RESULTS_DIR, write_results
 from simulations.experiments.arms import (
@@ -47,10 +49,13 @@ from simulations.experiments.arms import (
     SELECTION,
     Selection,
     concat_embedded,
+    federated_selected,
     frozen_row,
     metric_row,
+    partition_label,
     prepare_sites,
     ridge_selection,
+    run_config_of,
     split_holdout,
     train_selected,
     tuned_alignment,
@@ -58,7 +63,7 @@ from simulations.experiments.arms import (
 from simulations.experiments.comparison_runs import LOCAL_EPOCHS, ROUNDS, SITES
 from simulations.experiments.machine import machine_info
 from simulations.experiments.seed_summary import confidence_interval
-from simulations.experiments.selection_rules import rule_steps, rules_summary
+from simulations.experiments.selection_rules import RULE_ORDER, rule_steps, rules_summary
 from simulations.flower.run_config import parse_run_config
 
 RESULT_NAME = "default_vs_frozen"
@@ -67,14 +72,16 @@ CHECKED = ("mean_R@5", "zs_acc", "zs_auroc", "probe_f1_macro")
 TOLERANCE = 0.005
 MIN_SEEDS = 5
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+ARMS = ("centralized", "federated")
+"""Which default head a run compares with the frozen baselines (``--arm``)."""
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
     """One dataset configuration: run-config data keys, and an optional generator override.
 
-    ``image_size``: synthetic-radiology's generated image side (``make_synthetic_radiology``;
-    the pipeline's default 64), set on every site's DataSpec (no run-config key reaches it).
+    ``image_size``: the generated images' side (run-config ``dataset-image-size``; None: the
+    generator's own, 64 for synthetic-radiology).
     """
 
     name: str
@@ -85,7 +92,12 @@ class DatasetConfig:
     note: str = ""
 
     def run_config(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "task": self.task, "dataset-n": self.n}
+        return {
+            "dataset": self.dataset,
+            "task": self.task,
+            "dataset-n": self.n,
+            "dataset-image-size": self.image_size or 0,
+        }
 
 
 DATASETS: dict[str, DatasetConfig] = {
@@ -126,22 +138,6 @@ DATASETS: dict[str, DatasetConfig] = {
 
 
 # ----- one seed -------------------------------------------------------------------------------
-
-
-def prepare(config: DatasetConfig, run: RunSettings, sites: int, cache_dir: Path) -> list[SiteData]:
-    """Every site's embedded train/held-out split, as the comparison's sites see them."""
-    if config.image_size is None:
-        return prepare_sites(run, sites, cache_dir=cache_dir)
-    return [
-        prepare_site_data(
-            replace(
-                SiteSettings(partition_id=i, num_partitions=sites).data_spec(run),
-                image_size=config.image_size,
-            ),
-            cache_dir=cache_dir,
-        )
-        for i in range(sites)
-    ]
 
 
 def cca_on_validation(
@@ -215,14 +211,10 @@ def best_frozen(
 
 
 def paired_differences(
-    central: Mapping[str, Any], best: Mapping[str, Mapping[str, Any]]
+    head: Mapping[str, Any], best: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, float]:
-    """Centralized minus the best frozen value, for each metric both sides have."""
-    return {
-        m: float(central[m]) - float(best[m]["value"])
-        for m in CHECKED
-        if m in central and m in best
-    }
+    """The head's row minus the best frozen value, for each metric both sides have."""
+    return {m: float(head[m]) - float(best[m]["value"]) for m in CHECKED if m in head and m in best}
 
 
 def ids_digest(data: EmbeddedDataset) -> str:
@@ -240,11 +232,23 @@ def run_seed(
     cache_dir: Path,
     overrides: Mapping[str, Any] | None = None,
     rules: bool = False,
+    arm: str = "centralized",
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """One paired seed: the default centralized head and every frozen baseline on the same splits.
+    """One paired seed: the default head of ``arm`` (``ARMS``) and every frozen baseline on the
+    same splits; the head's row is the result's ``arm`` key.
 
-    ``rules``: also the head each rule of ``selection_rules.RULES`` (and the test oracle) keeps
-    from the same trajectory, scored on test (``rules`` in the result)."""
+    ``rules`` (centralized only): also the head each rule of ``selection_rules.RULES`` (and the
+    test oracle) keeps from the same trajectory, scored on test (``rules`` in the result).
+    ``work_dir``: the federated arm's Flower runs and site state, one directory per partition and
+    settings, dataset and seed (default: ``arms`` beside ``cache_dir``).
+    """
+    if arm not in ARMS:
+        raise ConfigError(f"arm {arm!r} is not one of {', '.join(ARMS)}")
+    if rules and arm != "centralized":
+        raise ConfigError(
+            "--rules scores every step of one centralized trajectory: use --arm centralized"
+        )
     run = RunSettings.from_run_config(
         {
             **config.run_config(),
@@ -257,7 +261,7 @@ def run_seed(
     )
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    splits = [split_holdout(s) for s in prepare(config, run, sites, cache_dir)]
+    splits = [split_holdout(s) for s in prepare_sites(run, sites, cache_dir=cache_dir)]
     train = concat_embedded([s.train for s in splits])
     val = concat_embedded([s.val for s in splits])
     test = concat_embedded([s.test for s in splits])
@@ -277,14 +281,23 @@ def run_seed(
             validation_scores(model, train, test)["score"]
         )
 
-    model, selection = train_selected(
-        run, train, val, steps=run.num_server_rounds, on_step=keep if rules else None
-    )
-    central = {
-        **metric_row("centralized (default head)", model, train, test),
-        "stop": selection.label,
-    }
-    seconds["centralized"] = time.perf_counter() - started
+    if arm == "federated":
+        # one directory per configuration (partition and settings) and seed: runs never share one
+        settings = {k: v for k, v in run_config_of(run).items() if k != "seed"}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        home = (work_dir or cache_dir.parent / "arms") / f"{partition_label(run)}-{digest}"
+        home = home / config.name / f"seed-{seed}"
+        label = f"federated ({run.strategy}, {run.num_server_rounds} rounds)"
+        federation, selection = federated_selected(
+            label, run_config_of(run), splits, home=home, cache_dir=cache_dir
+        )
+        model = federation.model
+    else:
+        model, selection = train_selected(
+            run, train, val, steps=run.num_server_rounds, on_step=keep if rules else None
+        )
+    row = {**metric_row(f"{arm} (default head)", model, train, test), "stop": selection.label}
+    seconds[arm] = time.perf_counter() - started
 
     best = best_frozen(frozen)
     by_rule: dict[str, Any] = {}
@@ -303,11 +316,11 @@ def run_seed(
         "loss": run.loss,
         "sizes": {"train": len(train), "validation": len(val), "test": len(test)},
         "test_ids_sha256": ids_digest(test),
-        "centralized": central,
+        arm: row,
         "frozen": frozen,
         "best_frozen": best,
-        "difference": paired_differences(central, best),
-        "selections": {"centralized": selection.to_dict(), **ridges},
+        "difference": paired_differences(row, best),
+        "selections": {arm: selection.to_dict(), **ridges},
         "seconds": seconds,
         **({"rules": by_rule} if rules else {}),
     }
@@ -317,7 +330,7 @@ def run_seed(
 
 
 def verdict(values: Sequence[float]) -> dict[str, Any]:
-    """Issue 15's bar on one metric's per-seed differences (centralized - best frozen).
+    """Issue 15's bar on one metric's per-seed differences (the head - best frozen).
 
     ``holds``: the mean is >= 0, or >= -``TOLERANCE`` with the 95% t-interval of the mean
     containing 0; ``bar_met``: it holds on at least ``MIN_SEEDS`` seeds.
@@ -348,17 +361,18 @@ def verdict(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def summarize(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per metric: both sides' means and the paired differences' verdict (``verdict``) against
-    the best of every frozen row (``metrics``), and against the rows of each ridge tuning alone
-    (``by_tuning``: "validation", "cv"), recomputed from each seed's stored rows."""
+def summarize(entries: Sequence[Mapping[str, Any]], *, arm: str) -> dict[str, Any]:
+    """Per metric: both sides' means (the head's as ``<arm>_mean``) and the paired differences'
+    verdict (``verdict``) against the best of every frozen row (``metrics``), and against the
+    rows of each ridge tuning alone (``by_tuning``: "validation", "cv"), recomputed from each
+    seed's stored rows."""
     summary: dict[str, Any] = {"seeds": [e["seed"] for e in entries], "metrics": {}}
     for metric in CHECKED:
         paired = [e for e in entries if metric in e["difference"]]
         if not paired:
             continue
         summary["metrics"][metric] = {
-            "centralized_mean": float(np.mean([e["centralized"][metric] for e in paired])),
+            f"{arm}_mean": float(np.mean([e[arm][metric] for e in paired])),
             "best_frozen_mean": float(np.mean([e["best_frozen"][metric]["value"] for e in paired])),
             "difference": verdict([e["difference"][metric] for e in paired]),
         }
@@ -367,7 +381,7 @@ def summarize(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         diffs: dict[str, list[float]] = {}
         for e in entries:
             best = best_frozen(e["frozen"], tuning=tuning)
-            for metric, value in paired_differences(e["centralized"], best).items():
+            for metric, value in paired_differences(e[arm], best).items():
                 diffs.setdefault(metric, []).append(value)
         summary["by_tuning"][tuning] = {m: verdict(v) for m, v in diffs.items()}
     if any("rules" in e for e in entries):
@@ -399,7 +413,7 @@ def _ci(interval: Sequence[float] | None) -> str:
     return "" if interval is None else f"[{interval[0]:+.4f}, {interval[1]:+.4f}]"
 
 
-def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
+def dataset_markdown(name: str, result: Mapping[str, Any], *, arm: str) -> list[str]:
     config, summary, entries = result["config"], result["summary"], result["seeds"]
     size = f"n = {config['n']}" if config["n"] else "the whole dataset"
     lines = [f"## {name}\n", f"{config['note']}; {size}; seeds {summary['seeds']}.\n"]
@@ -409,7 +423,7 @@ def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
         rows.append(
             {
                 "metric": metric,
-                "centralized": f"{s['centralized_mean']:.4f}",
+                arm: f"{s[f'{arm}_mean']:.4f}",
                 "best frozen": f"{s['best_frozen_mean']:.4f}",
                 "difference (mean ± sd)": f"{d['mean']:+.4f} ± {d['sd']:.4f}"
                 if d["n"] > 1
@@ -425,7 +439,7 @@ def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
         {
             "seed": e["seed"],
             **{m: f"{v:+.4f}" for m, v in _in_order(e["difference"])},
-            "centralized stop": e["centralized"]["stop"],
+            f"{arm} stop": e[arm]["stop"],
             **{
                 f"best frozen {m}": ", ".join(_short(f) for f in e["best_frozen"][m]["from"])
                 for m in ("mean_R@5", "zs_auroc")
@@ -445,7 +459,7 @@ def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
                     for m, d in _in_order(r["metrics"])
                 },
             }
-            for rule, r in rules.items()
+            for rule, r in sorted(rules.items(), key=lambda item: _rule_position(item[0]))
         ]
         lines += [
             "Selection rules on the same trajectories (`--rules`; `selection_rules`): the head "
@@ -454,7 +468,7 @@ def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
             "",
         ]
     lines += [
-        "Per seed: centralized - best frozen, and which frozen rows were best (lstsq or CCA, "
+        f"Per seed: {arm} - best frozen, and which frozen rows were best (lstsq or CCA, "
         "ridge chosen on validation `val` or by CV on train `cv`; the probe F1 is always the "
         "frozen embeddings' own probe):\n",
         format_table(per_seed, list(per_seed[0])),
@@ -463,18 +477,35 @@ def dataset_markdown(name: str, result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _rule_position(rule: str) -> int:
+    """Where ``rule`` goes in the reports (results are stored with sorted keys)."""
+    return RULE_ORDER.index(rule) if rule in RULE_ORDER else len(RULE_ORDER)
+
+
 def report_markdown(document: Mapping[str, Any]) -> str:
-    settings = document["settings"]
+    settings, (arm, _) = document["settings"], kind(document)
+    defaults = f"run-config defaults (head `{settings['head']}`, loss `{settings['loss']}`)"
+    if arm == "federated":
+        trained = (
+            f"Federated: {defaults}, a Flower simulation of the {settings['sites']} sites, "
+            f"{settings['rounds']} rounds x {settings['local_epochs']} local epochs (the "
+            "comparison runner's budget), stopped at the round whose checkpoint scores best on "
+            f"the sites' validation halves ({SELECTION}). "
+        )
+    else:
+        trained = (
+            f"Centralized: {defaults}, {settings['rounds']} steps x {settings['local_epochs']} "
+            "epochs (the comparison runner's budget), stopped on the pooled validation halves: "
+            f"{settings.get('selection', SELECTION)}. "
+        )
     lines = [
-        "# Default centralized head vs the best tuned frozen baseline (issue 15)\n",
+        f"# Default {arm} head vs the best tuned frozen baseline (issue 15)\n",
         f"Command: `{document['command']}`\n",
-        "Each seed fixes the data (generation or subset, iid partition over "
+        f"Each seed fixes the data (generation or subset, {kind(document)[1]} partition over "
         f"{settings['sites']} sites, splits), the head's initialisation and shuffling. Both sides "
         "are scored on the same rows (the pooled test halves of the sites' held-out splits). "
-        f"Centralized: run-config defaults (head `{settings['head']}`, loss `{settings['loss']}`), "
-        f"{settings['rounds']} steps x {settings['local_epochs']} epochs (the comparison runner's "
-        f"budget), stopped on the pooled validation halves: {settings.get('selection', SELECTION)}. "
-        "Frozen: per metric, the "
+        + trained
+        + "Frozen: per metric, the "
         "best on the test rows of the frozen probe and of the lstsq and CCA maps, each ridge tuned "
         "on validation and by 3-fold CV on train (`vs best of all`: the best of the four maps, "
         "picked on the test rows, which can only favour frozen; `vs validation-tuned` and "
@@ -509,7 +540,7 @@ def report_markdown(document: Mapping[str, Any]) -> str:
     if missing:
         lines.append(f"Not run (yet): {', '.join(missing)}.\n")
     for name, result in document["datasets"].items():
-        lines += dataset_markdown(name, result)
+        lines += dataset_markdown(name, result, arm=arm)
     return "\n".join(lines) + "\n"
 
 
@@ -531,10 +562,14 @@ def run_all(
     keep_existing: bool = False,
     echo: bool = True,
     rules: bool = False,
+    arm: str = "centralized",
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Every dataset of ``names`` over ``seeds``; results written after every seed.
+    """Every dataset of ``names`` over ``seeds``, the head of ``arm`` against the frozen
+    baselines (``run_seed``); results written after every seed.
 
-    ``keep_existing``: datasets already in ``out_dir``'s results and not in ``names`` stay.
+    ``keep_existing``: datasets already in ``out_dir``'s results (of the same arm) and not in
+    ``names`` stay.
     """
     import torch
 
@@ -551,6 +586,8 @@ def run_all(
             "sites": sites,
             "rounds": rounds,
             "local_epochs": local_epochs,
+            "arm": arm,
+            "partition": partition_label(default),
             "head": default.head,
             "loss": default.loss,
             "overrides": dict(overrides or {}),
@@ -564,6 +601,7 @@ def run_all(
     previous = out_dir / f"{RESULT_NAME}.json"
     if keep_existing and previous.exists():
         old = json.loads(previous.read_text(encoding="utf-8"))
+        same_kind([old, document], source=str(previous))
         document["datasets"] = {k: v for k, v in old["datasets"].items() if k not in names}
         document["requested"] = [*document["datasets"], *names]
     for name in names:
@@ -580,12 +618,14 @@ def run_all(
                 cache_dir=cache_dir,
                 overrides=overrides,
                 rules=rules,
+                arm=arm,
+                work_dir=work_dir,
             )
             entries.append(entry)
             document["datasets"][name] = {
                 "config": asdict(config),
                 "seeds": entries,
-                "summary": summarize(entries),
+                "summary": summarize(entries, arm=arm),
             }
             write_results(out_dir, RESULT_NAME, document, report_markdown(document))
             if echo:
@@ -598,10 +638,28 @@ def run_all(
     return document
 
 
+def kind(document: Mapping[str, Any]) -> tuple[str, str]:
+    """A results document's (arm, partition); documents written before ``--arm`` existed
+    compared the centralized head over an iid split."""
+    settings = document["settings"]
+    return settings.get("arm", "centralized"), settings.get("partition", "iid")
+
+
+def same_kind(documents: Sequence[Mapping[str, Any]], *, source: str) -> tuple[str, str]:
+    """The documents' common (arm, partition); ConfigError if they differ (they do not pool)."""
+    kinds = {kind(d) for d in documents}
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"{source}: results of different arms or partitions do not pool: {sorted(kinds)}"
+        )
+    return kinds.pop()
+
+
 def merge(dirs: Sequence[Path], *, out_dir: Path) -> dict[str, Any]:
     """One report from several runs' results (each run's datasets, its command and settings); a
     dataset in several runs pools their seeds (a seed run twice keeps the later run's)."""
     documents = [json.loads((d / f"{RESULT_NAME}.json").read_text(encoding="utf-8")) for d in dirs]
+    arm, _ = same_kind(documents, source=", ".join(map(str, dirs)))
     merged = dict(documents[-1])
     merged["datasets"], merged["requested"], merged["runs"] = {}, [], []
     for doc in documents:
@@ -619,7 +677,7 @@ def merge(dirs: Sequence[Path], *, out_dir: Path) -> dict[str, Any]:
     rules = list(dict.fromkeys(doc["settings"].get("selection", "") for doc in documents))
     if len(rules) > 1:
         notes.append(
-            "The merged runs stopped their centralized rows by different rules ("
+            f"The merged runs stopped their {arm} rows by different rules ("
             + "; ".join(
                 f"`{doc['command']}`: {doc['settings'].get('selection', '')}" for doc in documents
             )
@@ -629,7 +687,7 @@ def merge(dirs: Sequence[Path], *, out_dir: Path) -> dict[str, Any]:
     if notes:
         merged["note"] = " ".join(notes)
     for result in merged["datasets"].values():  # from the stored rows, by this module's rules
-        result["summary"] = summarize(result["seeds"])
+        result["summary"] = summarize(result["seeds"], arm=arm)
     write_results(out_dir, RESULT_NAME, merged, report_markdown(merged))
     return merged
 
@@ -651,6 +709,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--local-epochs", type=int, default=LOCAL_EPOCHS)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--cache", type=Path, default=Path("runs/default_vs_frozen/cache"))
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="the federated arm's Flower runs and site state (default: arms/ beside --cache)",
+    )
+    parser.add_argument(
+        "--arm",
+        choices=ARMS,
+        default="centralized",
+        help="the default head compared: trained on the pooled data, or federated over the sites "
+        "(a Flower simulation per seed, under --work)",
+    )
     parser.add_argument(
         "--merge",
         nargs="+",
@@ -707,6 +778,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         configs=configs,
         keep_existing=args.keep_existing,
         rules=args.rules,
+        arm=args.arm,
+        work_dir=args.work,
         overrides=parse_run_config(" ".join(args.set), option="--set"),
     )
     print((args.out / f"{RESULT_NAME}.md").read_text(encoding="utf-8"))

@@ -25,7 +25,7 @@ import numpy as np
 from common.errors import ConfigError
 from common.metrics import format_table
 from simulations.benchmarks.results import write_results
-from simulations.experiments.default_vs_frozen import CHECKED, RESULT_NAME, verdict
+from simulations.experiments.default_vs_frozen import CHECKED, RESULT_NAME, same_kind, verdict
 from simulations.experiments.entry import add_runs_argument, load_runs
 from simulations.experiments.seed_summary import confidence_interval
 from simulations.experiments.selection_rules import DEFAULT
@@ -61,6 +61,9 @@ def compare_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Per dataset present in every run: each candidate's kept validation metrics (means), their
     paired differences from the first candidate, and each candidate's test verdicts."""
     names = list(runs)
+    arm, _ = same_kind(list(runs.values()), source="objective choice")
+    if arm != "centralized":
+        raise ConfigError(f"objective choice reads centralized --rules runs, not {arm} ones")
     datasets = [
         d for d in runs[names[0]]["datasets"] if all(d in r["datasets"] for r in runs.values())
     ]

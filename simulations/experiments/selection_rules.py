@@ -59,6 +59,8 @@ RULES: dict[str, Eligible | None] = {
 otherwise a trained step is a candidate only when ``eligible(step, start)``."""
 ONE_SE = "earliest step within one bootstrap standard error of the best score"
 ORACLE = "test oracle (not a rule: picks by test)"
+RULE_ORDER = (*RULES, ONE_SE, ORACLE)
+"""Every rule a trajectory is scored by, in the order the reports show them."""
 
 
 def earliest_within_noise(metrics: Sequence[ValidationScores]) -> int:
@@ -95,7 +97,7 @@ def rules_summary(
 ) -> dict[str, dict[str, Any]]:
     """Per rule, per metric: ``verdict`` of the per-seed differences (rule's head - best frozen)."""
     summary: dict[str, dict[str, Any]] = {}
-    for rule in [*RULES, ONE_SE, ORACLE]:
+    for rule in RULE_ORDER:
         per_metric: dict[str, Any] = {}
         for metric in checked:
             values = [

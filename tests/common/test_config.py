@@ -22,6 +22,27 @@ def test_a_site_chooses_how_much_it_holds_out() -> None:
             SiteSettings.from_node_config({"test-fraction": bad})
 
 
+def test_dataset_image_size_draws_the_run_dataset_at_that_side_and_nothing_else() -> None:
+    from common.data.registry import load_dataset
+
+    run = RunSettings.from_run_config({"dataset-image-size": 24, "dataset-n": 8})
+    spec = SiteSettings(partition_id=1, num_partitions=2).data_spec(run)
+    assert spec.image_size == 24
+    images = load_dataset(spec.dataset, n=spec.n, image_size=spec.image_size).images
+    assert images is not None and images[0].load().shape[:2] == (24, 24)
+    assert SiteSettings().data_spec(RunSettings()).image_size is None  # 0: the generator's own
+    own = SiteSettings.from_node_config({"data": "site.csv"})  # a site's own manifest: untouched
+    assert own.data_spec(run).image_size is None
+    with pytest.raises(ConfigError, match=r"dataset-image-size .* got 24 for dataset 'iu-xray"):
+        RunSettings.from_run_config({"dataset": "iu-xray-reports", "dataset-image-size": 24})
+    for bad, smallest in ((-1, 16), (12, 16)):  # the generator draws nothing smaller
+        with pytest.raises(ConfigError, match=rf"must be 0 \(the dataset's own\) or >= {smallest}"):
+            RunSettings.from_run_config({"dataset-image-size": bad})
+    assert RunSettings.from_run_config({"dataset": "digits", "dataset-image-size": 8})
+    with pytest.raises(ConfigError, match=r"or >= 8 for digits, got 4"):
+        RunSettings.from_run_config({"dataset": "digits", "dataset-image-size": 4})
+
+
 def test_run_config_names_an_unknown_loss_before_anything_runs() -> None:
     assert RunSettings.from_run_config({"loss": "infonce+supcon+prompts"}).loss in LOSSES
     with pytest.raises(ConfigError, match=r"run-config: loss 'clip' is not one of infonce, "):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,26 @@ def test_last_token_pooling_picks_the_last_real_token_under_padding(
             np.testing.assert_allclose(embedded[i], expected.numpy(), atol=1e-5)
 
 
+def test_each_modality_batches_at_its_measured_default_unless_told(
+    bert: HFTextEncoder, tiny: dict[str, Path]
+) -> None:
+    """Texts in bf16 batch by 64, in fp32 by 32, images by 32 (the benchmark's faster sizes)."""
+    from common.encoders.runtime import Runtime
+
+    assert bert.runtime.precision == "fp32" and bert.batch_size == 32
+    bert.runtime = Runtime("cpu", "bf16")  # the form auto keeps where the CPU has bf16
+    try:
+        assert bert.batch_size == 64
+        texts = [f"report {i}" for i in range(65)]
+        assert [len(b) for b in bert.plan_batches(texts, bert.batch_size)] == [64, 1]
+    finally:
+        bert.runtime = Runtime("cpu", "fp32")
+    vision = load_encoder(str(tiny["vit"]), precision="fp32")
+    vision.runtime = Runtime("cpu", "bf16")
+    assert vision.batch_size == 32
+    assert load_encoder(str(tiny["bert"]), precision="fp32", batch_size=5).batch_size == 5
+
+
 def test_text_batch_size_invariance(bert: HFTextEncoder, tiny: dict[str, Path]) -> None:
     np.testing.assert_allclose(
         bert.embed(TEXTS, batch_size=1), bert.embed(TEXTS, batch_size=7), atol=1e-5
@@ -420,6 +441,32 @@ def test_fingerprint_covers_names_and_contents(tmp_path: Path) -> None:
     assert fingerprint_files([b, a]) == before
     a.write_bytes(b"weightz")
     assert fingerprint_files([a, b]) != before
+
+
+def test_a_settled_weight_file_is_hashed_once_and_remembered_in_the_memo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.encoders import fingerprint
+
+    weights, memo = tmp_path / "model.safetensors", tmp_path / "cache" / "weight-digests.json"
+    weights.write_bytes(b"weights")
+    fingerprint_files([weights], memo=memo)
+    assert not memo.exists()  # written a moment ago: it could change within the same tick
+    assert not any(k.startswith(f"{os.path.realpath(weights)}:") for k in fingerprint._DIGESTS)
+    monkeypatch.setattr(fingerprint, "_SETTLED_NS", 0)
+    first = fingerprint_files([weights], memo=memo)
+    assert len(json.loads(memo.read_text())) == 1
+    hashed: list[Path] = []
+    real = fingerprint._file_digest
+    monkeypatch.setattr(fingerprint, "_file_digest", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(fingerprint, "_DIGESTS", {})  # a new process: only the memo file
+    assert fingerprint_files([weights], memo=memo) == first and hashed == []
+    weights.write_bytes(b"weightz")  # same size, new contents: hashed again
+    os.utime(weights, ns=(1, 1))  # a new mtime even within the same clock tick
+    assert fingerprint_files([weights], memo=memo) != first and hashed == [weights]
+    memo.write_text("not json")  # a damaged memo costs a hash, never a wrong fingerprint
+    monkeypatch.setattr(fingerprint, "_DIGESTS", {})
+    assert fingerprint_files([weights], memo=memo) == fingerprint_files([weights])
 
 
 # -------------------------------------------------------------------------------------- errors

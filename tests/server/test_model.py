@@ -59,3 +59,13 @@ def test_a_server_eval_manifest_is_scored_whole_whatever_server_eval_n_and_task_
     )
     evaluator = ServerEvaluator(run)
     assert len(evaluator.data) == 3
+
+
+def test_the_coordinator_draws_its_validation_set_as_the_sites_draw_theirs() -> None:
+    from server.model import server_eval_spec
+
+    run = RunSettings(dataset="digits", dataset_image_size=16, server_eval="digits", seed=3)
+    spec = server_eval_spec(run)
+    assert (spec.image_size, spec.seed, spec.n) == (16, 3 + 7919, run.server_eval_n)
+    other = RunSettings(dataset="digits", dataset_image_size=16, server_eval="iu-xray-reports")
+    assert server_eval_spec(other).image_size is None  # another dataset: its own generation

@@ -164,6 +164,10 @@ def test_federated_run_records_dataset_n_only_for_built_in_datasets() -> None:
     manifest = RunSettings(dataset="/data/site.csv", dataset_n=2000)
     assert _evaluation_spec(manifest)["n"] is None
     assert _evaluation_spec(RunSettings(dataset="digits", dataset_n=300))["n"] == 300
+    # the images are drawn as the sites drew them
+    drawn = RunSettings(dataset="digits", dataset_image_size=16)
+    assert _evaluation_spec(drawn)["image_size"] == 16
+    assert _evaluation_spec(RunSettings())["image_size"] is None
 
 
 def test_an_old_federated_head_with_dataset_n_on_a_manifest_still_evaluates(

@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from common.config import RunSettings
+from common.errors import ConfigError
 from common.evaluation import evaluate_head
 from simulations.experiments import default_vs_frozen as dvf
 from simulations.experiments.arms import concat_embedded, prepare_sites, split_holdout
@@ -169,3 +170,64 @@ def test_merge_pools_the_seeds_of_a_dataset_run_in_several_sittings(
     assert json.dumps(pooled["summary"], sort_keys=True) == json.dumps(
         json.loads(json.dumps(document["datasets"][TINY.name]["summary"])), sort_keys=True
     )
+
+
+def test_the_federated_arm_is_a_flower_run_scored_against_the_same_frozen_rows(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, result: Any
+) -> None:
+    """--arm federated: the head is the federation's checkpoint chosen on the sites' validation
+    halves, compared with the frozen rows of the same splits; the partition is the run's; the
+    report says which arm it scored; a centralized and a federated run do not merge."""
+    out = tmp_path / "federated"
+    document = dvf.run_all(
+        names=[TINY.name],
+        seeds=(0,),
+        out_dir=out,
+        cache_dir=tmp_path / "cache",
+        sites=SITES,
+        rounds=2,
+        local_epochs=1,
+        overrides={**_overrides(tiny_model_dirs), "partition": "dirichlet", "alpha": 0.3},
+        configs={TINY.name: TINY},
+        echo=False,
+        arm="federated",
+    )
+    assert (document["settings"]["arm"], document["settings"]["partition"]) == (
+        "federated",
+        "dirichlet(alpha=0.3)",
+    )
+    (entry,) = document["datasets"][TINY.name]["seeds"]
+    assert "centralized" not in entry and entry["run"]["partition"] == "dirichlet"
+    selection = entry["selections"]["federated"]
+    assert len(selection["validation_scores"]) == 2  # one checkpoint per round
+    assert entry["federated"]["stop"].startswith("round ")
+    for metric, diff in entry["difference"].items():
+        best = entry["best_frozen"][metric]["value"]
+        assert diff == pytest.approx(entry["federated"][metric] - best, abs=1e-12)
+    # the Flower run happened: its checkpoints are where the selection read them
+    (home,) = (tmp_path / "arms").glob(f"dirichlet(alpha=0.3)-*/{TINY.name}/seed-0")
+    assert list(home.rglob("round-*"))
+    summary = document["datasets"][TINY.name]["summary"]["metrics"]["mean_R@5"]
+    assert summary["federated_mean"] == pytest.approx(entry["federated"]["mean_R@5"])
+    report = (out / f"{dvf.RESULT_NAME}.md").read_text()
+    assert "# Default federated head" in report and "dirichlet(alpha=0.3) partition" in report
+    _, centralized_out = result
+    with pytest.raises(ConfigError, match="different arms or partitions do not pool"):
+        dvf.merge([centralized_out, out], out_dir=tmp_path / "merged")
+    relabelled = json.loads((centralized_out / f"{dvf.RESULT_NAME}.json").read_text())
+    relabelled["settings"]["arm"] = "federated"  # the same partition, another arm
+    (tmp_path / "relabelled").mkdir()
+    (tmp_path / "relabelled" / f"{dvf.RESULT_NAME}.json").write_text(json.dumps(relabelled))
+    with pytest.raises(ConfigError, match="different arms or partitions do not pool"):
+        dvf.merge([centralized_out, tmp_path / "relabelled"], out_dir=tmp_path / "merged")
+    with pytest.raises(ConfigError, match="use --arm centralized"):
+        dvf.run_seed(
+            TINY,
+            seed=0,
+            sites=SITES,
+            rounds=1,
+            local_epochs=1,
+            cache_dir=tmp_path / "cache",
+            rules=True,
+            arm="federated",
+        )

@@ -23,8 +23,21 @@ def _entry(seed: int, kept: int, scores: list[float], test_r5: float) -> dict[st
     }
 
 
-def _run(entries: list[dict[str, Any]], command: str = "cmd") -> dict[str, Any]:
-    return {"command": command, "datasets": {"toy": {"seeds": entries}}}
+def _run(
+    entries: list[dict[str, Any]], command: str = "cmd", arm: str = "centralized"
+) -> dict[str, Any]:
+    settings = {"arm": arm, "partition": "iid"}
+    return {"command": command, "settings": settings, "datasets": {"toy": {"seeds": entries}}}
+
+
+def test_only_centralized_runs_of_one_partition_are_compared() -> None:
+    entries = [_entry(s, 1, [0.4, 0.5], test_r5=0.0) for s in range(2)]
+    with pytest.raises(ConfigError, match="reads centralized --rules runs, not federated"):
+        compare_runs({"a": _run(entries, arm="federated"), "b": _run(entries, arm="federated")})
+    other = _run(entries)
+    other["settings"]["partition"] = "dirichlet(alpha=0.3)"
+    with pytest.raises(ConfigError, match="do not pool"):
+        compare_runs({"a": _run(entries), "b": other})
 
 
 def test_the_choice_is_the_higher_kept_validation_score_paired_by_seed() -> None:
