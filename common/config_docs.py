@@ -22,7 +22,7 @@ from common.config import (
 from common.data.partition import PARTITION_SCHEMES
 from common.data.registry import IMAGE_SIZE_DATASETS
 from common.privacy import _KEYS as PRIVACY_KEYS
-from common.privacy import ACCOUNTANTS, LEDGER_SCOPES, PrivacySettings
+from common.privacy import ACCOUNTANTS, LEDGER_SCOPES, UPDATE_SPACES, PrivacySettings
 from common.registries import sample_dp_losses
 
 
@@ -160,6 +160,10 @@ PRIVACY_MEANINGS: dict[str, str] = {
     f"and gives the reported dp-epsilon: {_names(ACCOUNTANTS)} (pld: dp-accounting's privacy loss "
     "distributions, a tighter valid bound; RDP's where PLD is not computed, said in the record). "
     "The other's total is reported too (dp-epsilon-rdp, dp-epsilon-pld)",
+    "update_space": f"what DP-SGD moves in a head with affine paths: {_names(UPDATE_SPACES)} "
+    "(prompts: only along the span of the class prompts' frozen embeddings, public task metadata, "
+    "when the data has prompts; full: every coordinate)",
+    "lr": "DP-SGD's learning rate (AdamW); the run's lr is the non-private training's",
 }
 
 _SECTIONS: tuple[tuple[str, str, type, dict[str, str]], ...] = (

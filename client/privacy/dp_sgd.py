@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from client.privacy.budget import RoundPlan, plan_round
 from client.privacy.ledger import LedgerEntry, PrivacyLedger, Spend
+from client.privacy.subspace import SubspaceLinear, prompt_basis, public_subspace
 from common.dp_losses import ClassProxyLoss, ProxyClassifier, PublicNegativesLoss
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError, PrivacyError
@@ -402,7 +403,7 @@ def train_head_private(
     per_epoch = max(1, plan.steps // max(1, config.epochs))
     result.loss = float(np.mean(losses[-per_epoch:])) if losses else math.nan
     if losses and not math.isfinite(result.loss):
-        raise DataError("private training diverged: the loss became NaN/inf (lower the lr?)")
+        raise DataError("private training diverged: the loss became NaN/inf (lower dp-lr?)")
     return result
 
 
@@ -442,6 +443,44 @@ def _dp_sgd(
     mode: str,
 ) -> tuple[list[float], int]:
     """The DP-SGD loop; returns the per-step mean losses and the number of samples used."""
+    present = {m for m in ("image", "text") if getattr(data, m) is not None}
+    basis = _update_basis(model, data, privacy, present)
+    if basis is None:
+        return _dp_sgd_in(model, data, rows, config, privacy, plan, reference, mode, None)
+    towers = tuple(t for t in ("image", "text") if t in present)
+    with public_subspace(model.head, basis, towers) as subspaces:
+        return _dp_sgd_in(model, data, rows, config, privacy, plan, reference, mode, subspaces)
+
+
+def _update_basis(
+    model: HeadModel, data: EmbeddedDataset, privacy: PrivacySettings, present: set[str]
+) -> Tensor | None:
+    """The public basis DP-SGD moves the affine paths along (``dp-update-space = "prompts"``:
+    the class prompts' span, client/privacy/subspace.py), or None: every trained coordinate."""
+    head = model.head
+    if (
+        privacy.update_space != "prompts"
+        or data.prompts is None
+        or not head.has_linear_path
+        or head.joint is not None
+    ):
+        return None
+    return prompt_basis(np.asarray(data.prompts), head.out_dim)
+
+
+def _dp_sgd_in(
+    model: HeadModel,
+    data: EmbeddedDataset,
+    rows: np.ndarray,
+    config: TrainConfig,
+    privacy: PrivacySettings,
+    plan: RoundPlan,
+    reference: Mapping[str, Tensor] | None,
+    mode: str,
+    subspaces: Mapping[str, SubspaceLinear] | None,
+) -> tuple[list[float], int]:
+    """``_dp_sgd``'s loop; ``subspaces``: the towers whose affine paths train as subspace
+    coefficients (``public_subspace``), which it then trains instead of those paths."""
     from opacus.grad_sample import prepare_module
     from opacus.optimizers import get_optimizer_class
 
@@ -455,10 +494,15 @@ def _dp_sgd(
     trainable = [
         (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_objective
     ]
-    named = [(n, p) for n, p in trainable if trained_under_dp(n, model, present)]
+    if subspaces is None:
+        named = [(n, p) for n, p in trainable if trained_under_dp(n, model, present)]
+    else:  # the coefficients, and what the loss trains (proxy's class proxies)
+        chosen = {id(p) for sub in subspaces.values() for p in sub.coef.parameters()}
+        named = [(n, p) for n, p in trainable if id(p) in chosen or n.split(".")[0] != "head"]
     params = [p for _, p in named]
-    kept = [p for n, p in trainable if not trained_under_dp(n, model, present)]
-    anchor = _anchor(model, named, reference) if config.proximal_mu > 0 else None
+    trained = {id(p) for p in params}
+    kept = [p for _, p in trainable if id(p) not in trained]
+    anchor = _anchor(model, named, reference, subspaces) if config.proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
     gsm: Any = None
@@ -478,7 +522,7 @@ def _dp_sgd(
             else get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
         )
         optimizer = optimizer_class(
-            torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+            torch.optim.AdamW(params, lr=privacy.lr, weight_decay=config.weight_decay),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
             expected_batch_size=plan.expected_batch_size,
@@ -618,7 +662,22 @@ def _anchor(
     model: HeadModel,
     named: list[tuple[str, nn.Parameter]],
     reference: Mapping[str, Tensor] | None,
+    subspaces: Mapping[str, SubspaceLinear] | None = None,
 ) -> list[Tensor]:
-    """FedProx anchor per trained parameter (the round's global weights; default: current)."""
+    """FedProx anchor per trained parameter (the round's global weights; default: current). A
+    subspace coefficient ``head.<tower>.linear.coef.<part>`` is anchored at the projection of the
+    global affine path onto the span (``SubspaceLinear.anchor``): ``mu (w - w_global)`` is then
+    exactly the proximal term's gradient in coefficient space."""
     source = reference if reference is not None else model.state_dict()
-    return [source[name].detach().clone().to(p.dtype) for name, p in named]
+    anchors: list[Tensor] = []
+    for name, p in named:
+        parts = name.split(".")
+        if subspaces is not None and parts[2:4] == ["linear", "coef"] and name not in source:
+            sub = subspaces[parts[1]]
+            weight, bias = sub.anchor(
+                source[f"head.{parts[1]}.linear.weight"], source[f"head.{parts[1]}.linear.bias"]
+            )
+            anchors.append((weight if parts[4] == "weight" else bias).to(p.dtype))
+        else:
+            anchors.append(source[name].detach().clone().to(p.dtype))
+    return anchors

@@ -5,7 +5,9 @@ run-config's head (``aligned``), loss (``auto``, which under DP picks a per-exam
 ``infonce-public+prompts`` for labelled image-text pairs with class prompts), batch size, learning
 rate and local epochs, on synthetic embeddings of the packaged encoders' widths with class prompts.
 DP-SGD trains only the affine paths of that head (client/privacy/dp_sgd.py ``trained_under_dp``),
-so its non-private twin is the same loop with the same loss on the same trained parameters (the
+whole here (``dp-update-space = "full"``, the most DP-SGD ever trains; the default, "prompts",
+trains their coefficients along the class prompts' span, client/privacy/subspace.py), so its
+non-private twin is the same loop with the same loss on the same trained parameters (the
 ratio the target is about), and the whole-head loop a site without DP runs is reported beside it.
 ``proxy`` is the previous benchmark's row: the ``default`` head trained whole with learnable class
 proxies, batch 256, against the same training without DP.
@@ -55,6 +57,7 @@ from simulations.experiments.machine import load_average, machine_info
 
 DIMS = {"image": 1280, "text": 384}  # MobileNetV2 pooled features + MiniLM sentence embeddings
 N, CLASSES, REPEATS, NOISE, TARGET_OVERHEAD = 2560, 5, 3, 1.0, 2.0
+UPDATE_SPACE = "full"  # the affine paths whole (see the module docstring)
 BATCH_SIZE = 256  # the proxy case's batch (the previous benchmark's)
 EPOCHS = {"ghost": 5, "functorch": 1, "hooks": 1}  # slow modes run fewer steps (same ratio)
 SITE = RunSettings()  # the run-config defaults a site trains with
@@ -234,7 +237,7 @@ def time_private(
         model,
         data,
         config,
-        PrivacySettings(noise_multiplier=NOISE),
+        PrivacySettings(noise_multiplier=NOISE, update_space=UPDATE_SPACE),
         ledger_path=ledger,
         planned_rounds=1,
         run_id=1,

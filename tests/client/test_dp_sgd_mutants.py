@@ -209,7 +209,7 @@ def test_a_noiseless_fedprox_round_is_replayed_exactly(tmp_path: Path) -> None:
         for name, p in model.named_parameters()
     }
     mu, lr, decay, batch = 0.3, 2e-2, 0.05, 8
-    privacy = PrivacySettings(noise_multiplier=1e-9, max_grad_norm=CLIP, poisson=False)
+    privacy = PrivacySettings(noise_multiplier=1e-9, max_grad_norm=CLIP, poisson=False, lr=lr)
     ledger = tmp_path / "ledger.json"
     started = time.perf_counter()
     result, seen = _round(
@@ -445,9 +445,7 @@ def test_the_private_objective_refuses_a_loss_that_is_not_per_example() -> None:
 
 
 def test_a_diverging_round_fails_naming_the_cause(tmp_path: Path) -> None:
-    privacy = PrivacySettings(noise_multiplier=1.0)
-    with pytest.raises(DataError) as error:  # lr 1e30: the second step's forward overflows
-        _round(_model(), clustered(32), privacy, tmp_path / "l.json", lr=1e30)
-    assert str(error.value) == (
-        "private training diverged: the loss became NaN/inf (lower the lr?)"
-    )
+    privacy = PrivacySettings(noise_multiplier=1.0, lr=1e30)
+    with pytest.raises(DataError) as error:  # dp-lr 1e30: the second step's forward overflows
+        _round(_model(), clustered(32), privacy, tmp_path / "l.json")
+    assert str(error.value) == ("private training diverged: the loss became NaN/inf (lower dp-lr?)")
