@@ -472,6 +472,31 @@ class RunSettings:
     def run_path(self) -> Path:
         return resolve_path(self.run_dir, "runs/federated")
 
+    def data_spec(
+        self, dataset: str | None = None, *, n: int | None = None, seed: int | None = None
+    ) -> DataSpec:
+        """``dataset`` (default: the run's) read whole with the run's encoders, where a site's own
+        split does not apply (the coordinator's validation set, ``fedembed evaluate``'s default):
+        ``n`` rows of a built-in dataset (default ``dataset-n``; a manifest is read whole), the
+        run's ``task`` for a built-in dataset or the run's own, its ``dataset-image-size`` for the
+        run's own dataset (the same generator setting the sites use), ``seed`` (default the
+        run's)."""
+        from common.data.registry import BUILTIN_DATASETS
+
+        dataset = dataset or self.dataset
+        builtin, own = dataset in BUILTIN_DATASETS, dataset == self.dataset
+        return DataSpec(
+            dataset=dataset,
+            n=((self.dataset_n if n is None else n) or None) if builtin else None,
+            image_size=(self.dataset_image_size or None) if own else None,
+            seed=self.seed if seed is None else seed,
+            task=(self.task or None) if builtin or own else None,
+            image_encoder=self.image_encoder,
+            text_encoder=self.text_encoder,
+            encoder_image_size=self.encoder_image_size or None,
+            max_length=self.max_length,
+        )
+
     def train_config(
         self,
         *,

@@ -173,21 +173,6 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int, sample_dp: bool
 
 
 def _evaluation_spec(run: RunSettings) -> dict[str, Any]:
-    """The DataSpec `fedembed evaluate --head <run>/final` uses by default: the run's dataset, pooled.
-
-    dataset-n applies to built-in datasets only: a manifest is read whole, as its sites read it.
-    """
-    from common.data.registry import BUILTIN_DATASETS
-    from common.pipeline import DataSpec
-
-    return DataSpec(
-        dataset=run.dataset,
-        n=(run.dataset_n or None) if run.dataset in BUILTIN_DATASETS else None,
-        image_size=run.dataset_image_size or None,
-        seed=run.seed,
-        task=run.task or None,
-        image_encoder=run.image_encoder,
-        text_encoder=run.text_encoder,
-        encoder_image_size=run.encoder_image_size or None,
-        max_length=run.max_length,
-    ).to_dict()
+    """The DataSpec `fedembed evaluate --head <run>/final` uses by default: the run's dataset, pooled
+    (``RunSettings.data_spec``: dataset-n for a built-in dataset, a manifest whole)."""
+    return run.data_spec().to_dict()

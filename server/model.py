@@ -15,6 +15,8 @@ from common.pipeline import DataSpec, embed_site, known_encoder
 from common.training import HeadModel, build_run_model
 
 _TASK_SAMPLE = 20
+SERVER_EVAL_SEED = 7919
+"""Added to the run's seed for the coordinator's validation set: disjoint from the sites' data."""
 
 
 def describe_task(run: RunSettings) -> dict[str, Any]:
@@ -67,21 +69,7 @@ def initial_model(run: RunSettings) -> tuple[HeadModel, dict[str, Any]]:
 def server_eval_spec(run: RunSettings) -> DataSpec:
     """The coordinator's own validation set (run-config ``server-eval``), drawn apart from the
     sites' data: a built-in dataset from another seed, a manifest whole."""
-    from common.data.registry import BUILTIN_DATASETS
-
-    builtin = run.server_eval in BUILTIN_DATASETS  # a manifest is used whole, as it is
-    return DataSpec(
-        dataset=run.server_eval,
-        n=(run.server_eval_n or None) if builtin else None,
-        # the sites' generator setting, when the coordinator draws from the same generator
-        image_size=(run.dataset_image_size or None) if run.server_eval == run.dataset else None,
-        seed=run.seed + 7919,  # disjoint from the sites' generated data
-        task=(run.task or None) if builtin else None,
-        image_encoder=run.image_encoder,
-        text_encoder=run.text_encoder,
-        encoder_image_size=run.encoder_image_size or None,
-        max_length=run.max_length,
-    )
+    return run.data_spec(run.server_eval, n=run.server_eval_n, seed=run.seed + SERVER_EVAL_SEED)
 
 
 class ServerEvaluator:

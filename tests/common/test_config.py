@@ -132,3 +132,27 @@ def test_fedntd_settings_reach_every_rounds_local_training() -> None:
         config = run.train_config(first_round=first)
         assert (config.ntd_beta, config.ntd_tau) == (0.5, 2.0)
     assert RunSettings().train_config().ntd_beta == 0.0  # off unless named
+
+
+def test_the_runs_data_spec_reads_a_dataset_whole_with_the_runs_settings() -> None:
+    run = RunSettings.from_run_config(
+        {
+            "dataset": "synthetic-radiology",
+            "dataset-n": 300,
+            "dataset-image-size": 32,
+            "seed": 4,
+            "max-length": 48,
+        }
+    )
+    own = run.data_spec()
+    assert (own.dataset, own.n, own.image_size, own.seed, own.max_length) == (
+        "synthetic-radiology",
+        300,
+        32,
+        4,
+        48,
+    )
+    other = run.data_spec("digits", n=0, seed=11)  # another generator: its own size, all rows
+    assert (other.n, other.image_size, other.seed) == (None, None, 11)
+    manifest = run.data_spec("/data/site.csv", n=50)  # a manifest is read whole, without a task
+    assert (manifest.n, manifest.image_size, manifest.task) == (None, None, None)
