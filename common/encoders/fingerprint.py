@@ -36,25 +36,29 @@ def fingerprint_files(files: Sequence[Path], *, memo: Path | None = None) -> str
     of a file unchanged for ``_SETTLED_NS`` is reused while its path, inode, size, mtime and
     ctime stay the same (ctime changes on every write and cannot be set back; git's index relies
     on the same): within the process, and across processes through the JSON file ``memo`` when
-    given (the embedding cache keeps one).
+    given (the embedding cache keeps one; read only when the process does not know a file, and
+    rewritten without the older versions of the files it adds).
     """
-    known = _read_memo(memo) if memo is not None else {}
+    versions = [(path, *_stat_key(path)) for path in sorted(files, key=lambda p: p.name)]
+    unknown = any(key not in _DIGESTS for _, key, _, _ in versions)
+    known = _read_memo(memo) if memo is not None and unknown else {}
     fresh: dict[str, str] = {}
     digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.name):
-        key, settled = _stat_key(path)
+    for path, key, stat, settled in versions:
         value = (_DIGESTS.get(key) or known.get(key)) if settled else None
         if value is None:
-            value = _file_digest(path)
+            value = _file_digest(path, stat)
         if settled:
             _DIGESTS[key] = value
             if key not in known:
                 fresh[key] = value
         digest.update(path.name.encode("utf-8") + b"\0" + value.encode("ascii") + b"\0")
     if memo is not None and fresh:
+        replaced = {_memo_path(key) for key in fresh}
+        kept = {k: v for k, v in known.items() if _memo_path(k) not in replaced}
         # a read-only cache still fingerprints; it only cannot remember
         with contextlib.suppress(OSError):
-            atomic_write_json(memo, {**known, **fresh})
+            atomic_write_json(memo, {**kept, **fresh})
     return digest.hexdigest()
 
 
@@ -63,11 +67,17 @@ def forget_digests() -> None:
     _DIGESTS.clear()
 
 
-def _stat_key(path: Path) -> tuple[str, bool]:
-    """The file's version key, and whether it last changed ``_SETTLED_NS`` ago or more."""
+def _stat_key(path: Path) -> tuple[str, os.stat_result, bool]:
+    """The file's version key, its stat, and whether it last changed ``_SETTLED_NS`` ago or
+    more."""
     stat = path.stat()
     key = f"{os.path.realpath(path)}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
-    return key, time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) >= _SETTLED_NS
+    return key, stat, time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) >= _SETTLED_NS
+
+
+def _memo_path(key: str) -> str:
+    """The file path of a version key (``_stat_key``: the path, then four numbers)."""
+    return key.rsplit(":", 4)[0]
 
 
 def _read_memo(memo: Path) -> dict[str, str]:
@@ -80,8 +90,7 @@ def _read_memo(memo: Path) -> dict[str, str]:
     return {str(k): v for k, v in values.items() if isinstance(v, str) and _DIGEST.fullmatch(v)}
 
 
-def _file_digest(path: Path) -> str:
-    stat = path.stat()
+def _file_digest(path: Path, stat: os.stat_result) -> str:
     if stat.st_size <= _FULL_HASH_LIMIT:
         return sha256_file(path)
     digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())

@@ -458,12 +458,19 @@ def test_a_settled_weight_file_is_hashed_once_and_remembered_in_the_memo(
     assert len(json.loads(memo.read_text())) == 1
     hashed: list[Path] = []
     real = fingerprint._file_digest
-    monkeypatch.setattr(fingerprint, "_file_digest", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(
+        fingerprint, "_file_digest", lambda p, stat: hashed.append(p) or real(p, stat)
+    )
+    reads: list[Path] = []
+    read = fingerprint._read_memo
+    monkeypatch.setattr(fingerprint, "_read_memo", lambda m: reads.append(m) or read(m))
+    assert fingerprint_files([weights], memo=memo) == first and reads == []  # the process knows
     monkeypatch.setattr(fingerprint, "_DIGESTS", {})  # a new process: only the memo file
-    assert fingerprint_files([weights], memo=memo) == first and hashed == []
+    assert fingerprint_files([weights], memo=memo) == first and hashed == [] and reads == [memo]
     weights.write_bytes(b"weightz")  # same size, new contents: hashed again
     os.utime(weights, ns=(1, 1))  # a new mtime even within the same clock tick
     assert fingerprint_files([weights], memo=memo) != first and hashed == [weights]
+    assert len(json.loads(memo.read_text())) == 1  # the file's older version is dropped
     memo.write_text("not json")  # a damaged memo costs a hash, never a wrong fingerprint
     monkeypatch.setattr(fingerprint, "_DIGESTS", {})
     assert fingerprint_files([weights], memo=memo) == fingerprint_files([weights])
