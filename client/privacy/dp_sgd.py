@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -442,14 +443,92 @@ def _dp_sgd(
     reference: Mapping[str, Tensor] | None,
     mode: str,
 ) -> tuple[list[float], int]:
-    """The DP-SGD loop; returns the per-step mean losses and the number of samples used."""
+    """The DP-SGD loop; returns the per-step mean losses and the number of samples used. With a
+    public basis (``_update_basis``) the towers' affine paths are swapped for their subspace
+    coefficients (``public_subspace``), which train instead of those paths."""
+    from opacus.grad_sample import prepare_module
+    from opacus.optimizers import get_optimizer_class
+
     present = {m for m in ("image", "text") if getattr(data, m) is not None}
     basis = _update_basis(model, data, privacy, present)
-    if basis is None:
-        return _dp_sgd_in(model, data, rows, config, privacy, plan, reference, mode, None)
-    towers = tuple(t for t in ("image", "text") if t in present)
-    with public_subspace(model.head, basis, towers) as subspaces:
-        return _dp_sgd_in(model, data, rows, config, privacy, plan, reference, mode, subspaces)
+    with contextlib.ExitStack() as stack:
+        towers = tuple(m for m in ("image", "text") if m in present)
+        subspaces = (
+            None
+            if basis is None
+            else stack.enter_context(public_subspace(model.head, basis, towers))
+        )
+        inputs = _training_tensors(data, rows)
+        prompts = (
+            None if data.prompts is None else torch.from_numpy(np.asarray(data.prompts, np.float32))
+        )
+        objective = PrivateObjective(model, prompts)
+        in_objective = {id(p) for p in objective.parameters()}
+        trainable = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_objective
+        ]
+        if subspaces is None:
+            named = [(n, p) for n, p in trainable if trained_under_dp(n, model, present)]
+        else:  # the coefficients, and what the loss trains (proxy's class proxies)
+            chosen = {id(p) for sub in subspaces.values() for p in sub.coef.parameters()}
+            named = [(n, p) for n, p in trainable if id(p) in chosen or n.split(".")[0] != "head"]
+        params = [p for _, p in named]
+        trained = {id(p) for p in params}
+        kept = [p for _, p in trainable if id(p) not in trained]
+        anchor = _anchor(model, named, reference, subspaces) if config.proximal_mu > 0 else None
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
+        gsm: Any = None
+        for p in kept:  # not trained: Opacus neither clips nor noises them
+            p.requires_grad_(False)
+        try:
+            gsm = (
+                _ghost_module_class()(objective, batch_first=True, loss_reduction="mean", **extra)
+                if mode == "ghost"
+                else prepare_module(
+                    objective,
+                    grad_sample_mode=mode,
+                    batch_first=True,
+                    loss_reduction="mean",
+                    **extra,
+                )
+            )
+            optimizer_class = (
+                _ghost_optimizer_class()
+                if mode == "ghost"
+                else get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+            )
+            optimizer = optimizer_class(
+                torch.optim.AdamW(params, lr=privacy.lr, weight_decay=config.weight_decay),
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm,
+                expected_batch_size=plan.expected_batch_size,
+                loss_reduction="mean",
+                generator=generator,
+            )
+            ghost = _GhostClipping(gsm, params) if mode == "ghost" else None
+            gsm.train()
+            with warnings.catch_warnings():
+                # Opacus' hooks fire on module outputs because the frozen inputs need no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                return _steps(
+                    gsm,
+                    optimizer,
+                    ghost,
+                    inputs,
+                    _batches(len(rows), plan, config, poisson=privacy.poisson, rng=generator),
+                    params=params,
+                    anchor=anchor,
+                    mu=config.proximal_mu,
+                    mode=mode,
+                )
+        finally:
+            if gsm is not None:
+                gsm.cleanup()
+            _strip_opacus_state(model)
+            for p in kept:
+                p.requires_grad_(True)
+            model.eval()
 
 
 def _update_basis(
@@ -466,92 +545,6 @@ def _update_basis(
     ):
         return None
     return prompt_basis(np.asarray(data.prompts), head.out_dim)
-
-
-def _dp_sgd_in(
-    model: HeadModel,
-    data: EmbeddedDataset,
-    rows: np.ndarray,
-    config: TrainConfig,
-    privacy: PrivacySettings,
-    plan: RoundPlan,
-    reference: Mapping[str, Tensor] | None,
-    mode: str,
-    subspaces: Mapping[str, SubspaceLinear] | None,
-) -> tuple[list[float], int]:
-    """``_dp_sgd``'s loop; ``subspaces``: the towers whose affine paths train as subspace
-    coefficients (``public_subspace``), which it then trains instead of those paths."""
-    from opacus.grad_sample import prepare_module
-    from opacus.optimizers import get_optimizer_class
-
-    inputs = _training_tensors(data, rows)
-    prompts = (
-        None if data.prompts is None else torch.from_numpy(np.asarray(data.prompts, np.float32))
-    )
-    objective = PrivateObjective(model, prompts)
-    in_objective = {id(p) for p in objective.parameters()}
-    present = {m for m in ("image", "text") if getattr(data, m) is not None}
-    trainable = [
-        (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_objective
-    ]
-    if subspaces is None:
-        named = [(n, p) for n, p in trainable if trained_under_dp(n, model, present)]
-    else:  # the coefficients, and what the loss trains (proxy's class proxies)
-        chosen = {id(p) for sub in subspaces.values() for p in sub.coef.parameters()}
-        named = [(n, p) for n, p in trainable if id(p) in chosen or n.split(".")[0] != "head"]
-    params = [p for _, p in named]
-    trained = {id(p) for p in params}
-    kept = [p for _, p in trainable if id(p) not in trained]
-    anchor = _anchor(model, named, reference, subspaces) if config.proximal_mu > 0 else None
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-    extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
-    gsm: Any = None
-    for p in kept:  # not trained: Opacus neither clips nor noises them
-        p.requires_grad_(False)
-    try:
-        gsm = (
-            _ghost_module_class()(objective, batch_first=True, loss_reduction="mean", **extra)
-            if mode == "ghost"
-            else prepare_module(
-                objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra
-            )
-        )
-        optimizer_class = (
-            _ghost_optimizer_class()
-            if mode == "ghost"
-            else get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
-        )
-        optimizer = optimizer_class(
-            torch.optim.AdamW(params, lr=privacy.lr, weight_decay=config.weight_decay),
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            expected_batch_size=plan.expected_batch_size,
-            loss_reduction="mean",
-            generator=generator,
-        )
-        ghost = _GhostClipping(gsm, params) if mode == "ghost" else None
-        gsm.train()
-        with warnings.catch_warnings():
-            # Opacus' hooks fire on module outputs because the frozen inputs need no gradient.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            return _steps(
-                gsm,
-                optimizer,
-                ghost,
-                inputs,
-                _batches(len(rows), plan, config, poisson=privacy.poisson, rng=generator),
-                params=params,
-                anchor=anchor,
-                mu=config.proximal_mu,
-                mode=mode,
-            )
-    finally:
-        if gsm is not None:
-            gsm.cleanup()
-        _strip_opacus_state(model)
-        for p in kept:
-            p.requires_grad_(True)
-        model.eval()
 
 
 def _steps(

@@ -26,6 +26,28 @@ def _aligned() -> HeadModel:
     )
 
 
+def _round(
+    model: HeadModel,
+    config: TrainConfig,
+    privacy: PrivacySettings,
+    tmp_path: Path,
+    reference: dict[str, torch.Tensor] | None = None,
+) -> int:
+    """One private round on ``clustered(64, prompts=True)``; returns its steps."""
+    result = train_head_private(
+        model,
+        clustered(64, prompts=True),
+        config,
+        privacy,
+        ledger_path=tmp_path / "ledger.json",
+        planned_rounds=1,
+        run_id=1,
+        server_round=1,
+        reference=reference,
+    )
+    return result.steps
+
+
 def _outside(move: torch.Tensor, basis: torch.Tensor) -> float:
     """The share of ``move`` ([out] or [out, in]) outside the row span of ``basis`` [k, out]."""
     rest = move - basis.T @ (basis @ move)
@@ -66,7 +88,9 @@ def test_a_subspace_linear_starts_as_its_map_and_folds_to_what_it_computes() -> 
 
 def test_the_swap_keeps_the_heads_parameters_and_an_error_leaves_them_as_they_were() -> None:
     model = _aligned()
-    basis = prompt_basis(clustered(8, prompts=True).prompts, 8)
+    prompts = clustered(8, prompts=True).prompts
+    assert prompts is not None
+    basis = prompt_basis(prompts, 8)
     assert basis is not None
     before = {k: v.clone() for k, v in model.state_dict().items()}
     identities = {name: id(p) for name, p in model.named_parameters()}
@@ -103,21 +127,13 @@ def test_dp_sgd_moves_the_affine_paths_only_along_the_prompts_unless_full(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     reference = {k: v + torch.randn(v.shape, generator=generator) for k, v in before.items()}
-    result = train_head_private(
-        model,
-        data,
-        TrainConfig(loss="auto", epochs=2, batch_size=16, proximal_mu=mu),
-        PrivacySettings(noise_multiplier=1.0, update_space=space),
-        ledger_path=tmp_path / "ledger.json",
-        planned_rounds=1,
-        run_id=1,
-        server_round=1,
-        reference=reference if mu else None,
-    )
-    assert result.steps > 0
+    config = TrainConfig(loss="auto", epochs=2, batch_size=16, proximal_mu=mu)
+    privacy = PrivacySettings(noise_multiplier=1.0, update_space=space)
+    assert _round(model, config, privacy, tmp_path, reference if mu else None) > 0
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved == {f"{path}.{part}" for path in AFFINE for part in ("weight", "bias")}
+    assert data.prompts is not None
     basis = prompt_basis(data.prompts, 8)
     assert basis is not None and basis.shape[0] == 4  # 4 prompts span 4 of the 8 output dims
     shares = [_outside(after[k] - before[k], basis) for k in sorted(moved)]
@@ -146,16 +162,8 @@ def test_a_proxy_loss_still_trains_its_class_proxies_in_the_subspace(tmp_path: P
         seed=0,
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_head_private(
-        model,
-        clustered(64, prompts=True),
-        TrainConfig(loss="proxy", epochs=1, batch_size=16),
-        PrivacySettings(noise_multiplier=1.0),
-        ledger_path=tmp_path / "ledger.json",
-        planned_rounds=1,
-        run_id=1,
-        server_round=1,
-    )
+    config = TrainConfig(loss="proxy", epochs=1, batch_size=16)
+    _round(model, config, PrivacySettings(noise_multiplier=1.0), tmp_path)
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert (
