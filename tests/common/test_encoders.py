@@ -458,12 +458,19 @@ def test_a_settled_weight_file_is_hashed_once_and_remembered_in_the_memo(
     assert len(json.loads(memo.read_text())) == 1
     hashed: list[Path] = []
     real = fingerprint._file_digest
-    monkeypatch.setattr(
-        fingerprint, "_file_digest", lambda p, stat: hashed.append(p) or real(p, stat)
-    )
     reads: list[Path] = []
     read = fingerprint._read_memo
-    monkeypatch.setattr(fingerprint, "_read_memo", lambda m: reads.append(m) or read(m))
+
+    def counted_digest(path: Path, stat: os.stat_result) -> str:
+        hashed.append(path)
+        return real(path, stat)
+
+    def counted_read(memo: Path) -> dict[str, str]:
+        reads.append(memo)
+        return read(memo)
+
+    monkeypatch.setattr(fingerprint, "_file_digest", counted_digest)
+    monkeypatch.setattr(fingerprint, "_read_memo", counted_read)
     assert fingerprint_files([weights], memo=memo) == first and reads == []  # the process knows
     monkeypatch.setattr(fingerprint, "_DIGESTS", {})  # a new process: only the memo file
     assert fingerprint_files([weights], memo=memo) == first and hashed == [] and reads == [memo]
