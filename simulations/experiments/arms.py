@@ -258,24 +258,27 @@ def selection_metrics(
     Per split: ``common.head_start.validation_scores`` (retrieval R@5, zero-shot accuracy and
     AUROC, a linear probe fitted on ``fit``; ``score`` their mean), the score the trained head
     keeps its best state by. Several splits (the sites' own halves) are averaged weighted by
-    their validation sizes, as the sites' reports would be.
+    their validation sizes, as the sites' reports would be; a split whose score is NaN (it
+    supports no metric) is left out.
     """
     per_split = [
         validation_scores(model, fit, val, replicates=SELECTION_REPLICATES) for fit, val in splits
     ]
-    weights = [len(val) for _, val in splits]
-    keys = set.intersection(*(set(m) for m in per_split)) if per_split else set()
-    if "score" not in keys or all(math.isnan(m["score"]) for m in per_split):
+    # a split that gives no metric (a label-skewed site's one-class halves, text only) does not vote
+    voting = [
+        (m, len(val))
+        for m, (_, val) in zip(per_split, splits, strict=True)
+        if np.isfinite(m["score"])
+    ]
+    if not voting:
         raise ConfigError("model selection: the validation split gives no metric to select on")
-    values = {
-        k: float(np.average([m[k] for m in per_split], weights=weights)) for k in sorted(keys)
-    }
+    scores, weights = [m for m, _ in voting], [w for _, w in voting]
+    keys = set.intersection(*(set(m) for m in scores))
+    values = {k: float(np.average([m[k] for m in scores], weights=weights)) for k in sorted(keys)}
     per_metric = {
-        k: np.average(
-            np.vstack([m.metric_replicates[k] for m in per_split]), axis=0, weights=weights
-        )
+        k: np.average(np.vstack([m.metric_replicates[k] for m in scores]), axis=0, weights=weights)
         for k in sorted(keys)
-        if all(k in m.metric_replicates for m in per_split)
+        if all(k in m.metric_replicates for m in scores)
     }
     return ValidationScores(values, metric_replicates=per_metric)
 

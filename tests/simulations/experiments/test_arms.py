@@ -271,3 +271,33 @@ def test_a_site_alone_that_holds_one_class_trains_under_a_fedntd_run_config() ->
     _, plain = train_selected(_small_run(), one_class, val, steps=2)
     _, distilling = train_selected(_small_run(**{"ntd-beta": 1.0}), one_class, val, steps=2)
     assert (plain.objective, distilling.objective) == ("infonce", "infonce+prompts")
+
+
+def test_a_site_whose_halves_support_no_metric_does_not_vote_in_the_selection() -> None:
+    """Label skew on text-only data: a site with one class has no probe (and no zero-shot without
+    images), so its validation score is NaN; the other sites still select (they did not before:
+    the weighted mean was NaN at every round and the Dirichlet comparison stopped)."""
+    import numpy as np
+
+    from common.embedding import EmbeddedDataset
+
+    rng = np.random.default_rng(0)
+
+    def reports(n: int, classes: int) -> EmbeddedDataset:
+        labels = np.arange(n) % classes
+        text = rng.normal(size=(n, 10)).astype(np.float32) + 3.0 * labels[:, None]
+        return EmbeddedDataset(
+            ids=[f"{classes}-{i}" for i in range(n)],
+            text=text,
+            labels=labels,
+            class_names=["a", "b"],
+        )
+
+    two = (reports(40, 2), reports(20, 2))
+    model = build_run_model(_small_run(), dims=two[0].dims, num_classes=2)
+    one = (reports(40, 1), reports(30, 1))
+    alone = selection_metrics(model, [two])
+    assert math.isfinite(alone["score"])
+    assert selection_metrics(model, [two, one]) == pytest.approx(alone)
+    with pytest.raises(ConfigError, match="no metric to select on"):
+        selection_metrics(model, [one])
