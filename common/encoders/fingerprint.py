@@ -20,6 +20,10 @@ _EDGE_BYTES = 1 << 20  # ... larger ones by size + mtime + their first and last 
 _DIGESTS: dict[str, str] = {}
 """This process's file digests, by ``_stat_key``: a file is hashed once per version."""
 
+_IN_MEMO: dict[str, set[str]] = {}
+"""The keys this process read from or wrote to each memo file: while every file's key is known
+here and there, the memo is neither read nor written."""
+
 _DIGEST = re.compile(r"(partial:)?[0-9a-f]{64}")
 
 _SETTLED_NS = 2_000_000_000
@@ -36,11 +40,13 @@ def fingerprint_files(files: Sequence[Path], *, memo: Path | None = None) -> str
     of a file unchanged for ``_SETTLED_NS`` is reused while its path, inode, size, mtime and
     ctime stay the same (ctime changes on every write and cannot be set back; git's index relies
     on the same): within the process, and across processes through the JSON file ``memo`` when
-    given (the embedding cache keeps one; read only when the process does not know a file, and
-    rewritten without the older versions of the files it adds).
+    given (the embedding cache keeps one; read only when this process does not know that a file's
+    digest is in it, and rewritten without the older versions of the files it adds).
     """
     versions = [(path, *_stat_key(path)) for path in sorted(files, key=lambda p: p.name)]
-    unknown = any(key not in _DIGESTS for _, key, _, _ in versions)
+    in_memo = _IN_MEMO.setdefault(str(memo), set()) if memo is not None else set()
+    settled_keys = {key for _, key, _, settled in versions if settled}
+    unknown = any(key not in _DIGESTS for key in settled_keys) or not settled_keys <= in_memo
     known = _read_memo(memo) if memo is not None and unknown else {}
     fresh: dict[str, str] = {}
     digest = hashlib.sha256()
@@ -50,7 +56,7 @@ def fingerprint_files(files: Sequence[Path], *, memo: Path | None = None) -> str
             value = _file_digest(path, stat)
         if settled:
             _DIGESTS[key] = value
-            if key not in known:
+            if key not in known and key not in in_memo:
                 fresh[key] = value
         digest.update(path.name.encode("utf-8") + b"\0" + value.encode("ascii") + b"\0")
     if memo is not None and fresh:
@@ -59,12 +65,16 @@ def fingerprint_files(files: Sequence[Path], *, memo: Path | None = None) -> str
         # a read-only cache still fingerprints; it only cannot remember
         with contextlib.suppress(OSError):
             atomic_write_json(memo, {**kept, **fresh})
+            in_memo.update(fresh)
+    if memo is not None:
+        in_memo.update(key for key in settled_keys if key in known)
     return digest.hexdigest()
 
 
 def forget_digests() -> None:
     """Drop this process's remembered digests (as a new process starts; the memo files stay)."""
     _DIGESTS.clear()
+    _IN_MEMO.clear()
 
 
 def _stat_key(path: Path) -> tuple[str, os.stat_result, bool]:

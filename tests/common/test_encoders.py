@@ -478,6 +478,15 @@ def test_a_settled_weight_file_is_hashed_once_and_remembered_in_the_memo(
     os.utime(weights, ns=(1, 1))  # a new mtime even within the same clock tick
     assert fingerprint_files([weights], memo=memo) != first and hashed == [weights]
     assert len(json.loads(memo.read_text())) == 1  # the file's older version is dropped
+    other = tmp_path / "other-cache" / "weight-digests.json"  # a digest the process found first
+    assert fingerprint_files([weights], memo=other) == fingerprint_files([weights])
+    assert len(json.loads(other.read_text())) == 1  # still reaches a memo that lacks it
+    config = tmp_path / "config.json"
+    config.write_bytes(b"{}")
+    fingerprint_files([config], memo=other)  # a second file's entry
+    written = other.read_text()
+    fingerprint_files([weights], memo=other)  # all known here and there: nothing rewritten
+    assert other.read_text() == written and len(json.loads(written)) == 2
     memo.write_text("not json")  # a damaged memo costs a hash, never a wrong fingerprint
     monkeypatch.setattr(fingerprint, "_DIGESTS", {})
     assert fingerprint_files([weights], memo=memo) == fingerprint_files([weights])
