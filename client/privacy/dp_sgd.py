@@ -593,8 +593,9 @@ def trained_under_dp(name: str, model: HeadModel, present: set[str]) -> bool:
     coordinates' gradients are noise, and AdamW moves each trained weight by about its learning
     rate per step whatever the gradient: a residual trained on noise adds a random vector to every
     output, while the affine paths start at a public map (the identity for a tower whose widths
-    agree) and carry what the data says. Measured in
-    docs/results/privacy/privacy.md (both variants)."""
+    agree) and carry what the data says (docs/results.md, "Utility vs epsilon", has both variants).
+    With ``dp-update-space = "prompts"`` those affine paths train as coefficients along the class
+    prompts' span instead (``_dp_sgd``, client/privacy/subspace.py)."""
     parts = name.split(".")
     if parts[0] != "head":
         return True

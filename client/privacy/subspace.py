@@ -38,12 +38,14 @@ BASIS_TOL = 1e-6
 def prompt_basis(prompts: np.ndarray, out_dim: int) -> Tensor | None:
     """Orthonormal rows [k, out_dim] spanning the frozen prompt embeddings [C, out_dim] (the output
     space of an ``aligned`` head is the text encoder's); None when the widths differ (the head's
-    output space is then not the prompts') or there are no prompts."""
+    output space is then not the prompts'), or there are no prompts or they span nothing."""
     array = np.asarray(prompts, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != out_dim:
         return None
     _, singular, vt = np.linalg.svd(array, full_matrices=False)
     keep = singular > BASIS_TOL * max(float(singular[0]), np.finfo(np.float64).tiny)
+    if not keep.any():  # all-zero prompts span nothing
+        return None
     return torch.from_numpy(vt[keep].astype(np.float32))
 
 
@@ -70,8 +72,10 @@ class SubspaceLinear(nn.Module):
             )
         self.register_buffer("base_weight", weight)
         self.register_buffer("base_bias", bias)
-        self.register_buffer("basis", basis.to(weight.dtype))
-        self.coef = nn.Linear(weight.shape[1], basis.shape[0])
+        self.register_buffer("basis", basis.to(dtype=weight.dtype, device=weight.device))
+        self.coef = nn.Linear(
+            weight.shape[1], basis.shape[0], dtype=weight.dtype, device=weight.device
+        )
         with torch.no_grad():
             self.coef.weight.zero_()
             self.coef.bias.zero_()

@@ -48,6 +48,8 @@ def fingerprint_files(files: Sequence[Path], *, memo: Path | None = None) -> str
     settled_keys = {key for _, key, _, settled in versions if settled}
     unknown = any(key not in _DIGESTS for key in settled_keys) or not settled_keys <= in_memo
     known = _read_memo(memo) if memo is not None and unknown else {}
+    if memo is not None and unknown:
+        in_memo.intersection_update(known)  # what the file holds now (another writer may differ)
     fresh: dict[str, str] = {}
     digest = hashlib.sha256()
     for path, key, stat, settled in versions:

@@ -237,7 +237,7 @@ def time_private(
         model,
         data,
         config,
-        PrivacySettings(noise_multiplier=NOISE, update_space=UPDATE_SPACE),
+        PrivacySettings(noise_multiplier=NOISE, update_space=UPDATE_SPACE, lr=config.lr),
         ledger_path=ledger,
         planned_rounds=1,
         run_id=1,

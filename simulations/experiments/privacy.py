@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="run-config overrides for every run, TOML values (e.g. batch-size=256 lr=0.003)",
+        help="run-config overrides for every run, TOML values (e.g. batch-size=256 dp-lr=0.003)",
     )
     args = parser.parse_args(argv)
     document = run_study(

@@ -32,6 +32,7 @@ def _round(
     privacy: PrivacySettings,
     tmp_path: Path,
     reference: dict[str, torch.Tensor] | None = None,
+    mode: str = "ghost",
 ) -> int:
     """One private round on ``clustered(64, prompts=True)``; returns its steps."""
     result = train_head_private(
@@ -44,6 +45,7 @@ def _round(
         run_id=1,
         server_round=1,
         reference=reference,
+        grad_sample_mode=mode,
     )
     return result.steps
 
@@ -115,9 +117,18 @@ def test_the_swap_keeps_the_heads_parameters_and_an_error_leaves_them_as_they_we
     assert moved == {"head.image.linear.weight", "head.image.linear.bias"}
 
 
-@pytest.mark.parametrize(("space", "mu"), [("prompts", 0.0), ("prompts", 0.5), ("full", 0.0)])
+@pytest.mark.parametrize(
+    ("space", "mu", "mode"),
+    [
+        ("prompts", 0.0, "ghost"),
+        ("prompts", 0.0, "hooks"),
+        ("prompts", 0.0, "functorch"),
+        ("prompts", 0.5, "ghost"),
+        ("full", 0.0, "ghost"),
+    ],
+)
 def test_dp_sgd_moves_the_affine_paths_only_along_the_prompts_unless_full(
-    space: str, mu: float, tmp_path: Path
+    space: str, mu: float, mode: str, tmp_path: Path
 ) -> None:
     """The production private round with ``dp-update-space``: "prompts" moves both towers'
     affine paths within the prompts' span (and nothing else), also with FedProx pulling towards
@@ -129,7 +140,7 @@ def test_dp_sgd_moves_the_affine_paths_only_along_the_prompts_unless_full(
     reference = {k: v + torch.randn(v.shape, generator=generator) for k, v in before.items()}
     config = TrainConfig(loss="auto", epochs=2, batch_size=16, proximal_mu=mu)
     privacy = PrivacySettings(noise_multiplier=1.0, update_space=space)
-    assert _round(model, config, privacy, tmp_path, reference if mu else None) > 0
+    assert _round(model, config, privacy, tmp_path, reference if mu else None, mode) > 0
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved == {f"{path}.{part}" for path in AFFINE for part in ("weight", "bias")}
@@ -171,3 +182,41 @@ def test_a_proxy_loss_still_trains_its_class_proxies_in_the_subspace(tmp_path: P
         == {k for k, p in model.named_parameters() if not k.startswith("head.")}
         != set()
     )
+
+
+def test_fedprox_anchors_the_coefficients_at_the_global_maps_projection() -> None:
+    """``mu (A - anchor)`` is the proximal term's gradient in coefficient space only if the anchor
+    of each coefficient is the projection of the global map's own part (weight or bias) of the
+    right tower onto the span, relative to the start."""
+    from client.privacy.dp_sgd import _anchor
+
+    model = _aligned()
+    prompts = clustered(8, prompts=True).prompts
+    assert prompts is not None
+    basis = prompt_basis(prompts, 8)
+    assert basis is not None
+    k = basis.shape[0]
+    start = {name: v.clone() for name, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    wanted = {
+        f"{tower}.{part}": torch.randn(
+            (k, width) if part == "weight" else (k,), generator=generator
+        )
+        for tower, width in (("image", 12), ("text", 8))
+        for part in ("weight", "bias")
+    }
+    off_span = torch.eye(8) - basis.T @ basis
+    reference = dict(start)
+    for key, coefficients in wanted.items():
+        tower, part = key.split(".")
+        name = f"head.{tower}.linear.{part}"
+        noise = torch.randn(start[name].shape, generator=generator)
+        reference[name] = start[name] + basis.T @ coefficients + off_span @ noise
+    with public_subspace(model.head, basis, ("image", "text")) as subspaces:
+        named = [(n, p) for n, p in model.named_parameters() if ".coef." in n]
+        assert len(named) == 4
+        for (name, _), anchor in zip(
+            named, _anchor(model, named, reference, subspaces), strict=True
+        ):
+            parts = name.split(".")
+            torch.testing.assert_close(anchor, wanted[f"{parts[1]}.{parts[4]}"])

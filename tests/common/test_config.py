@@ -142,9 +142,11 @@ def test_the_runs_data_spec_reads_a_dataset_whole_with_the_runs_settings() -> No
             "dataset-image-size": 32,
             "seed": 4,
             "max-length": 48,
+            "task": "nodule",
         }
     )
     own = run.data_spec()
+    assert own.task == "nodule"
     assert (own.dataset, own.n, own.image_size, own.seed, own.max_length) == (
         "synthetic-radiology",
         300,

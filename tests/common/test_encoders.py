@@ -487,6 +487,11 @@ def test_a_settled_weight_file_is_hashed_once_and_remembered_in_the_memo(
     written = other.read_text()
     fingerprint_files([weights], memo=other)  # all known here and there: nothing rewritten
     assert other.read_text() == written and len(json.loads(written)) == 2
+    other.write_text("{}")  # another writer lost both entries; the next read puts back all it sees
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes(b"a b c")
+    fingerprint_files([weights, config, vocab], memo=other)
+    assert len(json.loads(other.read_text())) == 3
     memo.write_text("not json")  # a damaged memo costs a hash, never a wrong fingerprint
     monkeypatch.setattr(fingerprint, "_DIGESTS", {})
     assert fingerprint_files([weights], memo=memo) == fingerprint_files([weights])
