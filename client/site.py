@@ -71,14 +71,14 @@ def bundle_key(spec: DataSpec, *, cache_dir: Path | None = None) -> BundleKey:
     weight files of the encoders it uses (``common.encoders.weight_files``; with the embedding
     cache ``cache_dir``, through its memo of the files' digests).
     """
-    from common.cache import EmbeddingCache
+    from common.cache import weight_digests_path
     from common.encoders import ENCODER_CODE_VERSION, fingerprint_files, weight_files
     from common.encoders.runtime import runtime_key
     from common.pipeline import encoder_specs, load_site_dataset
 
     dataset = load_site_dataset(spec)
     runtime = runtime_key(spec.encoder_precision, spec.encoder_device)
-    memo = None if cache_dir is None else EmbeddingCache(cache_dir).weight_digests
+    memo = None if cache_dir is None else weight_digests_path(cache_dir)
     encoders = {
         modality: {
             "code_version": ENCODER_CODE_VERSION,

@@ -118,6 +118,12 @@ def _load_name(load: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
 
 
+def weight_digests_path(root: str | os.PathLike[str]) -> Path:
+    """The memo of the encoders' weight-file digests (``fingerprint_files``'s ``memo``) in the
+    cache at ``root``: a cached re-run in a new process does not hash the weights again."""
+    return Path(root) / "weight-digests.json"
+
+
 class EmbeddingCache:
     """Embeddings of one site's inputs for any number of encoders, under one directory."""
 
@@ -132,9 +138,8 @@ class EmbeddingCache:
 
     @property
     def weight_digests(self) -> Path:
-        """Where the encoders' weight-file digests are remembered (``fingerprint_files``'s
-        memo): a cached re-run in a new process does not hash the weights again."""
-        return self.root / "weight-digests.json"
+        """Where the encoders' weight-file digests are remembered (``weight_digests_path``)."""
+        return weight_digests_path(self.root)
 
     # ------------------------------------------------------------------ public API
     def record_encoder(self, load: dict[str, Any], encoder: SupportsEmbed) -> None:

@@ -84,18 +84,14 @@ def scored_set(run: RunSettings, sites: int, *, cache_dir: Path) -> CommonTest:
     from common.pipeline import embed_site
     from simulations.experiments.arms import CommonTest, concat_embedded
 
-    per_site = [
-        embed_site(
-            replace(
-                SiteSettings(partition_id=k, num_partitions=sites).data_spec(run),
-                n=TEST_PER_SITE * sites,
-                seed=run.seed + TEST_SEED_OFFSET,
-            ),
+    per_site = []
+    for k in range(sites):
+        spec = SiteSettings(partition_id=k, num_partitions=sites).data_spec(run)
+        rows = embed_site(
+            replace(spec, n=TEST_PER_SITE * sites, seed=run.seed + TEST_SEED_OFFSET),
             cache_dir=cache_dir,
         )[0]
-        for k in range(sites)
-    ]
-    per_site = [replace(rows, ids=[f"test-{i}" for i in rows.ids]) for rows in per_site]
+        per_site.append(replace(rows, ids=[f"test-{i}" for i in rows.ids]))
     return CommonTest(concat_embedded(per_site), per_site)
 
 
