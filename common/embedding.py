@@ -24,6 +24,7 @@ class EmbeddedDataset:
         labels: int class index per example (-1 = unlabelled), or None.
         class_names / prompts: the classes and the frozen text embedding [C, d_text] of each class's
             zero-shot prompt (None without a text encoder or prompts).
+        classes_declared: the classes are public task metadata (``SiteDataset.classes_declared``).
         text_groups: int id per example, equal for identical texts (retrieval counts them as ties).
         splits: "train" or "test" per example (a manifest's ``split`` column), or None.
     """
@@ -34,6 +35,7 @@ class EmbeddedDataset:
     labels: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)
     prompts: np.ndarray | None = None
+    classes_declared: bool = False
     text_groups: np.ndarray | None = None
     splits: list[str] | None = None
 
@@ -64,6 +66,7 @@ class EmbeddedDataset:
             labels=None if self.labels is None else self.labels[idx],
             class_names=list(self.class_names),
             prompts=self.prompts,
+            classes_declared=self.classes_declared,
             text_groups=None if self.text_groups is None else self.text_groups[idx],
             splits=None if self.splits is None else [self.splits[i] for i in idx],
         )
@@ -155,6 +158,7 @@ def embed_dataset(
         image=image,
         labels=None if dataset.labels is None else np.asarray(dataset.labels, dtype=np.int64),
         class_names=list(dataset.class_names),
+        classes_declared=dataset.classes_declared,
         splits=None if dataset.splits is None else list(dataset.splits),
     )
     if dataset.texts is not None and text_encoder is not None:

@@ -26,4 +26,5 @@ def clustered(
         prompts=(2 * centers[:, :8] + 0.3 * rng.normal(size=(classes, 8))).astype(np.float32)
         if prompts
         else None,
+        classes_declared=True,  # fixed by the test, as a built-in dataset's are
     )

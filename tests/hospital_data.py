@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,13 +46,16 @@ def write_png(path: Path, *, seed: int) -> None:
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
 
 
-def write_manifest(path: Path, rows: list[Row]) -> Path:
-    """The manifest CSV (id, image, text, label) holding exactly ``rows``."""
+def write_manifest(path: Path, rows: list[Row], *, declared: bool = False) -> Path:
+    """The manifest CSV (id, image, text, label) holding exactly ``rows``; ``declared``: with a
+    ``.classes.json`` sidecar declaring FINDINGS (the consortium's class list)."""
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "image", "text", "label"])
         for row in rows:
             writer.writerow([row.id, row.image, row.text, row.label])
+    if declared:
+        Path(f"{path}.classes.json").write_text(json.dumps({"classes": list(FINDINGS)}))
     return path
 
 

@@ -26,6 +26,7 @@ from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError, PrivacyError
 from common.losses import AutoLoss
 from common.privacy import PrivacySettings, require_sample_level_dp
+from common.registries import loss_info
 from common.training import (
     HeadModel,
     TrainConfig,
@@ -360,6 +361,7 @@ def train_head_private(
     rows = training_rows(model, data)
     if model.uses_prompts and data.prompts is None:  # refused before the ledger is charged
         raise DataError(f"loss '{chosen}' needs the task's class prompts; the data has none")
+    require_public_classes(chosen, data, privacy)
     ledger = PrivacyLedger(ledger_path)
     with ledger.locked():
         plan = plan_round(
@@ -529,6 +531,27 @@ def _dp_sgd(
             for p in kept:
                 p.requires_grad_(True)
             model.eval()
+
+
+def require_public_classes(objective: str, data: EmbeddedDataset, privacy: PrivacySettings) -> None:
+    """DataError unless the classes DP-SGD uses are public task metadata (declared).
+
+    Without a declaration (a manifest's ``.classes.json`` sidecar) the class list is the sorted
+    set of the site's own labels: which classes a site holds would shape the class proxies, the
+    prompts and the prompts' span, none of which DP-SGD's noise covers. An objective that uses
+    no class (and no prompts' span) is allowed either way.
+    """
+    if data.classes_declared or not data.class_names:
+        return
+    info = loss_info(objective)
+    spans_prompts = privacy.update_space == "prompts" and data.prompts is not None
+    if info.labels or info.prompts or spans_prompts:
+        raise DataError(
+            f"sample-level DP with loss '{objective}' uses the task's classes, but this site's "
+            f"classes ({', '.join(data.class_names)}) are the labels its rows hold, which DP "
+            "does not cover: declare them in the manifest's sidecar <manifest>.classes.json "
+            '({"classes": [...], "prompts": [...]}, the same file at every site)'
+        )
 
 
 def _update_basis(

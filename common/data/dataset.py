@@ -99,6 +99,9 @@ class SiteDataset:
         labels: int class index per example (-1 = unlabelled), or None.
         class_names: names of the classes ``labels`` indexes.
         prompts: one zero-shot text prompt per class (same order as ``class_names``).
+        classes_declared: the classes and prompts are public task metadata, fixed before any row
+            was read (a built-in dataset's list, or a manifest's declaration), not the set of
+            labels the rows happen to hold (which is site data: sample-level DP refuses it).
         sites: the site each example came from (natural partition), or None.
         splits: "train" or "test" per example (a manifest's ``split`` column), or None.
         skipped: rows of the source left out as unusable (skip-and-report mode), with reasons.
@@ -111,6 +114,7 @@ class SiteDataset:
     labels: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    classes_declared: bool = False
     sites: list[str] | None = None
     skipped: list[SkippedRow] = field(default_factory=list)
     splits: list[str] | None = None
@@ -154,6 +158,7 @@ class SiteDataset:
             labels=None if self.labels is None else self.labels[idx],
             class_names=list(self.class_names),
             prompts=list(self.prompts),
+            classes_declared=self.classes_declared,
             sites=None if self.sites is None else [self.sites[i] for i in idx],
             skipped=list(self.skipped),
             splits=None if self.splits is None else [self.splits[i] for i in idx],

@@ -60,6 +60,7 @@ def load_digits_dataset(
         labels=targets[indices],
         class_names=list(CLASS_NAMES),
         prompts=[digit_prompt(d) for d in range(10)],
+        classes_declared=True,
     )
 
 

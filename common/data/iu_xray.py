@@ -193,4 +193,5 @@ def load_iu_xray(*, task: str = "abnormal", n: int | None = None, seed: int = 0)
         labels=np.array([report_label(report, task) for report in reports], dtype=np.int64),
         class_names=list(spec.class_names),
         prompts=list(spec.prompts),
+        classes_declared=True,
     )

@@ -155,6 +155,7 @@ def read_manifest(
     examples = [ex for raw in raw_rows if (ex := _convert_row(file, raw, columns, collector))]
     examples = _drop_duplicate_ids(examples, columns.get("id"), collector)
     class_names, class_prompts = _declared_classes(file, classes, prompts)
+    declared = class_names is not None
     if "label" in columns:
         if class_names is None:
             class_names = sorted({ex.label for ex in examples if ex.label is not None})
@@ -163,6 +164,7 @@ def read_manifest(
     if not examples:
         raise DataError(f"{file}: no usable rows" + _first_skip_hint(collector.skipped))
     dataset = _build_dataset(file, name, examples, columns, class_names or [], class_prompts or [])
+    dataset.classes_declared = declared
     dataset.skipped = list(collector.skipped)
     return LoadReport(dataset=dataset, skipped=collector.skipped)
 

@@ -47,6 +47,7 @@ def concat_datasets(parts: Sequence[SiteDataset], *, name: str | None = None) ->
         labels=labels,
         class_names=list(first.class_names),
         prompts=list(first.prompts),
+        classes_declared=all(p.classes_declared for p in parts),
         sites=joined("sites"),
         splits=joined("splits"),
     )

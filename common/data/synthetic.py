@@ -232,6 +232,7 @@ def make_synthetic_radiology(
         labels=np.array([case.label for case in cases], dtype=np.int64),
         class_names=list(CLASS_NAMES),
         prompts=list(CLASS_PROMPTS),
+        classes_declared=True,
         sites=[f"site-{site}"] * n,
     )
 

@@ -195,6 +195,7 @@ def synthetic_data(n: int = N, *, classes: int = CLASSES, seed: int = 0) -> Embe
         labels=rng.integers(0, classes, n),
         class_names=[f"class-{i}" for i in range(classes)],
         prompts=rng.normal(size=(classes, DIMS["text"])).astype(np.float32),
+        classes_declared=True,  # fixed here, not read from the rows
     )
 
 

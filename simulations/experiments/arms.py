@@ -95,6 +95,7 @@ def concat_embedded(parts: Sequence[EmbeddedDataset]) -> EmbeddedDataset:
         labels=cat("labels"),
         class_names=list(parts[0].class_names),
         prompts=parts[0].prompts,
+        classes_declared=all(p.classes_declared for p in parts),
         text_groups=groups,
     )
 

@@ -75,6 +75,7 @@ def _data(n: int, *, classes: int = 4, seed: int = 0) -> EmbeddedDataset:
         text=(2 * centers[labels][:, :8] + rng.normal(size=(n, 8))).astype(np.float32),
         labels=labels,
         class_names=[f"c{i}" for i in range(classes)],
+        classes_declared=True,
     )
 
 

@@ -254,6 +254,27 @@ def test_a_named_prompt_loss_without_prompts_is_refused_before_the_ledger_is_cha
         assert not (tmp_path / "l.json").exists()
 
 
+def test_classes_read_from_the_rows_are_refused_before_the_ledger_is_charged(
+    tmp_path: Path,
+) -> None:
+    """Undeclared classes are the site's own label set: every objective that uses a class (its
+    proxies, prompts or the prompts' span) is refused under DP, naming the sidecar to write."""
+    derived = clustered(64, prompts=True)
+    derived.classes_declared = False  # as a manifest without a .classes.json sidecar gives
+    for loss in ("proxy", "prompts", "auto"):
+        with pytest.raises(DataError, match=r"classes \(c0, c1, c2, c3\) are the labels its rows"):
+            _round(
+                _model(loss), derived, PrivacySettings(noise_multiplier=1.0), tmp_path / "l.json"
+            )
+        assert not (tmp_path / "l.json").exists()
+    # the same rows with the classes declared train, and are charged for it
+    declared = clustered(64, prompts=True)
+    result = _round(
+        _model("proxy"), declared, PrivacySettings(noise_multiplier=1.0), tmp_path / "l.json"
+    )
+    assert result.steps > 0 and len(PrivacyLedger(tmp_path / "l.json").entries()) == 1
+
+
 def test_dp_sgd_trains_only_the_affine_paths_of_an_aligned_head(tmp_path: Path) -> None:
     """Under DP the residual MLPs keep their zero start (noise would be all they learn); the
     affine paths train, and every parameter is trainable again afterwards."""

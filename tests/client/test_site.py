@@ -131,8 +131,10 @@ def test_an_unchanged_manifest_is_a_bundle_hit_without_loading_any_encoder(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     manifest, rows = hospital
+    write_manifest(manifest, rows, declared=True)
     settings, run = _settings(tmp_path, manifest), _run(tiny_model_dirs)
     embedded = load_site(settings, run)
+    assert embedded.train.classes_declared and embedded.test.classes_declared
     site_module._LOADED.clear()
 
     def no_encoder(*args: object, **kwargs: object) -> None:
@@ -143,6 +145,7 @@ def test_an_unchanged_manifest_is_a_bundle_hit_without_loading_any_encoder(
     hit = load_site(settings, run)
     assert hit.source == "bundle" and _ids(hit) == {r.id for r in rows}
     assert hit.train.ids == embedded.train.ids
+    assert hit.train.classes_declared and hit.test.classes_declared  # kept in the bundle
     np.testing.assert_array_equal(hit.train.image, embedded.train.image)
     np.testing.assert_array_equal(hit.test.text, embedded.test.text)
     assert load_site(settings, run).source == "memory"

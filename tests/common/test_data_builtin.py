@@ -103,6 +103,9 @@ def test_registry_builtins_and_options() -> None:
     assert len(load_dataset("synthetic-radiology")) == 2000
     cardio = load_dataset("iu-xray-reports", task="cardiomegaly", n=50)
     assert cardio.class_names == ["no cardiomegaly", "cardiomegaly"] and len(cardio) == 50
+    # a built-in dataset's classes are fixed by its code: public, whatever rows are drawn
+    assert synthetic.classes_declared and cardio.classes_declared
+    assert load_dataset("digits", n=3).classes_declared
     assert len(load_dataset("digits", n=30, seed=1)) == 30
     with pytest.raises(
         ConfigError, match="iu-xray-reports: option site, image_size does not apply"

@@ -97,10 +97,14 @@ def test_sidecar_declares_classes_and_prompts(site: Path) -> None:
         "classes": ["normal", "nodule", "cardiomegaly", "effusion"],
         "prompts": ["n", "o", "c", "e"],
     }
+    undeclared = load_manifest(manifest)  # loaded before the sidecar exists: the rows' labels
+    assert undeclared.class_names == ["cardiomegaly", "nodule", "normal"]
+    assert not undeclared.classes_declared and not undeclared.subset([0]).classes_declared
     _write(site / "site.csv.classes.json", json.dumps(declared))
     dataset = load_manifest(manifest)
     assert dataset.class_names == declared["classes"] and dataset.prompts == declared["prompts"]
     assert dataset.labels is not None and dataset.labels.tolist() == [0, 2, 1]
+    assert dataset.classes_declared and dataset.subset([0]).classes_declared
 
 
 def test_stem_sidecar_without_prompts_and_classes_argument(site: Path) -> None:

@@ -82,7 +82,9 @@ def _federate(
         run_config.update({"loss": "proxy", "max-update-norm": 1e4})
     manifests = {
         name: write_manifest(
-            root / name / "manifest.csv", make_rows(root / name, count, prefix=f"{name[-1]}-")
+            root / name / "manifest.csv",
+            make_rows(root / name, count, prefix=f"{name[-1]}-"),
+            declared=private_site,  # DP-SGD needs the classes declared (public)
         )
         for name, count in SITES.values()
     }
