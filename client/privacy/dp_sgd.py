@@ -682,19 +682,23 @@ def _anchor(
     subspaces: Mapping[str, SubspaceLinear] | None = None,
 ) -> list[Tensor]:
     """FedProx anchor per trained parameter (the round's global weights; default: current). A
-    subspace coefficient ``head.<tower>.linear.coef.<part>`` is anchored at the projection of the
-    global affine path onto the span (``SubspaceLinear.anchor``): ``mu (w - w_global)`` is then
-    exactly the proximal term's gradient in coefficient space."""
+    subspace coefficient (``SubspaceLinear.coef`` of a tower) is anchored at the projection of
+    the tower's global affine path onto the span (``SubspaceLinear.anchor``): ``mu (w - w_global)``
+    is then exactly the proximal term's gradient in coefficient space."""
     source = reference if reference is not None else model.state_dict()
+    subspaces = subspaces or {}
+    coefficients = {  # id of a coefficient -> (its tower, "weight" or "bias")
+        id(p): (tower, part)
+        for tower, sub in subspaces.items()
+        for part, p in sub.coef.named_parameters()
+    }
     anchors: list[Tensor] = []
     for name, p in named:
-        parts = name.split(".")
-        if subspaces is not None and parts[2:4] == ["linear", "coef"] and name not in source:
-            sub = subspaces[parts[1]]
-            weight, bias = sub.anchor(
-                source[f"head.{parts[1]}.linear.weight"], source[f"head.{parts[1]}.linear.bias"]
-            )
-            anchors.append((weight if parts[4] == "weight" else bias).to(p.dtype))
+        if id(p) in coefficients:
+            tower, part = coefficients[id(p)]
+            path = f"head.{tower}.linear"  # the affine path the subspace stands in for
+            weight, bias = subspaces[tower].anchor(source[f"{path}.weight"], source[f"{path}.bias"])
+            anchors.append((weight if part == "weight" else bias).to(p.dtype))
         else:
             anchors.append(source[name].detach().clone().to(p.dtype))
     return anchors

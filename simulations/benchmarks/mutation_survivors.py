@@ -69,7 +69,7 @@ _DP = "client/privacy/dp_sgd.py"
 _OPACUS_DEFAULT = "Opacus' default (1.6, the version constraints.txt pins)"
 _PREPARE = 'objective, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra'
 _QUIET = 'warnings.filterwarnings("ignore", message="Full backward hook is firing")'
-_PROX = "anchor = _anchor(model, reference) if config.proximal_mu > 0 else None"
+_PROX = "anchor = _anchor(model, named, reference, subspaces) if config.proximal_mu > 0 else None"
 _ZIP = "for p, a in zip(params, anchor, strict=True):"
 _STRIP = 'for attr in ("activations", "max_batch_len"):'
 _PLD_DECLINED = "plan.history, privacy.delta, rdp=plan.epsilon_before / )"
@@ -537,8 +537,8 @@ JUSTIFIED: tuple[Justified, ...] = (
             "each (finite) gradient: the same step; only a copy of the weights is wasted",
         )
         for added in (
-            "anchor = _anchor(model, reference) if (config.proximal_mu > 0) or True else None",
-            "anchor = _anchor(model, reference) if config.proximal_mu >= 0 else None",
+            "anchor = _anchor(model, named, reference, subspaces) if (config.proximal_mu > 0) or True else None",
+            "anchor = _anchor(model, named, reference, subspaces) if config.proximal_mu >= 0 else None",
         )
     ),
     Justified(
