@@ -29,6 +29,7 @@ from common.distillation import (
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError, DataError
 from common.head_start import (
+    ValidationScores,
     init_closed_form,
     validation_scores,
     validation_split,
@@ -373,8 +374,9 @@ def train_head(
     fit_data = data.subset(rows[fit_pos])
     val_data = data.subset(rows[val_pos]) if val_pos.size else None
     init = ""
+    start_scores: Mapping[str, float] | None = None  # known when the start was chosen by them
     if model.head.has_linear_path and config.init != "keep":
-        init = _start(model, fit_data, val_data, config.init)
+        init, start_scores = _start(model, fit_data, val_data, config.init)
         reference = None  # the proximal anchor is the start
     anchor = _proximal_anchor(model, reference) if config.proximal_mu > 0 else None
     distill = _distillation(model, reference, fit_data, config)
@@ -382,9 +384,8 @@ def train_head(
     if val_data is not None and not config.objective and distill is None:
         candidates = objectives_to_try(model, objective)
     start_state = copy.deepcopy(model.state_dict()) if len(candidates) > 1 else None
-    start_scores: Mapping[str, float] = (
-        validation_scores(model, fit_data, val_data) if val_data is not None else {}
-    )
+    if start_scores is None:
+        start_scores = validation_scores(model, fit_data, val_data) if val_data is not None else {}
     started = time.perf_counter()
     kept: _Trajectory | None = None
     kept_objective = objective
@@ -495,26 +496,27 @@ def _train_kept(
 
 def _start(
     model: HeadModel, fit: EmbeddedDataset, validation: EmbeddedDataset | None, init: str
-) -> str:
+) -> tuple[str, ValidationScores | None]:
     """Set the linear paths as ``init`` says; "closed-form" tries least squares and CCA on
     image-text pairs and keeps the one that scores better on ``validation`` (least squares
-    without validation rows). Returns the method set."""
+    without validation rows). Returns the method set and, when the choice scored them, the
+    kept start's validation scores (None otherwise)."""
     paired = set(model.head.towers()) == {"image", "text"}
     if not paired:
-        return init_closed_form(model, fit, "lstsq")
+        return init_closed_form(model, fit, "lstsq"), None
     if init != "closed-form":
-        return init_closed_form(model, fit, init)
+        return init_closed_form(model, fit, init), None
     if validation is None:
-        return init_closed_form(model, fit, "lstsq")
-    best: tuple[float, str, dict[str, torch.Tensor]] | None = None
+        return init_closed_form(model, fit, "lstsq"), None
+    best: tuple[ValidationScores, str, dict[str, torch.Tensor]] | None = None
     for method in ("lstsq", "cca"):
         init_closed_form(model, fit, method)
-        score = validation_scores(model, fit, validation)["score"]
-        if best is None or score > best[0]:
-            best = (score, method, copy.deepcopy(model.state_dict()))
+        scores = validation_scores(model, fit, validation)
+        if best is None or scores["score"] > best[0]["score"]:
+            best = (scores, method, copy.deepcopy(model.state_dict()))
     assert best is not None
     model.load_state_dict(best[2])
-    return best[1]
+    return best[1], best[0]
 
 
 def _train_epochs(
