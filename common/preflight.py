@@ -30,7 +30,26 @@ def check_run(values: Mapping[str, Any], *, sites: int | None = None) -> RunSett
     """
     run = check_run_config(values)
     check_partition(run, sites=run.min_sites if sites is None else sites, exact=sites is not None)
+    if PrivacySettings.merge(values, {}).requested:
+        check_declared_classes(run)
     return run
+
+
+def check_declared_classes(run: RunSettings) -> None:
+    """Refuse sample-level DP at every site on a labelled manifest the caller can read that
+    declares no classes: each site would refuse it (client/privacy/dp_sgd.py
+    ``require_public_classes``), as its classes would be read from its own labels."""
+    if run.dataset in BUILTIN_DATASETS or not Path(run.dataset).is_file():
+        return
+    from common.pipeline import load_pooled_dataset
+
+    pool = load_pooled_dataset(SiteSettings().data_spec(run))
+    if pool.class_names and not pool.classes_declared:
+        raise ConfigError(
+            f"run-config: sample-level DP needs the classes declared, but {run.dataset} has none "
+            f"(each site would read them from its labels): add {run.dataset}.classes.json "
+            '({"classes": [...], "prompts": [...]}) at every site'
+        )
 
 
 def check_run_config(values: Mapping[str, Any]) -> RunSettings:

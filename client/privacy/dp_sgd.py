@@ -546,11 +546,10 @@ def require_public_classes(objective: str, data: EmbeddedDataset, privacy: Priva
     info = loss_info(objective)
     spans_prompts = privacy.update_space == "prompts" and data.prompts is not None
     if info.labels or info.prompts or spans_prompts:
-        raise DataError(
-            f"sample-level DP with loss '{objective}' uses the task's classes, but this site's "
-            f"classes ({', '.join(data.class_names)}) are the labels its rows hold, which DP "
-            "does not cover: declare them in the manifest's sidecar <manifest>.classes.json "
-            '({"classes": [...], "prompts": [...]}, the same file at every site)'
+        raise DataError(  # without the names: an error's text leaves the site
+            f"sample-level DP with loss '{objective}' uses the classes, but this site's "
+            f"{len(data.class_names)} were read from its labels (not covered by DP): declare "
+            "them in <manifest>.classes.json at every site"
         )
 
 
@@ -694,7 +693,7 @@ def _anchor(
     }
     anchors: list[Tensor] = []
     for name, p in named:
-        if id(p) in coefficients:
+        if id(p) in coefficients and reference is not None:  # else: its current value
             tower, part = coefficients[id(p)]
             path = f"head.{tower}.linear"  # the affine path the subspace stands in for
             weight, bias = subspaces[tower].anchor(source[f"{path}.weight"], source[f"{path}.bias"])

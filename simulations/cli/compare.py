@@ -222,12 +222,23 @@ def _common_test(plan: Plan) -> CommonTest | None:
 def _relabel(data: EmbeddedDataset, like: EmbeddedDataset) -> EmbeddedDataset:
     """``data`` with ``like``'s classes and prompt embeddings, its labels re-indexed by class name."""
     if data.labels is None:
-        return replace(data, class_names=list(like.class_names), prompts=like.prompts)
+        return replace(
+            data,
+            class_names=list(like.class_names),
+            prompts=like.prompts,
+            classes_declared=like.classes_declared,
+        )
     index = {name: i for i, name in enumerate(like.class_names)}
     labels = np.array(
         [index[data.class_names[v]] if v >= 0 else -1 for v in data.labels], dtype=np.int64
     )
-    return replace(data, labels=labels, class_names=list(like.class_names), prompts=like.prompts)
+    return replace(
+        data,
+        labels=labels,
+        class_names=list(like.class_names),
+        prompts=like.prompts,
+        classes_declared=like.classes_declared,
+    )
 
 
 def _gain_lines(comparison: Comparison, plan: Plan) -> list[str]:

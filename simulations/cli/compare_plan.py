@@ -365,7 +365,9 @@ def _read_test_data(
             f"{train.class_names}: give both the same classes sidecar, or the test file none"
         )
     # No declaration of its own: its labels must be classes of --data (else file, line, field).
-    return read_manifest(path, classes=train.class_names, prompts=train.prompts).dataset
+    test = read_manifest(path, classes=train.class_names, prompts=train.prompts).dataset
+    test.classes_declared = train.classes_declared  # --data's classes, declared or read
+    return test
 
 
 def _site_plans(

@@ -495,7 +495,9 @@ def _same_classes(train: EmbeddedDataset | None, test: EmbeddedDataset) -> Embed
     names += [c for c in train.class_names if c not in names]
     index = np.array([names.index(c) for c in train.class_names], dtype=np.int64)
     labels = np.where(train.labels >= 0, index[np.maximum(train.labels, 0)], -1)
-    return replace(train, labels=labels, class_names=names, prompts=None)
+    return replace(  # a merged list: no one declared it
+        train, labels=labels, class_names=names, prompts=None, classes_declared=False
+    )
 
 
 def _on_this_machine(dataset: str) -> bool:

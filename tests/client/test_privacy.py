@@ -262,7 +262,7 @@ def test_classes_read_from_the_rows_are_refused_before_the_ledger_is_charged(
     derived = clustered(64, prompts=True)
     derived.classes_declared = False  # as a manifest without a .classes.json sidecar gives
     for loss in ("proxy", "prompts", "auto"):
-        with pytest.raises(DataError, match=r"classes \(c0, c1, c2, c3\) are the labels its rows"):
+        with pytest.raises(DataError, match=r"this site's 4 were read from its labels"):
             _round(
                 _model(loss), derived, PrivacySettings(noise_multiplier=1.0), tmp_path / "l.json"
             )

@@ -220,3 +220,6 @@ def test_fedprox_anchors_the_coefficients_at_the_global_maps_projection() -> Non
         ):
             parts = name.split(".")
             torch.testing.assert_close(anchor, wanted[f"{parts[1]}.{parts[4]}"])
+        # without a global head the anchor is the current point: every coefficient at zero
+        for (name, p), anchor in zip(named, _anchor(model, named, None, subspaces), strict=True):
+            assert torch.equal(anchor, torch.zeros_like(p)), name

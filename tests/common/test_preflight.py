@@ -53,6 +53,20 @@ def test_sample_level_dp_with_the_proxy_loss_and_dp_off_with_any_loss_pass() -> 
     assert check_run_config({"client-dp": "client-side"}).client_dp == "client-side"
 
 
+def test_sample_level_dp_on_a_readable_manifest_needs_its_classes_declared(
+    tmp_path: Path,
+) -> None:
+    manifest = _site_manifest(tmp_path / "sites.csv", "AB")
+    values = {"dataset": str(manifest), "partition": "site", "dp-target-epsilon": 3.0}
+    message = _refusal(values, sites=2)
+    assert message.startswith("run-config: sample-level DP needs the classes declared")
+    assert f"add {manifest}.classes.json" in message
+    assert check_run({**values, "dp-target-epsilon": 0.0}, sites=2)  # no DP: the labels' set
+    Path(f"{manifest}.classes.json").write_text('{"classes": ["normal", "nodule"]}')
+    assert check_run(values, sites=2).dataset == str(manifest)
+    assert check_run({"dataset": "synthetic-radiology", "dp-target-epsilon": 3.0})  # built in
+
+
 @pytest.mark.parametrize(
     ("values", "named"),
     [
