@@ -249,9 +249,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(f"{len(embedded)} examples embedded ({dims}); cache: {_cache_dir(args)}")
     for modality, stats in report.stats.items():
         print(f"  {modality:8s} {stats.hits} from cache, {stats.misses} encoded now")
+    if embedded.class_names:
+        print(f"  {'classes':8s} {len(embedded.class_names)}, {_class_origin(embedded, args.data)}")
     for line in report.summary():
         print(line)
     return 0
+
+
+def _class_origin(data: EmbeddedDataset, source: str) -> str:
+    """Where the classes come from, and what undeclared ones rule out."""
+    if data.classes_declared:
+        return "declared"
+    return (
+        f"read from the labels: declare them in {source}.classes.json "
+        "(needed for sample-level DP; the same list at every site)"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:

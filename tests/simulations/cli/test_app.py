@@ -62,7 +62,8 @@ def test_embed_train_evaluate_workflow(
         str(tiny_model_dirs["text"]),
     ]
     assert main(["embed", *data, *encoders]) == 0
-    assert "200 encoded now" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "200 encoded now" in out and "  classes  10, declared" in out.splitlines()
     assert main(["embed", *data, *encoders]) == 0
     assert "200 from cache, 0 encoded now" in capsys.readouterr().out
     head = tmp_path / "head"
@@ -201,3 +202,21 @@ def test_cli_defaults_come_from_run_settings_train_config_and_the_demo(tmp_path:
     compared = parser.parse_args(["compare", "--data", str(manifest)])
     assert compared.rounds == demo.ROUNDS
     assert compared.local_epochs == demo.TRAINING["local-epochs"]
+
+
+def test_embed_says_whether_a_manifest_declares_its_classes(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write_site(tmp_path / "site.csv", 6)
+    argv = ["embed", "--data", str(manifest), "--cache-dir", str(tmp_path / "cache")]
+    argv += ["--image-encoder", str(tiny_model_dirs["image"])]
+    argv += ["--text-encoder", str(tiny_model_dirs["text"])]
+    assert main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  classes"))
+    assert line.startswith("  classes  3, read from the labels: declare them in ")
+    assert f"{manifest}.classes.json" in line
+    Path(f"{manifest}.classes.json").write_text(
+        json.dumps({"classes": ["normal", "nodule", "effusion"]})
+    )
+    assert main(argv) == 0
+    assert "  classes  3, declared" in capsys.readouterr().out.splitlines()
