@@ -16,6 +16,7 @@ from common.errors import ConfigError
 from common.metrics import (
     format_table,
 )
+from common.preflight import check_declared_classes
 from common.training import HeadModel
 from simulations.experiments.arms import (
     HEADLINE,
@@ -294,6 +295,7 @@ def _arm_configs(
     )
     for _, config in arms.values():
         RunSettings.from_run_config(config)  # a bad arm fails before any arm runs
+    check_declared_classes(run)  # the sample-level arm's sites would refuse it in round 1
     return arms
 
 

@@ -17,6 +17,7 @@ from simulations.experiments.arms import SiteSplits, select_best
 from simulations.experiments.comparison import PrivacyArms, _arm_configs, compare, ratios
 from simulations.experiments.comparison_figures import plot_comparison
 from tests.dp_reference import ledger_reference_epsilon
+from tests.simulations.site_files import write_site
 from tests.tiny_config import tiny_encoders
 
 SITES, ROUNDS, TARGET, SIGMA, CLIP, DELTA = 2, 2, 4.0, 1.5, 0.05, 1e-5
@@ -137,7 +138,7 @@ def test_histories_per_site_and_figures(with_dp: tuple[Any, Path], tmp_path: Pat
 
 
 def test_arms_add_the_proxy_baseline_and_validate_before_running(
-    tiny_model_dirs: dict[str, Path],
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     arms = PrivacyArms()
     infonce = _arm_configs(_run(tiny_model_dirs, loss="infonce"), federated=True, privacy=arms)
@@ -153,6 +154,11 @@ def test_arms_add_the_proxy_baseline_and_validate_before_running(
         _arm_configs(_run(tiny_model_dirs), federated=True, privacy=PrivacyArms(delta=2.0))
     with pytest.raises(ConfigError, match="federated"):
         _arm_configs(_run(tiny_model_dirs), federated=False, privacy=arms)
+    manifest = write_site(tmp_path / "site.csv", 6)  # labelled, no .classes.json
+    on_manifest = _run(tiny_model_dirs, dataset=str(manifest))
+    with pytest.raises(ConfigError, match=r"sample-level DP needs the classes declared"):
+        _arm_configs(on_manifest, federated=True, privacy=arms)
+    assert list(_arm_configs(on_manifest, federated=True, privacy=None)) == ["federated"]
     assert math.isfinite(PrivacyArms().target_epsilon)
 
 
