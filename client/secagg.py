@@ -42,6 +42,7 @@ from common.wire import (
     PROXIMAL_MU,
     ROUND_OFFSET,
     SERVER_ROUND,
+    TASK_CLASSES,
 )
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,13 @@ def _fit(
             f"site {site.name}: the server sent {len(received)} arrays for {len(names)} head keys"
         )
     incoming = {n: a.reshape(shapes[n]) for n, a in zip(names, received, strict=True)}
-    round_config = {
+    round_config: dict[str, Any] = {
         SERVER_ROUND: int(config[SERVER_ROUND]),
         ROUND_OFFSET: 0,
         PROXIMAL_MU: float(config.get(PROXIMAL_MU, 0.0)),
     }
+    if TASK_CLASSES in config:
+        round_config[TASK_CLASSES] = str(config[TASK_CLASSES])
     result = local_round(incoming, round_config)
     if result.get("declined"):
         raise SiteDeclined(str(result.get("reason", "")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from client.privacy import PrivacySettings
 from client.site import Site, load_site
 from common.artifacts import load_state_arrays, state_arrays
 from common.config import RunSettings, SiteSettings
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.evaluation import quick_metrics
 from common.training import HeadModel, build_run_model, train_head
 from common.wire import (
@@ -27,6 +28,7 @@ from common.wire import (
     START_GRAM,
     START_QUERY,
     SUM_SQUARES,
+    TASK_CLASSES,
     absolute_round,
 )
 
@@ -45,6 +47,22 @@ class RoundOutcome:
     declined: bool = False
     reason: str = ""
     privacy: dict[str, float | int | str] = field(default_factory=dict)
+
+
+def require_task_classes(site: Site, config: Mapping[str, Any]) -> None:
+    """DataError when the site declares other classes than the run (``TASK_CLASSES``, sent when
+    the coordinator's are declared): label i would then train the head's class i as another
+    class (its class proxies). Classes read from the site's labels are not compared: the prompt
+    objectives index the site's own prompts, and sample-level DP refuses them anyway."""
+    sent = config.get(TASK_CLASSES)
+    if sent is None or not site.train.classes_declared:
+        return
+    task = json.loads(str(sent))
+    if list(site.train.class_names) != task:
+        raise DataError(  # the advice first: the coordinator keeps 300 characters of it
+            f"site {site.name}: give every site the same <manifest>.classes.json; its declared "
+            f"classes {site.train.class_names} are not the run's {task} (in this order)"
+        )
 
 
 def _load_global(run: RunSettings, site: Site, arrays: Mapping[str, np.ndarray]) -> HeadModel:
@@ -72,6 +90,7 @@ def run_local_round(
 
     torch.set_num_threads(1)
     site = load_site(site_settings, run)
+    require_task_classes(site, config)
     model = _load_global(run, site, incoming)
     metrics: dict[str, float | int] = {}
     if run.report_eval:

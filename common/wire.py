@@ -24,6 +24,9 @@ START_QUERY = "start-query"  # query config: START_CROSS or START_GRAM
 START_CROSS = "cross"  # reply: the sums X'Y and Y'1 over the site's training rows
 START_GRAM = "gram"  # reply: X~'X~ P for the direction P in the image tower's linear path
 HEAD_STARTED = "head-started"  # train config: True when the head is the federation's start
+# train config: JSON list of the run's classes, in the order of the head's class index, when the
+# coordinator's are declared (server/model.describe_task); a site whose declared list differs fails
+TASK_CLASSES = "task-classes"
 
 # Metric keys the server reads.
 NUM_EXAMPLES = "num-examples"  # the site's weight in the mean; must be > 0

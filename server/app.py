@@ -63,7 +63,7 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int, sample_dp: bool
     DP at every site), and round 1 then returns that start untrained.
     """
     from common.artifacts import load_state_arrays, state_arrays
-    from server.model import ServerEvaluator, initial_model
+    from server.model import ServerEvaluator, initial_model, task_config
 
     store = RunStore(run.run_path)
     model, task = initial_model(run)
@@ -147,7 +147,9 @@ def run_federation(grid: Grid, run: RunSettings, *, run_id: int, sample_dp: bool
                 initial_arrays=record_from_arrays(arrays),
                 num_rounds=remaining,
                 timeout=run.round_timeout,
-                train_config=ConfigRecord({ROUND_OFFSET: start_round, HEAD_STARTED: started}),
+                train_config=ConfigRecord(
+                    {ROUND_OFFSET: start_round, HEAD_STARTED: started, **task_config(task)}
+                ),
                 evaluate_config=ConfigRecord({ROUND_OFFSET: start_round}),
                 evaluate_fn=evaluate_fn,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
 from common.pipeline import DataSpec, embed_site, known_encoder
 from common.training import HeadModel, build_run_model
+from common.wire import TASK_CLASSES
 
 _TASK_SAMPLE = 20
 SERVER_EVAL_SEED = 7919
@@ -38,7 +40,20 @@ def describe_task(run: RunSettings) -> dict[str, Any]:
             )
         task = run.task or None if source in BUILTIN_DATASETS else None
         sample = load_dataset(source, seed=run.seed, task=task)
-    return {"modalities": list(sample.modalities), "class_names": list(sample.class_names)}
+    return {
+        "modalities": list(sample.modalities),
+        "class_names": list(sample.class_names),
+        "classes_declared": sample.classes_declared,
+    }
+
+
+def task_config(task: Mapping[str, Any]) -> dict[str, str]:
+    """The train config's part that names the run's classes (``TASK_CLASSES``): their declared
+    list, so that a site with another declaration fails instead of training class i as another
+    class; nothing when the coordinator's classes were read from its data's labels."""
+    if not task.get("classes_declared") or not task.get("class_names"):
+        return {}
+    return {TASK_CLASSES: json.dumps(list(task["class_names"]))}
 
 
 def coordinator_cache() -> Path:

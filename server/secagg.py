@@ -219,7 +219,14 @@ class SecAggFedAvg(FedAvg):
     recording each round's summed sites and metrics for the history. Sites send their update, so
     the aggregate (their weighted mean update) is added to the round's global head."""
 
-    def __init__(self, run: RunSettings, codec: HeadCodec, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        run: RunSettings,
+        codec: HeadCodec,
+        *,
+        task: Mapping[str, Scalar] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -230,6 +237,7 @@ class SecAggFedAvg(FedAvg):
             **kwargs,
         )
         self.codec = codec
+        self.task = dict(task or {})  # server/model.task_config: the run's declared classes
         self.proximal_mu = run.proximal_mu if run.strategy == "fedprox" else 0.0
         self.summed: dict[int, dict[int, dict[str, float]]] = {}
         self.released: dict[int, bool] = {}  # round -> its aggregate replaced the global head
@@ -245,7 +253,11 @@ class SecAggFedAvg(FedAvg):
         return self.min_fit_clients, self.min_available_clients
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
-        config: dict[str, Scalar] = {SERVER_ROUND: server_round, **self.codec.fit_config()}
+        config: dict[str, Scalar] = {
+            SERVER_ROUND: server_round,
+            **self.codec.fit_config(),
+            **self.task,
+        }
         if self.proximal_mu > 0:
             config[PROXIMAL_MU] = self.proximal_mu
         return config
@@ -317,7 +329,7 @@ def run_secure_federation(
 ) -> Path:
     """Train the global head with SecAgg+ for ``run.num_server_rounds`` rounds; return the run dir."""
     from common.artifacts import state_arrays
-    from server.model import ServerEvaluator, initial_model
+    from server.model import ServerEvaluator, initial_model, task_config
 
     store = RunStore(run.run_path)
     model, task = initial_model(run)
@@ -380,7 +392,11 @@ def run_secure_federation(
         return None
 
     fedavg = SecAggFedAvg(
-        run, codec, initial_parameters=codec.encode(arrays), evaluate_fn=evaluate_fn
+        run,
+        codec,
+        task=task_config(task),
+        initial_parameters=codec.encode(arrays),
+        evaluate_fn=evaluate_fn,
     )
     strategy = StrictClientSideDp(fedavg, dp) if dp else fedavg
     legacy = LegacyContext(

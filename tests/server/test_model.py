@@ -9,7 +9,8 @@ import pytest
 
 from common.config import RunSettings
 from common.errors import ConfigError
-from server.model import describe_task
+from common.wire import TASK_CLASSES
+from server.model import describe_task, task_config
 
 
 def _reports(path: Path) -> Path:
@@ -25,12 +26,22 @@ def _reports(path: Path) -> Path:
 def test_a_built_in_dataset_gives_its_task() -> None:
     task = describe_task(RunSettings(dataset="synthetic-radiology"))
     assert task["modalities"] == ["image", "text"] and "nodule" in " ".join(task["class_names"])
+    # its classes are declared (fixed by the code): the sites are told them, in order
+    assert task_config(task) == {TASK_CLASSES: json.dumps(task["class_names"])}
 
 
 def test_a_manifest_the_coordinator_can_read_gives_the_task(tmp_path: Path) -> None:
     manifest = _reports(tmp_path / "reports.jsonl")
     task = describe_task(RunSettings(dataset=str(manifest)))
-    assert task == {"modalities": ["text"], "class_names": ["abnormal", "normal"]}
+    assert task == {
+        "modalities": ["text"],
+        "class_names": ["abnormal", "normal"],
+        "classes_declared": False,
+    }
+    assert task_config(task) == {}  # read from its labels: no list to hold the sites to
+    Path(f"{manifest}.classes.json").write_text('{"classes": ["normal", "abnormal"]}')
+    declared = describe_task(RunSettings(dataset=str(manifest)))
+    assert task_config(declared) == {TASK_CLASSES: '["normal", "abnormal"]'}
 
 
 def test_sites_own_manifests_take_the_task_from_the_server_eval_manifest(tmp_path: Path) -> None:
