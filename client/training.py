@@ -50,19 +50,29 @@ class RoundOutcome:
 
 
 def require_task_classes(site: Site, config: Mapping[str, Any]) -> None:
-    """DataError when the site declares other classes than the run (``TASK_CLASSES``, sent when
-    the coordinator's are declared): label i would then train the head's class i as another
-    class (its class proxies). Classes read from the site's labels are not compared: the prompt
-    objectives index the site's own prompts, and sample-level DP refuses them anyway."""
+    """DataError when the site's manifest declares other classes than the run's manifest
+    (``TASK_CLASSES``, server/model.task_config): label i would then train the head's class i as
+    another class (its class proxies). A built-in dataset, or classes read from the site's labels,
+    are not compared: the prompt objectives index the site's own prompts, and sample-level DP
+    refuses undeclared classes anyway."""
+    from common.data.registry import BUILTIN_DATASETS
+
     sent = config.get(TASK_CLASSES)
-    if sent is None or not site.train.classes_declared:
+    if sent is None or not site.train.classes_declared or site.spec.dataset in BUILTIN_DATASETS:
         return
-    task = json.loads(str(sent))
-    if list(site.train.class_names) != task:
-        raise DataError(  # the advice first: the coordinator keeps 300 characters of it
-            f"site {site.name}: give every site the same <manifest>.classes.json; its declared "
-            f"classes {site.train.class_names} are not the run's {task} (in this order)"
-        )
+    task = [str(name) for name in json.loads(str(sent))]
+    mine = list(site.train.class_names)
+    if mine == task:
+        return
+    if len(mine) != len(task):
+        first = f"{len(mine)} classes, the run's {len(task)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(mine, task, strict=True)) if a != b)
+        first = f"class {i} is {mine[i]!r}, the run's is {task[i]!r}"
+    raise DataError(  # short: the coordinator keeps 300 characters of it
+        f"site {site.name}: its .classes.json is not the run's ({first}); give every site the "
+        "same sidecar as the coordinator's dataset or server-eval manifest"
+    )
 
 
 def _load_global(run: RunSettings, site: Site, arrays: Mapping[str, np.ndarray]) -> HeadModel:

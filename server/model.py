@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from common.config import RunSettings, resolve_path
+from common.data.registry import BUILTIN_DATASETS
 from common.embedding import EmbeddedDataset
 from common.errors import ConfigError
 from common.pipeline import DataSpec, embed_site, known_encoder
@@ -26,9 +27,10 @@ def describe_task(run: RunSettings) -> dict[str, Any]:
 
     Sites must agree with it: a site whose data gives other shapes fails loudly on the first round.
     """
-    from common.data.registry import BUILTIN_DATASETS, load_dataset
+    from common.data.registry import load_dataset
 
     if run.dataset in BUILTIN_DATASETS:
+        source = run.dataset
         sample = load_dataset(run.dataset, n=_TASK_SAMPLE, seed=run.seed, task=run.task or None)
     else:  # a manifest the coordinator can read (a simulation), else its server-eval manifest
         source = run.dataset if Path(run.dataset).is_file() else run.server_eval
@@ -44,14 +46,19 @@ def describe_task(run: RunSettings) -> dict[str, Any]:
         "modalities": list(sample.modalities),
         "class_names": list(sample.class_names),
         "classes_declared": sample.classes_declared,
+        "source": source,
     }
 
 
 def task_config(task: Mapping[str, Any]) -> dict[str, str]:
-    """The train config's part that names the run's classes (``TASK_CLASSES``): their declared
-    list, so that a site with another declaration fails instead of training class i as another
-    class; nothing when the coordinator's classes were read from its data's labels."""
+    """The train config's part that names the run's classes (``TASK_CLASSES``) when they are a
+    manifest's declaration (the run's dataset or its server-eval manifest): a site whose own
+    manifest declares another list fails instead of training class i as another class. Nothing
+    for a built-in dataset (the run-config's default, which real sites replace with their own
+    ``data``) or classes read from labels."""
     if not task.get("classes_declared") or not task.get("class_names"):
+        return {}
+    if task.get("source") in BUILTIN_DATASETS:
         return {}
     return {TASK_CLASSES: json.dumps(list(task["class_names"]))}
 

@@ -1,8 +1,9 @@
-"""The site's round: it holds declared classes to the run's (the train config's task classes)."""
+"""The site's round: it holds a manifest's declared classes to the run's (``task-classes``)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,24 +15,30 @@ from common.wire import TASK_CLASSES
 from tests.embedded_data import clustered
 
 
-def _site(*, declared: bool, classes: list[str]) -> Site:
+def _site(data_source: str, *, declared: bool, classes: list[str]) -> Site:
     data = clustered(16, classes=len(classes))
     data.class_names, data.classes_declared = classes, declared
-    spec = SiteSettings().data_spec(RunSettings())
+    spec = SiteSettings(data=data_source).data_spec(RunSettings())
     return Site("hospital-b", spec, data, data.subset([0]), encoders={}, source="memory")
 
 
-def test_declared_classes_must_be_the_runs_in_its_order() -> None:
+def test_a_manifest_s_declared_classes_must_be_the_runs_in_its_order(tmp_path: Path) -> None:
+    manifest = str(tmp_path / "site.csv")
     run = {TASK_CLASSES: json.dumps(["normal", "nodule", "effusion"])}
-    require_task_classes(_site(declared=True, classes=["normal", "nodule", "effusion"]), run)
-    for other in (["nodule", "normal", "effusion"], ["normal", "nodule", "mass"]):
+    require_task_classes(
+        _site(manifest, declared=True, classes=["normal", "nodule", "effusion"]), run
+    )
+    for other, first in (
+        (["normal", "effusion", "nodule"], "class 1 is 'effusion', the run's is 'nodule'"),
+        (["normal", "nodule"], "2 classes, the run's 3"),
+    ):
         with pytest.raises(DataError) as caught:
-            require_task_classes(_site(declared=True, classes=other), run)
-        message = str(caught.value)
-        assert message.startswith(
-            "site hospital-b: give every site the same <manifest>.classes.json; its declared "
-            f"classes {other} are not the run's"
+            require_task_classes(_site(manifest, declared=True, classes=other), run)
+        assert str(caught.value) == (
+            f"site hospital-b: its .classes.json is not the run's ({first}); give every site the "
+            "same sidecar as the coordinator's dataset or server-eval manifest"
         )
-    # classes read from the site's labels, or a coordinator with none declared: not compared
-    require_task_classes(_site(declared=False, classes=["effusion", "normal"]), run)
-    require_task_classes(_site(declared=True, classes=["a", "b"]), {})
+    # not compared: classes read from the labels, a built-in dataset, a run that sends none
+    require_task_classes(_site(manifest, declared=False, classes=["effusion", "normal"]), run)
+    require_task_classes(_site("digits", declared=True, classes=["a", "b"]), run)
+    require_task_classes(_site(manifest, declared=True, classes=["a", "b"]), {})
