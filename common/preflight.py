@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunSettings, SiteSettings
+from common.data.manifest_classes import declared_classes
 from common.data.partition import PARTITION_SCHEMES
 from common.data.registry import BUILTIN_DATASETS
 from common.errors import ConfigError, PrivacyError
@@ -38,13 +39,15 @@ def check_run(values: Mapping[str, Any], *, sites: int | None = None) -> RunSett
 def check_declared_classes(run: RunSettings) -> None:
     """Refuse sample-level DP at every site on a labelled manifest the caller can read that
     declares no classes: each site would refuse it (client/privacy/dp_sgd.py
-    ``require_public_classes``), as its classes would be read from its own labels."""
+    ``require_public_classes``), as its classes would be read from its own labels. A declared
+    manifest is settled by its sidecar alone; only an undeclared one has its rows read."""
     if run.dataset in BUILTIN_DATASETS or not Path(run.dataset).is_file():
+        return
+    if declared_classes(Path(run.dataset), None, None)[0] is not None:  # the sidecar alone
         return
     from common.pipeline import load_pooled_dataset
 
-    pool = load_pooled_dataset(SiteSettings().data_spec(run))
-    if pool.class_names and not pool.classes_declared:
+    if load_pooled_dataset(SiteSettings().data_spec(run)).class_names:  # labelled: read rows
         raise ConfigError(
             f"run-config: sample-level DP needs the classes declared, but {run.dataset} has none "
             f"(each site would read them from its labels): add {run.dataset}.classes.json "

@@ -224,7 +224,7 @@ class SecAggFedAvg(FedAvg):
         run: RunSettings,
         codec: HeadCodec,
         *,
-        task: Mapping[str, Scalar] | None = None,
+        task_config: Mapping[str, Scalar] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -237,7 +237,7 @@ class SecAggFedAvg(FedAvg):
             **kwargs,
         )
         self.codec = codec
-        self.task = dict(task or {})  # server/model.task_config: the run's declared classes
+        self.task_config = dict(task_config or {})  # server/model.task_config: declared classes
         self.proximal_mu = run.proximal_mu if run.strategy == "fedprox" else 0.0
         self.summed: dict[int, dict[int, dict[str, float]]] = {}
         self.released: dict[int, bool] = {}  # round -> its aggregate replaced the global head
@@ -256,7 +256,7 @@ class SecAggFedAvg(FedAvg):
         config: dict[str, Scalar] = {
             SERVER_ROUND: server_round,
             **self.codec.fit_config(),
-            **self.task,
+            **self.task_config,
         }
         if self.proximal_mu > 0:
             config[PROXIMAL_MU] = self.proximal_mu
@@ -394,7 +394,7 @@ def run_secure_federation(
     fedavg = SecAggFedAvg(
         run,
         codec,
-        task=task_config(task),
+        task_config=task_config(task),
         initial_parameters=codec.encode(arrays),
         evaluate_fn=evaluate_fn,
     )

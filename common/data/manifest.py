@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.dataset import ImageRef, SiteDataset, SkippedRow
-from common.data.manifest_classes import _declared_classes, default_prompt
+from common.data.manifest_classes import declared_classes, default_prompt
 from common.data.manifest_parsing import MANIFEST_SUFFIXES, _Collector, _parse
 from common.data.manifest_rows import (
     DEFAULT_COLUMNS,
@@ -154,7 +154,7 @@ def read_manifest(
     )
     examples = [ex for raw in raw_rows if (ex := _convert_row(file, raw, columns, collector))]
     examples = _drop_duplicate_ids(examples, columns.get("id"), collector)
-    class_names, class_prompts = _declared_classes(file, classes, prompts)
+    class_names, class_prompts = declared_classes(file, classes, prompts)
     declared = class_names is not None
     if "label" in columns:
         if class_names is None:

@@ -15,7 +15,7 @@ def default_prompt(class_name: str) -> str:
     return f"a report describing {class_name.replace('_', ' ').strip()}"
 
 
-def _declared_classes(
+def declared_classes(
     file: Path, classes: Sequence[str] | None, prompts: Sequence[str] | None
 ) -> tuple[list[str] | None, list[str] | None]:
     """Classes and prompts from the arguments, else from a sidecar file, else (None, None)."""
